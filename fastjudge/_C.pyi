@@ -1,0 +1,22 @@
+"""Type stub for the compiled core (csrc/bindings.cpp). Use it through fastjudge.voting."""
+
+from typing import Any, Sequence
+
+def normalize_answer(text: str) -> str | None:
+    """Canonical form of one answer, or None when nothing is left (rules: fastjudge.voting)."""
+
+def majority_vote(
+    answers: Sequence[Sequence[str | None]],
+    min_votes: int = 1,
+    *,
+    num_threads: int = 0,
+    vote_type: type | None = None,
+) -> list[Any]:
+    """Majority vote over (B, N_b) answers, one result per prompt.
+
+    Each result is a (winner, counts, indices) tuple, or a vote_type instance when vote_type is
+    given: a frozen dataclass with those three fields (fastjudge.voting.Vote), built the way its
+    generated __init__ would (object.__setattr__ per field). num_threads counts the calling thread;
+    <= 0 means one per core, at most 8. The GIL is released while this thread votes or waits.
+    Raises TypeError / ValueError naming `answers` (with the index) or `min_votes`.
+    """

@@ -1,0 +1,202 @@
+"""The `fastjudge` command: `iterate` (the whole loop) and each stage on its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from fastjudge.config import LoopConfig
+
+HELP = {
+    "out": "output folder of the run",
+    "model": "local Mllama checkpoint (a toy or a Llama-3.2-Vision directory); default: the shipped toy base model",
+    "prompts": "prompt pool JSONL (see README for the schema); default: a shapes-world pool drawn from --seed",
+    "seed": "random seed; a CPU run with the same seed is reproducible",
+    "device": "torch device for the model (cpu, cuda)",
+    "iterations": "maximum number of iterations",
+    "min_gain": "stop when overall accuracy rises by less than this from one iteration to the next",
+    "prompts_per_iteration": "prompts synthesized into pairs per iteration",
+    "closed_fraction": "share of closed-ended prompts in the generated shapes-world pool",
+    "n_samples": "answers sampled per closed-ended prompt",
+    "temperature": "sampling temperature for closed-ended answers",
+    "top_k": "top-k for sampling (0 = off)",
+    "top_p": "top-p (nucleus) for sampling",
+    "min_votes": "votes the majority answer needs to make a pair",
+    "corrupter": "who degrades open-ended answers: the model ('model') or the rule-based corrupter ('rules')",
+    "rewrite_temperature": "sampling temperature of the model's degraded rewrite",
+    "answer_tokens": "maximum new tokens per answer",
+    "synth_model": "which model writes the pairs: the base model ('base') or the latest judge ('judge')",
+    "judge_tokens": "maximum new tokens per judgment (reasoning + verdict)",
+    "filter_temperature": "sampling temperature of the judge in the filter (0 = greedy)",
+    "batch_rows": "sequences per generation batch",
+    "epochs": "fine-tuning epochs over the kept traces",
+    "lr": "fine-tuning peak learning rate",
+    "batch_size": "fine-tuning batch size",
+    "micro_batches": "forward passes per fine-tuning step (examples sorted by length pad less)",
+    "train": "what fine-tuning updates: 'text' (vision tower frozen) or 'all'",
+    "bench": "benchmark JSONL in VL-RewardBench's schema; default: the held-out toy benchmark",
+    "images": "folder that the benchmark's image_path entries are relative to (default: the JSONL's folder)",
+    "k": "judge samples per benchmark item (1 = greedy)",
+    "eval_temperature": "sampling temperature of the judge when k > 1",
+    "resume": "continue a stopped run in --out from its last completed stage",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    for f in fields(LoopConfig):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=HELP[f.name])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
+
+
+def _config(args: argparse.Namespace, **overrides) -> LoopConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(LoopConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    return LoopConfig(**values)
+
+
+def cmd_iterate(args) -> None:
+    from fastjudge import loop
+    summary = loop.run(_config(args))
+    first, last = summary["iterations"][0], summary["iterations"][-1]
+    print(json.dumps({"first": first["metrics"]["overall"], "last": last["metrics"]["overall"],
+                      "iterations": last["iteration"], "summary": str(Path(args.out) / "summary.json")}))
+
+
+def cmd_synth(args) -> None:
+    from fastjudge import data, synth
+    from fastjudge.models import load_adapter
+    cfg = _config(args, out=str(Path(args.out).parent))
+    records, skips = data.load_prompts(args.prompts)
+    data.write_skips(Path(args.out).with_name("skipped.jsonl"), skips)
+    result = synth.run(load_adapter(args.model, device=args.device), records, cfg, cfg.seed)
+    data.write_jsonl(args.out, result.pairs)
+    print(json.dumps({"pairs": len(result.pairs), "skipped_lines": len(skips), **result.stats}))
+
+
+def cmd_filter(args) -> None:
+    from fastjudge import data
+    from fastjudge import filter as filter_stage
+    from fastjudge.models import load_adapter
+    cfg = _config(args)
+    result = filter_stage.run(load_adapter(args.judge, device=args.device), data.read_jsonl(args.pairs), cfg, cfg.seed)
+    data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
+    data.write_jsonl(Path(args.out) / "sft.jsonl", result.traces)
+    print(json.dumps(result.stats))
+
+
+def cmd_train(args) -> None:
+    from fastjudge import data, train
+    from fastjudge.loop import save_checkpoint
+    from fastjudge.models import load_adapter
+    cfg = _config(args)
+    judge = load_adapter(args.judge, device=args.device)
+    stats = train.run(judge, data.read_jsonl(args.sft), cfg, cfg.seed)
+    save_checkpoint(judge, Path(args.out))
+    print(json.dumps(stats))
+
+
+def cmd_eval(args) -> None:
+    from fastjudge import data
+    from fastjudge.loop import TOY_BENCHMARK_PER_CATEGORY, evaluate_to
+    from fastjudge.models import load_adapter
+    out = Path(args.out)
+    bench = args.bench or str(data.write_toy_benchmark(out / "benchmark", TOY_BENCHMARK_PER_CATEGORY))
+    items, skips = data.load_benchmark(bench, args.images)
+    data.write_skips(out / "skipped.jsonl", skips)
+    metrics = evaluate_to(out, load_adapter(args.judge, device=args.device), items, _config(args, bench=bench))
+    print(json.dumps(dict(metrics, skipped_lines=len(skips))))
+
+
+def cmd_toy_data(args) -> None:
+    from fastjudge import data
+    prompts = data.write_toy_prompts(Path(args.out) / "world", args.count, args.seed, args.closed_fraction)
+    bench = data.write_toy_benchmark(Path(args.out) / "benchmark", args.per_category)
+    print(json.dumps({"prompts": str(prompts), "benchmark": str(bench)}))
+
+
+def cmd_toy_pretrain(args) -> None:
+    from fastjudge import pretrain
+    cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                  seed=args.seed)
+    print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastjudge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("iterate", help="the whole loop: synth -> filter -> train -> eval, repeated")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_iterate)
+
+    synth_flags = ["seed", "device", "n_samples", "temperature", "top_k", "top_p", "min_votes", "corrupter",
+                   "rewrite_temperature", "answer_tokens", "batch_rows"]
+    p = sub.add_parser("synth", help="preference pairs from a prompt pool")
+    p.add_argument("--model", default=None, help=HELP["model"])
+    p.add_argument("--prompts", required=True, help="prompt pool JSONL")
+    p.add_argument("--out", required=True, help="pairs JSONL to write")
+    _add_config_flags(p, synth_flags)
+    p.set_defaults(func=cmd_synth)
+
+    judge_flags = ["seed", "device", "judge_tokens", "filter_temperature", "top_k", "top_p", "batch_rows"]
+    p = sub.add_parser("filter", help="judge pairs in both orders; keep the agreeing ones as SFT traces")
+    p.add_argument("--judge", default=None, help="judge checkpoint (default: the toy base model)")
+    p.add_argument("--pairs", required=True, help="pairs JSONL from `fastjudge synth`")
+    p.add_argument("--out", required=True, help="folder for judgments.jsonl and sft.jsonl")
+    _add_config_flags(p, judge_flags)
+    p.set_defaults(func=cmd_filter)
+
+    p = sub.add_parser("train", help="fine-tune a judge on SFT traces")
+    p.add_argument("--judge", default=None, help="judge checkpoint to start from (default: the toy base model)")
+    p.add_argument("--sft", required=True, help="sft.jsonl from `fastjudge filter`")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _add_config_flags(p, ["seed", "device", "epochs", "lr", "batch_size", "micro_batches", "train"])
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a judge on a pairwise benchmark (VL-RewardBench rules)")
+    p.add_argument("--judge", default=None, help="judge checkpoint (default: the toy base model)")
+    p.add_argument("--out", required=True, help="folder for predictions.jsonl, outputs.jsonl, metrics.json")
+    _add_config_flags(p, ["bench", "images", "k", "eval_temperature", "top_k", "top_p", "seed", "device",
+                          "judge_tokens", "batch_rows"])
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("toy-data", help="write a shapes-world prompt pool and the held-out toy benchmark")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--count", type=int, default=640, help="prompts in the pool")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt pool (the benchmark's is fixed)")
+    p.add_argument("--closed-fraction", type=float, default=0.5, help="share of closed-ended prompts")
+    p.add_argument("--per-category", type=int, default=100, help="benchmark pairs per category")
+    p.set_defaults(func=cmd_toy_data)
+
+    p = sub.add_parser("toy-pretrain", help="train the toy base model from scratch (resumable)")
+    p.add_argument("--out", default="runs/toy-base", help="output folder (checkpoint in OUT/checkpoint)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=48, help="examples per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream")
+    p.set_defaults(func=cmd_toy_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:
+        print(f"fastjudge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The loop's configuration: one flat dataclass that validates itself; a run writes it as config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class LoopConfig:
+    out: str = "runs/demo"
+    model: str | None = None  # None: the toy preset (shipped base model, shapes world)
+    prompts: str | None = None  # None: a shapes-world prompt pool generated from `seed`
+    seed: int = 0
+    device: str = "cpu"
+    iterations: int = 3
+    min_gain: float = 0.01  # stop when overall accuracy rises by less than this
+    # synth
+    prompts_per_iteration: int = 320
+    closed_fraction: float = 0.5  # toy prompt pool only
+    n_samples: int = 16
+    temperature: float = 0.6
+    top_k: int = 50
+    top_p: float = 0.9
+    min_votes: int = 5
+    corrupter: str = "model"  # "model": the model rewrites its answer with one error; "rules": rule-based
+    rewrite_temperature: float = 0.6
+    answer_tokens: int = 64
+    synth_model: str = "base"  # "base": the base model writes pairs every iteration; "judge": the latest judge
+    # filter and eval
+    judge_tokens: int = 80
+    # the filter samples judgments: a greedy judge with a position bias would keep no pair at all
+    filter_temperature: float = 1.0
+    batch_rows: int = 256
+    # train
+    epochs: int = 3
+    lr: float = 5e-4
+    batch_size: int = 32
+    micro_batches: int = 2  # forward passes per step, over examples sorted by length
+    train: str = "text"  # "text": vision tower frozen; "all"
+    # eval
+    bench: str | None = None  # None: the toy benchmark (generated once, fixed seed)
+    images: str | None = None
+    k: int = 1
+    eval_temperature: float = 0.6  # used when k > 1; k == 1 is greedy
+    resume: bool = False
+
+    def __post_init__(self):
+        positive = ("iterations", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
+                    "judge_tokens", "batch_rows", "epochs", "batch_size", "micro_batches", "k")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.min_votes > self.n_samples:
+            raise ValueError(f"min_votes: expected <= n_samples ({self.n_samples}), got {self.min_votes}")
+        if not 0 <= self.closed_fraction <= 1:
+            raise ValueError(f"closed_fraction: expected in [0, 1], got {self.closed_fraction}")
+        for name in ("temperature", "rewrite_temperature", "filter_temperature", "eval_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        choices = {"corrupter": ("model", "rules"), "synth_model": ("base", "judge"), "train": ("text", "all")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: no checkpoint (config.json) at {self.model!r}")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts: file not found: {self.prompts!r}")
+        if self.bench is not None and not Path(self.bench).is_file():
+            raise ValueError(f"bench: file not found: {self.bench!r}")
+
+    def save(self, path: Path | str) -> None:
+        from fastjudge.data import write_json
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path | str) -> "LoopConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,241 @@
+"""Prompt pools and benchmarks on disk: loading with counted skips, atomic JSONL writes, the toy world's files.
+
+Prompt pool schema (one JSON object per line), for `--prompts FILE.jsonl`:
+    {"id": str (optional; default "<file stem>-<line>"),
+     "image": str   (path to the image, absolute or relative to the JSONL file's folder),
+     "instruction": str (non-empty),
+     "kind": "open" | "closed",
+     "answer_type": "number" | "option" | "short" (optional, closed prompts only; default "short")}
+
+Benchmark schema: VL-RewardBench's (id, image_path, query, response[2], human_ranking[2], query_source, ...);
+our toy benchmark adds "category". `image_path` is relative to an images folder (default: the JSONL's folder).
+
+Bad lines never stop a run and are never dropped silently: each becomes a `Skip` (file, line, reason) that
+the run writes to `skipped.jsonl` and counts in its summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from PIL import Image
+
+from fastjudge import world
+
+KINDS = ("open", "closed")
+ANSWER_TYPES = ("number", "option", "short")
+
+
+@dataclass(frozen=True)
+class Skip:
+    file: str
+    line: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    image: str  # absolute path
+    instruction: str
+    kind: str
+    answer_type: str | None
+
+
+def write_jsonl(path: Path | str, rows: Iterable[dict]) -> int:
+    """Write rows atomically (a temporary file renamed into place): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                count += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return count
+
+
+def write_json(path: Path | str, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    """Strict reader for files this package wrote itself (a bad line here is a bug, not user input)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check_image(path: Path) -> str | None:
+    """None when the image opens and decodes, else the reason it does not."""
+    if not path.is_file():
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"image unreadable: {path} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def load_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _parse_lines(path: Path, skips: list[Skip]):
+    """(line number, position, object) for each parseable line, where position counts non-empty lines from 0
+    (unparseable ones included); the unparseable lines become skips."""
+    position = -1
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            position += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                skips.append(Skip(str(path), number, f"malformed JSON: {exc.msg} at column {exc.colno}"))
+                continue
+            if not isinstance(obj, dict):
+                skips.append(Skip(str(path), number, f"expected a JSON object, got {type(obj).__name__}"))
+                continue
+            yield number, position, obj
+
+
+def load_prompts(path: Path | str) -> tuple[list[PromptRecord], list[Skip]]:
+    """Read a prompt pool; every rejected line is returned as a Skip naming file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts: file not found: {path}")
+    records, skips = [], []
+    for number, _, obj in _parse_lines(path, skips):
+        def skip(reason: str) -> None:
+            skips.append(Skip(str(path), number, reason))
+
+        image, instruction, kind = obj.get("image"), obj.get("instruction"), obj.get("kind")
+        if not isinstance(image, str) or not image:
+            skip("field 'image': missing or not a string")
+            continue
+        if not isinstance(instruction, str) or not instruction.strip():
+            skip("field 'instruction': missing or empty")
+            continue
+        if kind not in KINDS:
+            skip(f"field 'kind': expected one of {KINDS}, got {kind!r}")
+            continue
+        answer_type = obj.get("answer_type", "short" if kind == "closed" else None)
+        if kind == "closed" and answer_type not in ANSWER_TYPES:
+            skip(f"field 'answer_type': expected one of {ANSWER_TYPES}, got {answer_type!r}")
+            continue
+        image_path = (path.parent / image).resolve()
+        problem = check_image(image_path)
+        if problem:
+            skip(f"field 'image': {problem}")
+            continue
+        records.append(PromptRecord(str(obj.get("id", f"{path.stem}-{number}")), str(image_path),
+                                    instruction.strip(), kind, answer_type))
+    return records, skips
+
+
+def load_benchmark(path: Path | str, images: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
+    """Read a VL-RewardBench-schema JSONL. An item is a line (ids may repeat). Each kept item gets "index"
+    (its 0-based line number among non-empty lines, the key predictions use) and "image" (absolute path)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data: file not found: {path}")
+    root = Path(images) if images is not None else path.parent
+    items, skips = [], []
+    for number, index, obj in _parse_lines(path, skips):
+        responses, ranking = obj.get("response"), obj.get("human_ranking")
+        problem = None
+        if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+            problem = "field 'query': missing or empty"
+        elif not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
+            problem = "field 'response': expected a list of 2 strings"
+        elif not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]):
+            problem = "field 'human_ranking': expected 2 different ranks"
+        elif not isinstance(obj.get("image_path"), str):
+            problem = "field 'image_path': missing"
+        else:
+            problem = check_image(root / obj["image_path"])
+            problem = problem and f"field 'image_path': {problem}"
+        if problem:
+            skips.append(Skip(str(path), number, problem))
+            continue
+        items.append(dict(obj, index=index, image=str((root / obj["image_path"]).resolve())))
+    return items, skips
+
+
+def write_skips(path: Path | str, skips: list[Skip]) -> None:
+    write_jsonl(path, (asdict(s) for s in skips))
+
+
+# -------------------------------------------------------------------------------------------------------
+# The toy world on disk
+
+
+def write_toy_prompts(folder: Path | str, count: int, seed: int, closed_fraction: float = 0.5) -> Path:
+    """A prompt pool of `count` shapes-world prompts (images as PNG) in `folder`; returns the JSONL path.
+
+    Only images and instructions are written: the answers stay in the scene generator, unseen by the loop.
+    """
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        scene = world.random_scene(rng)
+        name = f"images/p{i:05d}.png"
+        world.render(scene, rng).save(folder / name)
+        qs = world.questions(scene, rng)
+        q = rng.choice(qs[1:]) if rng.random() < closed_fraction else qs[0]
+        row = {"id": f"toy-{seed}-{i}", "image": name, "instruction": q.instruction, "kind": q.kind}
+        if q.kind == "closed":
+            row["answer_type"] = q.answer_type
+        rows.append(row)
+    write_jsonl(folder / "prompts.jsonl", rows)
+    return folder / "prompts.jsonl"
+
+
+def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int = 20_251_205) -> Path:
+    """The held-out toy judge benchmark in VL-RewardBench's schema: for each category, `per_category` pairs
+    of a correct response and one with exactly one error. The preferred response's position is random."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for category in world.CATEGORIES:
+        made = 0
+        while made < per_category:
+            scene = world.random_scene(rng)
+            item = world.benchmark_item(scene, rng, category)
+            if item is None:
+                continue
+            question, good, bad = item
+            name = f"images/{category}-{made:04d}.png"
+            world.render(scene, rng).save(folder / name)
+            good_first = rng.random() < 0.5
+            rows.append({
+                "id": f"toy_{category}-{made:04d}", "image_path": name, "query": question.instruction,
+                "response": [good, bad] if good_first else [bad, good],
+                "human_ranking": [0, 1] if good_first else [1, 0],
+                "models": ["ground-truth", "one-error"] if good_first else ["one-error", "ground-truth"],
+                "judge": "scene ground truth", "rationale": None, "query_source": "fastjudge-shapes",
+                "category": category, "meta": {"kind": question.kind, "answer_type": question.answer_type},
+            })
+            made += 1
+    write_jsonl(folder / "benchmark.jsonl", rows)
+    return folder / "benchmark.jsonl"

@@ -1,0 +1,90 @@
+"""A plain decoding loop over a Hugging Face model's KV cache, and the reference token sampler.
+
+Used by the adapters instead of `generate()`: on the toy model `generate()` spends most of each decoding step
+in its own bookkeeping (measured: ~0.7 s against ~0.1 s for the model's forward at 128 rows on 2 cores).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def sample_logits_reference(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from logits (B, V) -> (B,) int64; temperature 0 is argmax.
+
+    Order as in transformers: temperature, then top-k, then top-p (the smallest set of tokens whose
+    probability reaches top_p, the most likely token always kept).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = sorted_scores.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_ids: set[int], pad_id: int,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> list[list[int]]:
+    """Generate up to max_new_tokens after left-padded prompts; returns new tokens per row, EOS excluded.
+
+    inputs: the model's prefill inputs, input_ids and attention_mask (B, T) left-padded, plus any image
+    inputs; a (B, T, ...) `cross_attention_mask` is continued with its last position.
+    """
+    cache_arg = _cache_argument(model)
+    attention_mask = inputs["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(**inputs, position_ids=position_ids, use_cache=True)
+    cache = _cache_of(out)
+    batch = attention_mask.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)
+    eos = torch.tensor(sorted(eos_ids), device=attention_mask.device)
+    tokens = []
+    step_extra = {}
+    if "cross_attention_mask" in inputs:
+        step_extra["cross_attention_mask"] = inputs["cross_attention_mask"][:, -1:]
+    next_position = position_ids[:, -1:] + 1
+    logits = out.logits[:, -1]
+    for _ in range(max_new_tokens):
+        token = sample_logits_reference(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        generator=generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    use_cache=True, **{cache_arg: cache}, **step_extra)
+        cache = _cache_of(out)
+        next_position = next_position + 1
+        logits = out.logits[:, -1]
+    rows = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(batch)]
+    result = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+        result.append(row[:cut])
+    return result

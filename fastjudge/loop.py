@@ -1,0 +1,226 @@
+"""`fastjudge iterate`: synthesize -> filter -> train -> eval, repeated until the gain flattens.
+
+Layout of a run (`--out DIR`):
+    DIR/config.json          the resolved LoopConfig
+    DIR/skipped.jsonl        bad prompt / benchmark lines: file, line, reason
+    DIR/world/, DIR/benchmark/   the toy prompt pool and held-out benchmark (toy preset only)
+    DIR/iter_0/metrics.json  the base judge, before any training
+    DIR/iter_<k>/            pairs.jsonl, judgments.jsonl, sft.jsonl, checkpoint/, metrics.json,
+                             predictions.jsonl, outputs.jsonl, stages.json (seconds and counts per stage)
+    DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "seconds"}, ...]}
+    DIR/accuracy.png         accuracy per category over iterations
+
+Every file is written atomically, and a stage counts as done when its output exists, so `--resume` continues a
+stopped run from its last completed stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from fastjudge import data, evaluate, synth, train
+from fastjudge import filter as filter_stage
+from fastjudge.config import LoopConfig
+from fastjudge.models import Adapter, load_adapter
+
+TOY_BENCHMARK_PER_CATEGORY = 100
+
+
+def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord], list[dict]]:
+    """The prompt pool and the benchmark items; bad lines go to out/skipped.jsonl (and are counted)."""
+    prompts_path = cfg.prompts
+    if prompts_path is None:
+        prompts_path = out / "world" / "prompts.jsonl"
+        if not prompts_path.exists():
+            data.write_toy_prompts(out / "world", cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
+                                   cfg.closed_fraction)
+    bench_path = cfg.bench
+    if bench_path is None:
+        bench_path = out / "benchmark" / "benchmark.jsonl"
+        if not bench_path.exists():
+            data.write_toy_benchmark(out / "benchmark", TOY_BENCHMARK_PER_CATEGORY)
+    records, skips = data.load_prompts(prompts_path)
+    items, bench_skips = data.load_benchmark(bench_path, cfg.images)
+    data.write_skips(out / "skipped.jsonl", skips + bench_skips)
+    if skips or bench_skips:
+        print(f"skipped {len(skips)} prompt lines and {len(bench_skips)} benchmark lines: see {out / 'skipped.jsonl'}")
+    if not records:
+        raise ValueError(f"prompts: no usable prompt in {prompts_path} (see {out / 'skipped.jsonl'})")
+    if not items:
+        raise ValueError(f"bench: no usable item in {bench_path} (see {out / 'skipped.jsonl'})")
+    return records, items
+
+
+def prompts_for(records: list[data.PromptRecord], cfg: LoopConfig, iteration: int) -> list[data.PromptRecord]:
+    """Disjoint slices of the pool while it lasts; a seeded sample of it afterwards."""
+    size = cfg.prompts_per_iteration
+    if len(records) >= size * iteration:
+        return records[size * (iteration - 1): size * iteration]
+    return random.Random(cfg.seed * 7919 + iteration).sample(records, min(size, len(records)))
+
+
+def save_checkpoint(adapter: Adapter, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig) -> dict:
+    result = evaluate.run(judge, items, cfg, seed=cfg.seed)
+    data.write_jsonl(folder / "predictions.jsonl", result.predictions)
+    data.write_jsonl(folder / "outputs.jsonl", result.raw)
+    data.write_json(folder / "metrics.json", result.metrics)
+    return result.metrics
+
+
+class _Stages:
+    """iter_<k>/stages.json: seconds and counts of each finished stage, rewritten after each stage."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "stages.json"
+        self.record = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": {}, "stats": {}}
+
+    def done(self, stage: str, seconds: float, stats: dict) -> None:
+        self.record["seconds"][stage] = round(seconds, 2)
+        self.record["stats"][stage] = stats
+        data.write_json(self.path, self.record)
+
+
+def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge: Adapter,
+                  records: list[data.PromptRecord], items: list[dict]) -> dict:
+    """One iteration; `judge` is fine-tuned in place. Stages whose outputs exist are loaded, not redone."""
+    folder = out / f"iter_{k}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(folder)
+    seed = cfg.seed * 1000 + k * 10
+
+    if not (folder / "pairs.jsonl").exists():
+        t0 = time.time()
+        result = synth.run(generator, prompts_for(records, cfg, k), cfg, seed)
+        data.write_jsonl(folder / "pairs.jsonl", result.pairs)
+        stages.done("synth", time.time() - t0, result.stats)
+    pairs = data.read_jsonl(folder / "pairs.jsonl")
+
+    if not (folder / "sft.jsonl").exists():
+        t0 = time.time()
+        result = filter_stage.run(judge, pairs, cfg, seed + 1)
+        data.write_jsonl(folder / "judgments.jsonl", result.judgments)
+        data.write_jsonl(folder / "sft.jsonl", result.traces)
+        stages.done("filter", time.time() - t0, result.stats)
+    traces = data.read_jsonl(folder / "sft.jsonl")
+
+    checkpoint = folder / "checkpoint"
+    if not checkpoint.exists():
+        t0 = time.time()
+        stats = train.run(judge, traces, cfg, seed + 2)
+        save_checkpoint(judge, checkpoint)
+        stages.done("train", time.time() - t0, stats)
+
+    if not (folder / "metrics.json").exists():
+        t0 = time.time()
+        evaluate_to(folder, judge, items, cfg)
+        stages.done("eval", time.time() - t0, {})
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {"iteration": k, "metrics": _summary_metrics(metrics), "pairs": len(pairs), "kept": len(traces) // 2,
+            "seconds": stages.record["seconds"], "stats": stages.record["stats"]}
+
+
+def _summary_metrics(metrics: dict) -> dict:
+    return {"overall": metrics["overall"], "macro": metrics["macro"], "categories": metrics["categories"]}
+
+
+def run(cfg: LoopConfig) -> dict:
+    """Run (or, with cfg.resume, continue) the loop; returns the summary written to DIR/summary.json."""
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise ValueError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.resume and (out / "config.json").exists():
+        print(f"--resume: continuing with the configuration saved in {out / 'config.json'}")
+        cfg = LoopConfig.load(out / "config.json")
+        cfg.resume = True
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    torch.manual_seed(cfg.seed)
+    records, items = prepare_inputs(cfg, out)
+
+    base = load_adapter(cfg.model, device=cfg.device)
+    summary: dict = {"iterations": []}
+    folder0 = out / "iter_0"
+    if not (folder0 / "metrics.json").exists():
+        t0 = time.time()
+        evaluate_to(folder0, base, items, cfg)
+        _Stages(folder0).done("eval", time.time() - t0, {})
+    summary["iterations"].append({"iteration": 0, "metrics": _summary_metrics(json.loads((folder0 / "metrics.json").read_text())),
+                                  "pairs": 0, "kept": 0, "seconds": _Stages(folder0).record["seconds"]})
+    _report(out, summary)
+
+    judge: Adapter | None = None
+    for k in range(1, cfg.iterations + 1):
+        if judge is None:  # first iteration of this process: start from the base or, resuming, the last judge
+            previous = out / f"iter_{k - 1}" / "checkpoint"
+            if k > 1:
+                judge = load_adapter(str(previous), device=cfg.device)
+            else:
+                judge = copy.deepcopy(base) if cfg.synth_model == "base" else base
+        if (out / f"iter_{k}" / "checkpoint").exists():  # resuming past this iteration's training
+            judge = load_adapter(str(out / f"iter_{k}" / "checkpoint"), device=cfg.device)
+        generator = base if cfg.synth_model == "base" else judge
+        entry = run_iteration(k, cfg, out, generator, judge, records, items)
+        summary["iterations"].append(entry)
+        _report(out, summary)
+        # no scored item (every verdict unparsed) counts as accuracy 0 for the stopping rule
+        gain = (entry["metrics"]["overall"] or 0.0) - (summary["iterations"][-2]["metrics"]["overall"] or 0.0)
+        if gain < cfg.min_gain:
+            print(f"stopping after iteration {k}: overall accuracy changed by {gain:+.3f} (< min_gain {cfg.min_gain})")
+            break
+    return summary
+
+
+def _report(out: Path, summary: dict) -> None:
+    data.write_json(out / "summary.json", summary)
+    plot_accuracy(summary, out / "accuracy.png")
+    last = summary["iterations"][-1]
+    metrics = last["metrics"]
+    categories = ", ".join(f"{name} {_fmt(acc)}" for name, acc in metrics["categories"].items())
+    print(f"iteration {last['iteration']}: overall {_fmt(metrics['overall'])} macro {_fmt(metrics['macro'])} "
+          f"({categories}); pairs {last['pairs']}, kept {last['kept']}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def plot_accuracy(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    iterations = [e["iteration"] for e in summary["iterations"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    names = sorted({n for e in summary["iterations"] for n in e["metrics"]["categories"]})
+    for name in names:
+        ax.plot(iterations, [e["metrics"]["categories"].get(name) for e in summary["iterations"]], marker="o",
+                label=name, alpha=0.8)
+    ax.plot(iterations, [e["metrics"]["overall"] for e in summary["iterations"]], marker="s", color="black",
+            linewidth=2.5, label="overall")
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("judge accuracy")
+    ax.set_xticks(iterations)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("held-out judge benchmark")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

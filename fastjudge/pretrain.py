@@ -1,0 +1,130 @@
+"""`fastjudge toy-pretrain`: the toy base model, trained from scratch on shapes-world ground truth.
+
+The base model must (a) see: caption scenes and answer closed questions, (b) write a copy of an answer with
+exactly one error, (c) compare two texts with a reference (a pure text task: the texts describe an unrelated
+scene), and (d) write the judge's format: its own answer to the question as reasoning, then a verdict. The
+verdicts in (d) are drawn at random, so the base judge writes the format but is at chance: nothing in
+pretraining says which of two responses to an image question is better. The loop has to find that out.
+
+This is the only place where scene ground truth trains anything; the loop never sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastjudge import prompts, toy, world
+from fastjudge.models import ToyAdapter, cosine_lr
+
+TASKS = ("caption", "qa", "rewrite", "judge", "match")
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/toy-base"
+    steps: int = 3000
+    batch_size: int = 48
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    save_every: int = 250
+    micro_batches: int = 4  # forward passes per step, over examples sorted by length
+    # task mixture (relative weights), in the order of TASKS
+    mixture: tuple[float, ...] = (0.30, 0.36, 0.10, 0.14, 0.10)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "warmup", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if len(self.mixture) != len(TASKS) or min(self.mixture) < 0 or sum(self.mixture) <= 0:
+            raise ValueError(f"mixture: expected {len(TASKS)} non-negative weights for {TASKS}, got {self.mixture}")
+
+
+def example(rng: random.Random, task: str):
+    """One pretraining example (image, prompt, target) of `task`."""
+    scene = world.random_scene(rng)
+    image = world.render(scene, rng)
+    qs = world.questions(scene, rng)
+    if task == "caption":
+        return image, qs[0].instruction, qs[0].answer
+    if task == "qa":
+        q = rng.choice(qs[1:])
+        return image, q.instruction, world.closed_response(q.answer)
+    q = rng.choice(qs)
+    good = world.response_for(q)
+    bad = world.rewrite_with_error(good, rng)
+    assert bad is not None and bad != good, (good, bad)
+    if task == "rewrite":
+        return image, prompts.rewrite_prompt(q.instruction, good), bad
+    first_is_good = rng.random() < 0.5
+    a, b = (good, bad) if first_is_good else (bad, good)
+    if task == "judge":
+        # reasoning: the model's own answer (ground truth here); verdict: a coin flip, uninformative
+        return image, prompts.judge_prompt(q.instruction, a, b), prompts.judge_target(good, rng.choice("AB"))
+    if task == "match":
+        # text-only: the texts are about this scene, the image is another one
+        other = world.render(world.random_scene(rng), rng)
+        return other, prompts.match_prompt(good, a, b), f"match : {'A' if first_is_good else 'B'}"
+    raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+
+
+def batch(rng: random.Random, size: int, mixture) -> tuple[list, list[str], list[str], list[str]]:
+    tasks = rng.choices(TASKS, weights=mixture, k=size)
+    rows = [example(rng, t) for t in tasks]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tasks
+
+
+def run(cfg: PretrainConfig) -> Path:
+    """Train the toy base model; returns the checkpoint directory (`cfg.out`/checkpoint). Resumable."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(toy.build_config(tokenizer), seed=cfg.seed)
+    adapter = ToyAdapter(model, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    state_path = out / "state.pt"
+    start = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    log = (out / "log.jsonl").open("a")
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="toy-pretrain", unit="step")
+    running, t0 = None, time.time()
+    for step in bar:
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step stream: resuming replays the same data
+        images, prompt_texts, targets, _ = batch(rng, cfg.batch_size, cfg.mixture)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss = adapter.sft_backward(images, prompt_texts, targets, micro_batches=cfg.micro_batches)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+        bar.set_postfix(loss=f"{running:.3f}")
+        if (step + 1) % 50 == 0:
+            log.write(json.dumps({"step": step + 1, "loss": running, "seconds": time.time() - t0}) + "\n")
+            log.flush()
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, tmp)
+            tmp.replace(state_path)
+    adapter.save(out / "checkpoint")
+    return out / "checkpoint"

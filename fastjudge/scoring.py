@@ -1,0 +1,98 @@
+"""Scoring pairwise judges with VL-RewardBench's rules.
+
+A prediction is one judge call on one item: {"index": item index, "shown_first": 0 or 1 (index into the item's
+`response` list of the response shown as A), "verdict": "A", "B" or None}. Several predictions for one item are
+several samples.
+
+- A sample agrees when the response it picks has the better (lower) `human_ranking`, rejects when it picks the
+  other, and is unparsed when its verdict is None.
+- An item is classed by strict majority of its samples: agree if agree > n/2, reject if reject > n/2, unparsed
+  if unparsed > n/2, else tie. Unparsed and tie items are excluded.
+- Group accuracy = agree items / (agree + reject items); `overall` pools the items of all groups; `macro` is the
+  mean of the group accuracies. `strict` (ours): the fraction of predicted items in which every sample agrees.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Callable
+
+VLRB_GROUPS = ("general", "hallucination", "reasoning")
+_VLRB_PREFIX_GROUP = {"rlaif": "hallucination", "rlhf": "hallucination", "hallucination": "hallucination",
+                      "mathverse": "reasoning", "mmmu": "reasoning"}
+
+
+def vlrb_group(item_id: str) -> str:
+    """VL-RewardBench's group of an item from its id's prefix (the text before the first '_' or '-')."""
+    prefix = re.split(r"[_-]", item_id, maxsplit=1)[0].lower()
+    return _VLRB_PREFIX_GROUP.get(prefix, "general")
+
+
+def sample_outcome(item: dict, prediction: dict) -> str:
+    """"agree", "reject" or "unparsed" for one prediction on its item."""
+    verdict = prediction.get("verdict")
+    if verdict not in ("A", "B"):
+        return "unparsed"
+    shown_first = prediction["shown_first"]
+    if shown_first not in (0, 1):
+        raise ValueError(f"shown_first: expected 0 or 1, got {shown_first!r} (index {prediction.get('index')})")
+    picked = shown_first if verdict == "A" else 1 - shown_first
+    ranking = item["human_ranking"]
+    return "agree" if ranking[picked] < ranking[1 - picked] else "reject"
+
+
+def item_class(outcomes: list[str]) -> str:
+    n = len(outcomes)
+    for label in ("agree", "reject", "unparsed"):
+        if outcomes.count(label) * 2 > n:
+            return label
+    return "tie"
+
+
+def score_pairwise(items: list[dict], predictions: list[dict], group_of: Callable[[dict], str],
+                   groups: tuple[str, ...] | None = None) -> dict:
+    """Score predictions on items (each with "index" and "human_ranking") under VL-RewardBench's rules.
+
+    groups: the groups that `macro` averages over (default: those that have at least one scored item).
+    Returns {"overall", "macro", "groups": {name: acc}, "items": {agree, reject, excluded, unpredicted},
+    "strict"}; accuracies are fractions, None where a group has no scored item.
+    """
+    by_index = {item["index"]: item for item in items}
+    outcomes: dict[int, list[str]] = defaultdict(list)
+    for prediction in predictions:
+        index = prediction.get("index")
+        if index not in by_index:
+            raise ValueError(f"prediction index {index!r} names no item")
+        outcomes[index].append(sample_outcome(by_index[index], prediction))
+
+    counts = {"agree": 0, "reject": 0, "excluded": 0, "unpredicted": 0}
+    per_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # group -> [agree, reject]
+    all_agree = 0
+    for item in items:
+        samples = outcomes.get(item["index"])
+        if not samples:
+            counts["unpredicted"] += 1
+            continue
+        label = item_class(samples)
+        all_agree += all(s == "agree" for s in samples)
+        if label in ("agree", "reject"):
+            counts[label] += 1
+            per_group[group_of(item)][0 if label == "agree" else 1] += 1
+        else:
+            counts["excluded"] += 1
+
+    def accuracy(agree: int, reject: int) -> float | None:
+        return agree / (agree + reject) if agree + reject else None
+
+    names = groups if groups is not None else tuple(sorted(per_group))
+    group_acc = {name: accuracy(*per_group.get(name, (0, 0))) for name in names}
+    scored = [acc for acc in group_acc.values() if acc is not None]
+    predicted = len(items) - counts["unpredicted"]
+    return {
+        "overall": accuracy(counts["agree"], counts["reject"]),
+        "macro": sum(scored) / len(scored) if scored else None,
+        "groups": group_acc,
+        "items": counts,
+        "strict": all_agree / predicted if predicted else None,
+    }

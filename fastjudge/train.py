@@ -1,0 +1,52 @@
+"""Stage 3, train: supervised fine-tuning of the judge on the kept traces (prompt -> reasoning + verdict).
+
+The loss covers the assistant tokens only. Training starts from the previous iteration's weights; the vision
+tower is frozen by default (`cfg.train == "text"`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from fastjudge.config import LoopConfig
+from fastjudge.data import load_image
+from fastjudge.models import Adapter, cosine_lr
+
+
+def run(adapter: Adapter, traces: list[dict], cfg: LoopConfig, seed: int) -> dict:
+    """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}."""
+    if not traces:
+        return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None}
+    rng = random.Random(seed)
+    params = adapter.trainable_parameters(cfg.train)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    images = {path: load_image(path) for path in {t["image"] for t in traces}}
+    batches_per_epoch = (len(traces) + cfg.batch_size - 1) // cfg.batch_size
+    total = batches_per_epoch * cfg.epochs
+    warmup = max(1, total // 10)
+    adapter.model.train()
+    losses, step, t0 = [], 0, time.time()
+    with tqdm(total=total, desc="train", unit="step") as bar:
+        for _ in range(cfg.epochs):
+            order = list(range(len(traces)))
+            rng.shuffle(order)
+            for start in range(0, len(order), cfg.batch_size):
+                batch = [traces[i] for i in order[start:start + cfg.batch_size]]
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(step, total, cfg.lr, warmup)
+                opt.zero_grad(set_to_none=True)
+                loss = adapter.sft_backward([images[t["image"]] for t in batch], [t["prompt"] for t in batch],
+                                            [t["target"] for t in batch], micro_batches=cfg.micro_batches)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                losses.append(loss)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    adapter.model.eval()
+    return {"steps": step, "examples": len(traces), "loss_first": losses[0], "loss_last": losses[-1],
+            "seconds": time.time() - t0}

@@ -1,0 +1,26 @@
+import random
+
+import pytest
+import torch
+
+from fastjudge import toy
+from fastjudge.models import ToyAdapter
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_dir(tmp_path_factory):
+    """A random-weight toy Mllama (smaller than the shipped one) saved as a checkpoint folder."""
+    tokenizer = toy.build_tokenizer()
+    config = toy.build_config(tokenizer, text_hidden=64, text_layers=4, cross_layers=(1,), vision_hidden=32)
+    folder = tmp_path_factory.mktemp("tiny-toy")
+    ToyAdapter(toy.build_model(config, seed=0), tokenizer).save(folder)
+    return folder
+
+
+@pytest.fixture
+def rng():
+    seed = random.randrange(1 << 30)
+    print(f"random seed {seed}")
+    return random.Random(seed)

@@ -1,0 +1,87 @@
+"""LoopConfig: defaults, self-validation (errors name the field), save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastjudge.config import LoopConfig
+
+
+def test_defaults_construct():
+    cfg = LoopConfig()
+    assert cfg.model is None and cfg.prompts is None and cfg.bench is None
+    assert cfg.min_votes <= cfg.n_samples and 0 < cfg.top_p <= 1
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"iterations": 0}, "iterations"),
+    ({"n_samples": 0, "min_votes": 0}, "n_samples"),
+    ({"n_samples": 0}, "n_samples"),
+    ({"min_votes": 0}, "min_votes"),
+    ({"n_samples": 4, "min_votes": 5}, "min_votes"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"k": 0}, "k"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"temperature": -1}, "temperature"),
+    ({"rewrite_temperature": -0.1}, "rewrite_temperature"),
+    ({"eval_temperature": -1}, "eval_temperature"),
+    ({"corrupter": "x"}, "corrupter"),
+    ({"train": "x"}, "train"),
+    ({"synth_model": "x"}, "synth_model"),
+    ({"closed_fraction": 2}, "closed_fraction"),
+    ({"closed_fraction": -0.5}, "closed_fraction"),
+    ({"lr": 0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
+    ({"model": "/nonexistent"}, "model"),
+    ({"prompts": "/nonexistent.jsonl"}, "prompts"),
+    ({"bench": "/nonexistent"}, "bench"),
+])
+def test_invalid_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError) as info:
+        LoopConfig(**overrides)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"top_p": 1.0}, {"temperature": 0}, {"closed_fraction": 0}, {"closed_fraction": 1},
+    {"n_samples": 5, "min_votes": 5}, {"top_k": 0}, {"corrupter": "rules", "synth_model": "judge", "train": "all"},
+])
+def test_boundary_values_are_valid(overrides):
+    cfg = LoopConfig(**overrides)
+    for name, value in overrides.items():
+        assert getattr(cfg, name) == value
+
+
+def test_existing_paths_are_accepted(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "p.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    cfg = LoopConfig(model=str(tmp_path / "ckpt"), prompts=str(tmp_path / "p.jsonl"), bench=str(tmp_path / "b.jsonl"))
+    assert cfg.model == str(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="^model:"):
+        LoopConfig(model=str(tmp_path))  # a folder without config.json is no checkpoint
+
+
+def test_save_load_round_trip(tmp_path):
+    (tmp_path / "p.jsonl").write_text("")
+    cfg = LoopConfig(out=str(tmp_path / "run"), prompts=str(tmp_path / "p.jsonl"), seed=7, iterations=2,
+                     n_samples=8, min_votes=3, top_p=0.5, lr=1e-3, corrupter="rules", train="all", resume=True)
+    path = tmp_path / "sub" / "config.json"
+    cfg.save(path)
+    assert json.loads(path.read_text())["n_samples"] == 8
+    assert LoopConfig.load(path) == cfg
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_load_ignores_unknown_keys_and_validates(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"seed": 3, "from_an_older_version": 1}))
+    assert LoopConfig.load(path) == LoopConfig(seed=3)
+    path.write_text(json.dumps({"top_p": 2}))
+    with pytest.raises(ValueError, match="^top_p:"):
+        LoopConfig.load(path)

@@ -1,0 +1,69 @@
+"""Fine-tuning: loss on assistant tokens only, it learns, and checkpoints load in plain transformers."""
+
+import random
+
+import torch
+from transformers import AutoTokenizer, MllamaForConditionalGeneration
+
+from fastjudge import prompts, toy, train, world
+from fastjudge.config import LoopConfig
+from fastjudge.loop import save_checkpoint
+from fastjudge.models import ToyAdapter
+
+
+def _traces(tmp_path, count: int, seed: int):
+    rng = random.Random(seed)
+    traces = []
+    for i in range(count):
+        scene = world.random_scene(rng)
+        path = tmp_path / f"{i}.png"
+        world.render(scene, rng).save(path)
+        q = rng.choice(world.questions(scene, rng)[1:])
+        good = world.closed_response(q.answer)
+        bad = world.closed_response(world.corrupt_answer(q, rng))
+        traces.append({"image": str(path), "prompt": prompts.judge_prompt(q.instruction, good, bad),
+                       "target": prompts.judge_target(good, "A"), "pair": i, "verdict": "A"})
+    return traces
+
+
+def test_labels_cover_the_assistant_turn_only(tiny_toy_dir, tmp_path):
+    adapter = ToyAdapter.load(tiny_toy_dir)
+    traces = _traces(tmp_path, 3, seed=0)
+    images = [world.render(world.random_scene(random.Random(i)), random.Random(i)) for i in range(3)]
+    inputs, labels = adapter._training_inputs(images, [t["prompt"] for t in traces], [t["target"] for t in traces])
+    tokenizer = adapter.tokenizer
+    for row, (ids, lab, trace) in enumerate(zip(inputs["input_ids"], labels, traces)):
+        prompt_len = len(adapter.encode_prompt(trace["prompt"]))
+        target_ids = tokenizer.convert_tokens_to_ids(trace["target"].split()) + [tokenizer.eos_token_id]
+        assert (lab[:prompt_len] == -100).all()
+        assert lab[prompt_len:prompt_len + len(target_ids)].tolist() == target_ids
+        assert (lab[prompt_len + len(target_ids):] == -100).all()  # padding
+        assert ids[prompt_len:prompt_len + len(target_ids)].tolist() == target_ids
+
+
+def test_fine_tuning_lowers_the_loss_and_saves_a_plain_checkpoint(tiny_toy_dir, tmp_path):
+    adapter = ToyAdapter.load(tiny_toy_dir)
+    traces = _traces(tmp_path, 16, seed=1)
+    images = [world.render(world.random_scene(random.Random(9)), random.Random(9))] * 4
+    batch = traces[:4]
+    with torch.no_grad():
+        before = adapter.sft_loss(images, [t["prompt"] for t in batch], [t["target"] for t in batch]).item()
+    vision_before = {n: p.clone() for n, p in adapter.model.named_parameters() if "vision_model" in n}
+    stats = train.run(adapter, traces, LoopConfig(epochs=4, batch_size=4, lr=3e-3), seed=0)
+    assert stats["steps"] == 16
+    assert stats["loss_last"] < stats["loss_first"]
+    with torch.no_grad():
+        after = adapter.sft_loss(images, [t["prompt"] for t in batch], [t["target"] for t in batch]).item()
+    assert after < before
+    # default: the vision tower is frozen
+    for name, param in adapter.model.named_parameters():
+        if name in vision_before:
+            assert torch.equal(param, vision_before[name]), name
+
+    save_checkpoint(adapter, tmp_path / "ckpt")
+    model = MllamaForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    text = toy.normalize_text(traces[0]["target"])
+    assert tokenizer.convert_tokens_to_ids(text.split()) == adapter.tokenizer.convert_tokens_to_ids(text.split())
+    for (name, a), b in zip(adapter.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
