@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (the median is reported)")
     parser.add_argument("--min-votes", type=int, default=2, help="min_votes passed to both implementations")
     parser.add_argument("--seed", type=int, default=0, help="seed for the generated answers")
+    parser.add_argument("--out", default=None, help="also write the result with its environment to this JSON file")
     args = parser.parse_args()
 
     answers = make_answers(args.prompts, args.n, args.seed)
@@ -130,11 +131,15 @@ def main() -> None:
     print(f"{'python reference, gc off':<26}{python_nogc_ms:>10.2f}{python_ms / python_nogc_ms:>9.1f}x")
     print(f"{'c++ (_C), 1 thread':<26}{cpp_1t_ms:>10.2f}{python_ms / cpp_1t_ms:>9.1f}x")
     print(f"{'c++ (_C), majority_vote':<26}{cpp_ms:>10.2f}{speedup:>9.1f}x")
-    print(json.dumps({
+    result = {
         "bench": "vote", "prompts": args.prompts, "n": args.n,
         "python_ms": round(python_ms, 3), "cpp_ms": round(cpp_ms, 3), "speedup": round(speedup, 1),
         "python_gc_off_ms": round(python_nogc_ms, 3), "cpp_1thread_ms": round(cpp_1t_ms, 3),
-    }))
+    }
+    if args.out:
+        from _env import save
+        save(args.out, result)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None =
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=HELP[f.name])
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
 
 

@@ -17,7 +17,7 @@ class LoopConfig:
     iterations: int = 3
     min_gain: float = 0.01  # stop when overall accuracy rises by less than this
     # synth
-    prompts_per_iteration: int = 320
+    prompts_per_iteration: int = 1000
     closed_fraction: float = 0.5  # toy prompt pool only
     n_samples: int = 16
     temperature: float = 0.6
@@ -26,16 +26,16 @@ class LoopConfig:
     min_votes: int = 5
     corrupter: str = "model"  # "model": the model rewrites its answer with one error; "rules": rule-based
     rewrite_temperature: float = 0.6
-    answer_tokens: int = 64
+    answer_tokens: int | None = None  # None: 64 for the toy, 512 for a real model
     synth_model: str = "base"  # "base": the base model writes pairs every iteration; "judge": the latest judge
     # filter and eval
-    judge_tokens: int = 80
+    judge_tokens: int | None = None  # None: 80 for the toy, 1024 for a real model
     # the filter samples judgments: a greedy judge with a position bias would keep no pair at all
     filter_temperature: float = 1.0
     batch_rows: int = 256
     # train
     epochs: int = 3
-    lr: float = 5e-4
+    lr: float | None = None  # None: 5e-4 for the toy, 1e-5 for a real model
     batch_size: int = 32
     micro_batches: int = 2  # forward passes per step, over examples sorted by length
     train: str = "text"  # "text": vision tower frozen; "all"
@@ -47,11 +47,27 @@ class LoopConfig:
     resume: bool = False
 
     def __post_init__(self):
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: no checkpoint (config.json) at {self.model!r}")
+        # defaults that differ between the toy (short canonical texts, 2M parameters) and a real VLM
+        toy = self.model is None or (Path(self.model) / "fastjudge_toy.json").is_file()
+        for name, toy_value, real_value in (("answer_tokens", 64, 512), ("judge_tokens", 80, 1024),
+                                            ("lr", 5e-4, 1e-5)):
+            if getattr(self, name) is None:
+                setattr(self, name, toy_value if toy else real_value)
         positive = ("iterations", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
                     "judge_tokens", "batch_rows", "epochs", "batch_size", "micro_batches", "k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ValueError(f"temperature: 0 is greedy and gives one answer, but n_samples is {self.n_samples}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device")
         if self.min_votes > self.n_samples:
             raise ValueError(f"min_votes: expected <= n_samples ({self.n_samples}), got {self.min_votes}")
         if not 0 <= self.closed_fraction <= 1:
@@ -69,8 +85,6 @@ class LoopConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        if self.model is not None and not (Path(self.model) / "config.json").is_file():
-            raise ValueError(f"model: no checkpoint (config.json) at {self.model!r}")
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise ValueError(f"prompts: file not found: {self.prompts!r}")
         if self.bench is not None and not Path(self.bench).is_file():

@@ -155,7 +155,7 @@ def load_benchmark(path: Path | str, images: Path | str | None = None) -> tuple[
     (its 0-based line number among non-empty lines, the key predictions use) and "image" (absolute path)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--data: file not found: {path}")
+        raise ValueError(f"bench: file not found: {path}")
     root = Path(images) if images is not None else path.parent
     items, skips = [], []
     for number, index, obj in _parse_lines(path, skips):
@@ -165,8 +165,9 @@ def load_benchmark(path: Path | str, images: Path | str | None = None) -> tuple[
             problem = "field 'query': missing or empty"
         elif not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
             problem = "field 'response': expected a list of 2 strings"
-        elif not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]):
-            problem = "field 'human_ranking': expected 2 different ranks"
+        elif not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]
+                  and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ranking)):
+            problem = "field 'human_ranking': expected 2 different numeric ranks"
         elif not isinstance(obj.get("image_path"), str):
             problem = "field 'image_path': missing"
         else:

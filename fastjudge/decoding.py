@@ -57,7 +57,8 @@ def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_i
     cache_arg = _cache_argument(model)
     attention_mask = inputs["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(**inputs, position_ids=position_ids, use_cache=True)
+    # only the last position's logits: (B, T, V) of a 128k vocabulary would not fit
+    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = _cache_of(out)
     batch = attention_mask.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)

@@ -40,12 +40,12 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
                                                top_p=cfg.top_p, batch_rows=cfg.batch_rows, seed=seed,
                                                progress=bar.update)]
     judgments, traces = [], []
-    stats = {"pairs": len(pairs), "kept": 0, "one_order": 0, "neither": 0, "unparsed": 0}
+    stats = {"pairs": len(pairs), "kept": 0, "one_order": 0, "neither": 0, "unparsed_calls": 0}
     for i, pair in enumerate(pairs):
         calls = []
         for j in (2 * i, 2 * i + 1):
             verdict = prompt_texts.parse_verdict(outputs[j])
-            stats["unparsed"] += verdict is None
+            stats["unparsed_calls"] += verdict is None
             calls.append(verdict == expected[j])
             judgments.append({"pair": i, "id": pair["id"], "order": "good_first" if expected[j] == "A" else "bad_first",
                               "output": outputs[j], "verdict": verdict, "expected": expected[j]})

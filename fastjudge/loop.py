@@ -31,6 +31,7 @@ from fastjudge.config import LoopConfig
 from fastjudge.models import Adapter, load_adapter
 
 TOY_BENCHMARK_PER_CATEGORY = 100
+RESUME_OVERRIDES = ("iterations", "min_gain", "device", "batch_rows", "resume")
 
 
 def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord], list[dict]]:
@@ -67,6 +68,10 @@ def prompts_for(records: list[data.PromptRecord], cfg: LoopConfig, iteration: in
 
 
 def save_checkpoint(adapter: Adapter, folder: Path) -> None:
+    """Write a checkpoint folder atomically; an existing folder is replaced only if it is a checkpoint."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        raise ValueError(f"out: {folder} exists and is not a checkpoint; refusing to replace it")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     adapter.save(tmp)
@@ -101,7 +106,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
     folder = out / f"iter_{k}"
     folder.mkdir(parents=True, exist_ok=True)
     stages = _Stages(folder)
-    seed = cfg.seed * 1000 + k * 10
+    seed = cfg.seed * 1000 + k * 100  # stages offset it by 0, 10, 20: no two share a random stream
 
     if not (folder / "pairs.jsonl").exists():
         t0 = time.time()
@@ -112,7 +117,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
 
     if not (folder / "sft.jsonl").exists():
         t0 = time.time()
-        result = filter_stage.run(judge, pairs, cfg, seed + 1)
+        result = filter_stage.run(judge, pairs, cfg, seed + 10)
         data.write_jsonl(folder / "judgments.jsonl", result.judgments)
         data.write_jsonl(folder / "sft.jsonl", result.traces)
         stages.done("filter", time.time() - t0, result.stats)
@@ -121,7 +126,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
     checkpoint = folder / "checkpoint"
     if not checkpoint.exists():
         t0 = time.time()
-        stats = train.run(judge, traces, cfg, seed + 2)
+        stats = train.run(judge, traces, cfg, seed + 20)
         save_checkpoint(judge, checkpoint)
         stages.done("train", time.time() - t0, stats)
 
@@ -144,10 +149,17 @@ def run(cfg: LoopConfig) -> dict:
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise ValueError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.resume and (out / "config.json").exists():
-        print(f"--resume: continuing with the configuration saved in {out / 'config.json'}")
-        cfg = LoopConfig.load(out / "config.json")
-        cfg.resume = True
+        # what the run computes comes from the saved configuration; how far and where it runs may change
+        saved = LoopConfig.load(out / "config.json")
+        for name in RESUME_OVERRIDES:
+            setattr(saved, name, getattr(cfg, name))
+        print(f"--resume: continuing with {out / 'config.json'} (taking {', '.join(RESUME_OVERRIDES)} "
+              f"from the command line)")
+        cfg = saved
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("model", "prompts", "bench", "images"):  # absolute, so that a resume works from anywhere
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
     cfg.save(out / "config.json")
     torch.manual_seed(cfg.seed)
     records, items = prepare_inputs(cfg, out)

@@ -161,9 +161,9 @@ class ToyAdapter(Adapter):
         self._image_size = model.config.vision_config.image_size
 
     @classmethod
-    def load(cls, path: Path | str, dtype: torch.dtype = torch.float32) -> "ToyAdapter":
+    def load(cls, path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "ToyAdapter":
         from transformers import MllamaForConditionalGeneration
-        model = MllamaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = MllamaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, toy.build_tokenizer())
 
     def save(self, path: Path) -> None:
@@ -266,14 +266,17 @@ class MllamaAdapter(Adapter):
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "right"
         heads = [self._chat(p) for p in prompts]
-        eos = tokenizer.convert_ids_to_tokens(min(self.eos_ids))
+        # the chat template ends an assistant turn with <|eot_id|> (Llama 3), not with <|end_of_text|>
+        vocab = tokenizer.get_vocab()
+        eos = "<|eot_id|>" if "<|eot_id|>" in vocab else tokenizer.eos_token
         texts = [h + t + eos for h, t in zip(heads, targets)]
         batch = self.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True,
                                add_special_tokens=False)
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
-        for i, head in enumerate(heads):
-            head_len = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        for i, (image, head) in enumerate(zip(images, heads)):
+            # the prompt's length as the processor itself tokenizes it (it may add a BOS)
+            head_len = len(self.processor(images=[[image]], text=[head], add_special_tokens=False)["input_ids"][0])
             labels[i, :head_len] = -100  # loss on the assistant turn only
         tokenizer.padding_side = "left"
         return {k: v.to(self.device) for k, v in batch.items()}, labels.to(self.device)
@@ -283,12 +286,12 @@ def load_adapter(model_path: str | None, *, device: str = "cpu") -> Adapter:
     """The toy base model when `model_path` is None, else a local Mllama checkpoint (toy or real)."""
     from fastjudge import assets
     if model_path is None:
-        return ToyAdapter.load(assets.base_model_dir())
+        return ToyAdapter.load(assets.base_model_dir(), device=device)
     path = Path(model_path)
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise ValueError(f"--model: expected a local checkpoint directory with config.json, got {model_path!r}")
+        raise ValueError(f"model: expected a local checkpoint directory with config.json, got {model_path!r}")
     if (path / TOY_MARKER).is_file():
-        return ToyAdapter.load(path)
+        return ToyAdapter.load(path, device=device)
     return MllamaAdapter.load(path, device=device)
 
 

@@ -24,9 +24,10 @@ from fastjudge.data import PromptRecord, load_image
 from fastjudge.models import Adapter
 from fastjudge.voting import majority_vote
 
-_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
-_ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# a span ends at a sentence end (". " or "." at the end), a newline or the end of the text
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)\s*(?:\.\s|\.?\s*$|\n)", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*:\s*(.+?)\s*(?:\.\s|\.?\s*$|\n)", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}()")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|"
                      r"eleven|twelve|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty)\b",
                      re.IGNORECASE)
@@ -36,16 +37,16 @@ _OPTION = re.compile(r"\(\s*([A-Ea-e])\s*\)|\b([A-E])[.)]|^\s*([A-Ea-e])\s*$")
 def extract_answer(text: str, answer_type: str = "short") -> str | None:
     """The final answer in a response, or None when there is none.
 
-    Looks for (last match wins) "\\boxed{X}", "answer is X", "Answer: X"; then, by answer_type, takes the
+    Looks for "\\boxed{X}", "answer is X", "Answer: X" (the last one in the text wins; X ends at a sentence
+    end or a newline); then, by answer_type, takes the
     number ("number") or option letter ("option") inside that span, or the last one in the whole text.
     The vote normalizes what this returns ("( b )" and "B." count as the same answer).
     """
-    span = None
+    span, at = None, -1
     for pattern in (_BOXED, _ANSWER_LINE, _ANSWER_IS):
-        found = pattern.findall(text)
-        if found:
-            span = found[-1].strip()
-            break
+        for match in pattern.finditer(text):
+            if match.start() > at:
+                span, at = match.group(1).strip(), match.start()
     if answer_type == "number":
         numbers = _NUMBER.findall(span if span is not None else text)
         if not numbers:

@@ -20,7 +20,7 @@ from fastjudge.models import Adapter, cosine_lr
 def run(adapter: Adapter, traces: list[dict], cfg: LoopConfig, seed: int) -> dict:
     """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}."""
     if not traces:
-        return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None}
+        return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
     rng = random.Random(seed)
     params = adapter.trainable_parameters(cfg.train)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))

@@ -27,6 +27,8 @@ def test_defaults_construct():
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
     ({"temperature": -1}, "temperature"),
+    ({"temperature": 0, "n_samples": 16}, "temperature"),
+    ({"device": "tpu"}, "device"),
     ({"rewrite_temperature": -0.1}, "rewrite_temperature"),
     ({"eval_temperature": -1}, "eval_temperature"),
     ({"corrupter": "x"}, "corrupter"),
@@ -47,7 +49,7 @@ def test_invalid_values_name_the_field(overrides, field):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"top_p": 1.0}, {"temperature": 0}, {"closed_fraction": 0}, {"closed_fraction": 1},
+    {"top_p": 1.0}, {"temperature": 0, "n_samples": 1, "min_votes": 1}, {"closed_fraction": 0}, {"closed_fraction": 1},
     {"n_samples": 5, "min_votes": 5}, {"top_k": 0}, {"corrupter": "rules", "synth_model": "judge", "train": "all"},
 ])
 def test_boundary_values_are_valid(overrides):

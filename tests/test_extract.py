@@ -51,3 +51,10 @@ def test_extracted_answers_vote_together(answer_type):
              "short": ["the answer is red .", "Answer: Red", "the answer is red"]}[answer_type]
     normalized = {normalize_answer(extract_answer(text, answer_type)) for text in texts}
     assert len(normalized) == 1, normalized
+
+
+def test_span_ends_at_the_sentence_and_the_last_match_wins():
+    assert extract_answer("The answer is red. The circle at top left is red.", "short") == "red"
+    assert extract_answer("Answer: 2 red and 3 blue, so the answer is 5", "number") == "5"
+    assert extract_answer("the answer is 2.5 .", "number") == "2.5"
+    assert extract_answer("answer is blue\nbut the answer is green", "short") == "green"
