@@ -53,6 +53,8 @@ def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_i
 
     inputs: the model's prefill inputs, input_ids and attention_mask (B, T) left-padded, plus any image
     inputs; a (B, T, ...) `cross_attention_mask` is continued with its last position.
+    Rows stay in the batch until all have stopped (finished rows decode padding): the simple loop; the
+    shared-prefix sampler that drops finished rows is issue 4's.
     """
     cache_arg = _cache_argument(model)
     attention_mask = inputs["attention_mask"]
@@ -64,9 +66,9 @@ def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_i
     done = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)
     eos = torch.tensor(sorted(eos_ids), device=attention_mask.device)
     tokens = []
-    step_extra = {}
-    if "cross_attention_mask" in inputs:
-        step_extra["cross_attention_mask"] = inputs["cross_attention_mask"][:, -1:]
+    # Mllama: each new token sees the images its last prompt token saw. The mask is passed whole (B, T, ...):
+    # transformers 5.17 indexes it by absolute position, 5.24 slices it itself.
+    cross_mask = inputs.get("cross_attention_mask")
     next_position = position_ids[:, -1:] + 1
     logits = out.logits[:, -1]
     for _ in range(max_new_tokens):
@@ -78,6 +80,10 @@ def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_i
         if bool(done.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        step_extra = {}
+        if cross_mask is not None:
+            cross_mask = torch.cat([cross_mask, cross_mask[:, -1:]], dim=1)
+            step_extra["cross_attention_mask"] = cross_mask
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
                     use_cache=True, **{cache_arg: cache}, **step_extra)
         cache = _cache_of(out)
