@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toy-pretrain", help="train the toy base model from scratch (resumable)")
     p.add_argument("--out", default="runs/toy-base", help="output folder (checkpoint in OUT/checkpoint)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=48, help="examples per step")
+    p.add_argument("--steps", type=int, default=3600, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream")
     p.set_defaults(func=cmd_toy_pretrain)

@@ -29,8 +29,8 @@ TASKS = ("caption", "qa", "rewrite", "judge", "match")
 @dataclass
 class PretrainConfig:
     out: str = "runs/toy-base"
-    steps: int = 3000
-    batch_size: int = 48
+    steps: int = 3600
+    batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
