@@ -126,8 +126,9 @@ def cmd_toy_data(args) -> None:
 
 def cmd_toy_pretrain(args) -> None:
     from fastjudge import pretrain
+    mixture = tuple(float(x) for x in args.mixture.split(",")) if args.mixture else pretrain.PretrainConfig.mixture
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                  seed=args.seed)
+                                  seed=args.seed, init=args.init, mixture=mixture)
     print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
 
 
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="examples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream")
+    p.add_argument("--init", default=None, help="continue from this toy checkpoint instead of random weights")
+    p.add_argument("--mixture", default=None,
+                   help="task weights for caption,qa,rewrite,judge,match (default 0.30,0.36,0.10,0.14,0.10)")
     p.set_defaults(func=cmd_toy_pretrain)
     return parser
 

@@ -96,6 +96,12 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def load_images(paths: list[str]) -> list[Image.Image]:
+    """One RGB image per path, each distinct file decoded once (pairs and samples share images)."""
+    cache: dict[str, Image.Image] = {}
+    return [cache[p] if p in cache else cache.setdefault(p, load_image(p)) for p in paths]
+
+
 def _parse_lines(path: Path, skips: list[Skip]):
     """(line number, position, object) for each parseable line, where position counts non-empty lines from 0
     (unparseable ones included); the unparseable lines become skips."""

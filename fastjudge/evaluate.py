@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from fastjudge import prompts as prompt_texts
 from fastjudge.config import LoopConfig
-from fastjudge.data import load_image
+from fastjudge.data import load_images
 from fastjudge.models import Adapter
 from fastjudge.scoring import score_pairwise, vlrb_group
 
@@ -38,11 +38,7 @@ def shown_first(seed: int, index: int, sample: int) -> int:
 def run(judge: Adapter, items: list[dict], cfg: LoopConfig, seed: int) -> EvalResult:
     style = judge.judge_style
     calls, images, judge_prompts = [], [], []
-    cache: dict[str, object] = {}
-    for item in items:
-        if item["image"] not in cache:
-            cache[item["image"]] = load_image(item["image"])
-        image = cache[item["image"]]
+    for item, image in zip(items, load_images([item["image"] for item in items])):
         for sample in range(cfg.k):
             first = shown_first(seed, item["index"], sample)
             a, b = item["response"][first], item["response"][1 - first]

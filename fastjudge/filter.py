@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from fastjudge import prompts as prompt_texts
 from fastjudge.config import LoopConfig
-from fastjudge.data import load_image
+from fastjudge.data import load_images
 from fastjudge.models import Adapter
 
 
@@ -28,8 +28,7 @@ class FilterResult:
 def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> FilterResult:
     style = judge.judge_style
     images, judge_prompts, expected = [], [], []
-    for pair in pairs:
-        image = load_image(pair["image"])
+    for pair, image in zip(pairs, load_images([pair["image"] for pair in pairs])):
         for a, b, verdict in ((pair["good"], pair["bad"], "A"), (pair["bad"], pair["good"], "B")):
             images.append(image)
             judge_prompts.append(prompt_texts.judge_prompt(pair["instruction"], a, b, style))

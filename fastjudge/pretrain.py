@@ -36,6 +36,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     save_every: int = 250
+    init: str | None = None  # continue from this toy checkpoint instead of random weights
     micro_batches: int = 4  # forward passes per step, over examples sorted by length
     # task mixture (relative weights), in the order of TASKS
     mixture: tuple[float, ...] = (0.30, 0.36, 0.10, 0.14, 0.10)
@@ -91,7 +92,11 @@ def run(cfg: PretrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     tokenizer = toy.build_tokenizer()
-    model = toy.build_model(toy.build_config(tokenizer), seed=cfg.seed)
+    if cfg.init is not None:
+        model = ToyAdapter.load(cfg.init).model
+        model.train()
+    else:
+        model = toy.build_model(toy.build_config(tokenizer), seed=cfg.seed)
     adapter = ToyAdapter(model, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fastjudge import prompts as prompt_texts
 from fastjudge import world
 from fastjudge.config import LoopConfig
-from fastjudge.data import PromptRecord, load_image
+from fastjudge.data import PromptRecord, load_images
 from fastjudge.models import Adapter
 from fastjudge.voting import majority_vote
 
@@ -80,7 +80,7 @@ def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: in
 
     bar = tqdm(total=len(records) + len(open_records) * (cfg.corrupter == "model"), desc="synth", unit="prompt")
     if open_records:
-        images = [load_image(r.image) for r in open_records]
+        images = load_images([r.image for r in open_records])
         answers = [c[0] for c in adapter.generate(
             images, [r.instruction for r in open_records], max_new_tokens=cfg.answer_tokens,
             batch_rows=cfg.batch_rows, seed=seed, progress=bar.update)]
@@ -102,7 +102,7 @@ def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: in
 
     if closed_records:
         samples = adapter.generate(
-            [load_image(r.image) for r in closed_records], [r.instruction for r in closed_records],
+            load_images([r.image for r in closed_records]), [r.instruction for r in closed_records],
             n=cfg.n_samples, max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
             top_p=cfg.top_p, batch_rows=cfg.batch_rows, seed=seed + 2, progress=bar.update)
         extracted = [[extract_answer(s, r.answer_type) for s in group] for r, group in zip(closed_records, samples)]

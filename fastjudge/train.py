@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from fastjudge.config import LoopConfig
-from fastjudge.data import load_image
+from fastjudge.data import load_images
 from fastjudge.models import Adapter, cosine_lr
 
 
@@ -24,7 +24,7 @@ def run(adapter: Adapter, traces: list[dict], cfg: LoopConfig, seed: int) -> dic
     rng = random.Random(seed)
     params = adapter.trainable_parameters(cfg.train)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    images = {path: load_image(path) for path in {t["image"] for t in traces}}
+    images = dict(zip([t["image"] for t in traces], load_images([t["image"] for t in traces])))
     batches_per_epoch = (len(traces) + cfg.batch_size - 1) // cfg.batch_size
     total = batches_per_epoch * cfg.epochs
     warmup = max(1, total // 10)
