@@ -232,7 +232,9 @@ class MllamaAdapter(Adapter):
         self.model = model
         self.processor = processor
         tokenizer = processor.tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if tokenizer.pad_token is None:  # the processor cannot pad a batch without one
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
         self.eos_ids = set(eos)
