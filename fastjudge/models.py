@@ -11,7 +11,6 @@ checkpoint through its processor and chat template.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -182,27 +181,22 @@ class ToyAdapter(Adapter):
     def decode(self, tokens: list[int]) -> str:
         return " ".join(self.tokenizer.convert_ids_to_tokens(tokens))
 
-    def _image_inputs(self, images, batch: int, length: int) -> dict[str, torch.Tensor]:
+    def _batch(self, images, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
+        """Pad token rows into (B, T) ids and mask (left for generation, right for training), plus the image
+        inputs; every real token comes after the image token, so every real token sees the image."""
+        ids = _pad(rows, self.pad_id, left)
+        mask = _pad([[1] * len(row) for row in rows], 0, left)
         pixels = torch.stack([image_tensor(im, self._image_size) for im in images])  # (B, 3, S, S)
         return dict(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
             pixel_values=pixels[:, None, None].to(self.device, self.model.dtype),  # (B, 1 image, 1 tile, 3, S, S)
-            aspect_ratio_ids=torch.ones(batch, 1, dtype=torch.long, device=self.device),
-            aspect_ratio_mask=torch.ones(batch, 1, 1, dtype=torch.long, device=self.device),
-            # every token comes after the image token, so every token sees the image: (B, T, 1, 1)
-            cross_attention_mask=torch.ones(batch, length, 1, 1, dtype=torch.long, device=self.device),
+            aspect_ratio_ids=torch.ones(len(rows), 1, dtype=torch.long, device=self.device),
+            aspect_ratio_mask=torch.ones(len(rows), 1, 1, dtype=torch.long, device=self.device),
+            cross_attention_mask=mask[:, :, None, None].to(self.device),  # (B, T, 1 image, 1 tile)
         )
 
     def _generation_inputs(self, images, prompts):
-        rows = [self.encode_prompt(p) for p in prompts]
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: generation appends on the right
-            ids[i, length - len(row):] = torch.tensor(row)
-            mask[i, length - len(row):] = 1
-        inputs = self._image_inputs(images, len(rows), length)
-        inputs["cross_attention_mask"] = mask[:, :, None, None].to(self.device)
-        return dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **inputs)
+        return self._batch(images, [self.encode_prompt(p) for p in prompts], left=True)
 
     def _training_inputs(self, images, prompts, targets):
         rows, label_rows = [], []
@@ -211,16 +205,17 @@ class ToyAdapter(Adapter):
             tail = self._words(target) + [self.tokenizer.eos_token_id]
             rows.append(head + tail)
             label_rows.append([-100] * len(head) + tail)
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (row, lab) in enumerate(zip(rows, label_rows)):
-            ids[i, :len(row)] = torch.tensor(row)
-            labels[i, :len(row)] = torch.tensor(lab)
-            mask[i, :len(row)] = 1
-        inputs = self._image_inputs(images, len(rows), length)
-        return dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **inputs), labels.to(self.device)
+        return self._batch(images, rows, left=False), _pad(label_rows, -100, left=False).to(self.device)
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    """(B, T) int64: each row padded with `value` to the longest row, on the left or on the right."""
+    length = max(map(len, rows))
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = length - len(row) if left else 0
+        out[i, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 class MllamaAdapter(Adapter):
@@ -295,10 +290,3 @@ def load_adapter(model_path: str | None, *, device: str = "cpu") -> Adapter:
     if (path / TOY_MARKER).is_file():
         return ToyAdapter.load(path, device=device)
     return MllamaAdapter.load(path, device=device)
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

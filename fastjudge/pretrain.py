@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from fastjudge import prompts, toy, world
-from fastjudge.models import ToyAdapter, cosine_lr
+from fastjudge.models import ToyAdapter
+from fastjudge.train import cosine_lr
 
 TASKS = ("caption", "qa", "rewrite", "judge", "match")
 

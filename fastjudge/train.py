@@ -6,6 +6,7 @@ tower is frozen by default (`cfg.train == "text"`).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from fastjudge.config import LoopConfig
 from fastjudge.data import load_images
-from fastjudge.models import Adapter, cosine_lr
+from fastjudge.models import Adapter
 
 
 def run(adapter: Adapter, traces: list[dict], cfg: LoopConfig, seed: int) -> dict:
@@ -50,3 +51,11 @@ def run(adapter: Adapter, traces: list[dict], cfg: LoopConfig, seed: int) -> dic
     adapter.model.eval()
     return {"steps": step, "examples": len(traces), "loss_first": losses[0], "loss_last": losses[-1],
             "seconds": time.time() - t0}
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Learning rate at `step`: linear warm-up over `warmup` steps to `peak`, then cosine decay to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
