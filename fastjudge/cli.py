@@ -30,7 +30,7 @@ HELP = {
     "min_votes": "votes the majority answer needs to make a pair",
     "early_stop": "stop sampling a closed prompt once its majority is this sure (Beta criterion; 0 = off, "
                   "e.g. 0.95)",
-    "round_size": "samples per round when --early-stop is on",
+    "round_size": "with --early-stop: samples decoded at once per prompt (Mllama), or per round (others)",
     "corrupter": "who degrades open-ended answers: the model ('model') or the rule-based corrupter ('rules')",
     "rewrite_temperature": "sampling temperature of the model's degraded rewrite",
     "answer_tokens": "maximum new tokens per answer",

@@ -26,8 +26,10 @@ class LoopConfig:
     top_k: int = 50
     top_p: float = 0.9
     min_votes: int = 5
-    # adaptive early stop for closed prompts: sample in rounds of `round_size` and stop a prompt once its
-    # majority's confidence (voting.majority_confidence) reaches `early_stop`; 0 = always n_samples
+    # adaptive early stop for closed prompts: stop a prompt's sampling once its majority's confidence
+    # (voting.majority_confidence) reaches `early_stop`; 0 = always n_samples. Mllama decodes `round_size`
+    # samples at a time per prompt, a slot starting the next sample when one ends, voting on the device
+    # (answer_spans); other families sample in rounds of `round_size`, voting on the host between rounds
     early_stop: float = 0.0
     round_size: int = 4
     corrupter: str = "model"  # "model": the model rewrites its answer with one error; "rules": rule-based

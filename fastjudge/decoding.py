@@ -41,6 +41,39 @@ def prefill(model, inputs: dict[str, torch.Tensor]):
     return out, _cache_of(out), position_ids
 
 
+def default_sync_every(device: torch.device) -> int:
+    """Decoding steps between two looks from the host: every step on the CPU (nothing to overlap; finished
+    rows leave at once), every 8 on a GPU (the host queues steps ahead instead of waiting on each)."""
+    return 8 if device.type == "cuda" else 1
+
+
+@torch.no_grad()
+def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tokens: int, eos_ids: set[int],
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  generator: torch.Generator | None = None, sampler: Callable | None = None,
+                  stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
+                  early_stop=None, sync_every: int | None = None) -> list[list[list[int]]]:
+    """Per prompt, its samples' token lists: `decode` with the shared Mllama decoder's options (slots that
+    start the next sample when one ends; early stop on the device vote, `answer_spans.EarlyStop`; host looks
+    every `sync_every` steps). Other families take only slots=None and early_stop=None (then n samples each)."""
+    if sampler is None:
+        def sampler(logits, generator):
+            return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 generator=generator)
+    if sync_every is None:
+        sync_every = default_sync_every(inputs["attention_mask"].device)
+    if getattr(model.config, "model_type", None) == "mllama" and SHARED_MLLAMA:
+        from fastjudge.mllama_decoding import decode_mllama_shared
+        return decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                    sampler=sampler, generator=generator, stop=stop, slots=slots,
+                                    early_stop=early_stop, sync_every=sync_every)
+    if slots is not None or early_stop is not None:
+        raise ValueError("slots, early_stop: only the shared Mllama decoder refills slots and votes on the device")
+    flat = decode(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids, generator=generator,
+                  sampler=sampler, stop=stop)
+    return [flat[i:i + n] for i in range(0, len(flat), n)]
+
+
 @torch.no_grad()
 def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_ids: set[int], n: int = 1,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -67,8 +100,9 @@ def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_i
                                  generator=generator)
     if getattr(model.config, "model_type", None) == "mllama" and SHARED_MLLAMA:
         from fastjudge.mllama_decoding import decode_mllama_shared
-        return decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                    sampler=sampler, generator=generator, stop=stop)
+        groups = decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                      sampler=sampler, generator=generator, stop=stop, sync_every=1)
+        return [tokens for group in groups for tokens in group]
     cache_arg = _cache_argument(model)
     attention_mask = inputs["attention_mask"]
     out, cache, position_ids = prefill(model, inputs)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTracker
 from fastjudge.decoding import prefill
 
 
@@ -53,8 +54,8 @@ class SharedMllamaDecoder:
                 continue
             self.prefix[index] = (layer.keys, layer.values)
             shape = (batch, self.kv_heads, n, max_new_tokens, self.head_dim)
-            self.own[index] = (layer.keys.new_empty(shape), layer.values.new_empty(shape))
-        self.length = 0  # own tokens written so far
+            # zeros, not empty: masked entries still meet a zero weight in the product, and 0 * NaN is NaN
+            self.own[index] = (layer.keys.new_zeros(shape), layer.values.new_zeros(shape))
         image_keys = next((k.shape[2] for i, (k, _) in self.prefix.items() if i in self.cross_layers), 0)
         if image_keys_mask is None:
             image_keys_mask = torch.ones(batch, image_keys, dtype=torch.bool, device=prompt_mask.device)
@@ -73,7 +74,7 @@ class SharedMllamaDecoder:
 
     def _attend(self, q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]):
         """q (B, Hq, n, d); keys: (K, V, mask, shared) parts, shared K (B, Hkv, L, d) with mask (B, L), or a
-        sample's own K (B, Hkv, n, L, d) with mask None. One softmax over all parts. Returns (B, n, Hq * d)."""
+        sample's own K (B, Hkv, n, L, d) with mask (B, n, L). One softmax over all parts. Returns (B, n, Hq * d)."""
         batch = q.shape[0]
         grouped = q.view(batch, self.kv_heads, self.heads // self.kv_heads, self.n, self.head_dim)
         scores = []
@@ -83,6 +84,7 @@ class SharedMllamaDecoder:
                 s = s.masked_fill(~mask[:, None, None, None, :], float("-inf"))
             else:
                 s = torch.einsum("bkgnd,bknld->bkgnl", grouped, k) * self.scale
+                s = s.masked_fill(~mask[:, None, None], float("-inf"))
             scores.append(s)
         weights = torch.cat(scores, dim=-1).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         out, start = 0, 0
@@ -94,23 +96,30 @@ class SharedMllamaDecoder:
         return out.reshape(batch, self.heads, self.n, self.head_dim).transpose(1, 2).reshape(batch, self.n, -1)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (B, n), positions (B,) of those tokens -> next-token logits (B, n, V)."""
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, span: int) -> torch.Tensor:
+        """tokens (B, n), their positions (B, n) and own-cache indices (B, n) -> next-token logits (B, n, V).
+
+        Each sample's token is written to its own cache at `index` and attends to the prompt and to its own
+        entries 0..index (a slot that starts a new sample starts again at index 0). `span` (a host int, at least
+        max(index) + 1) bounds the own entries read, so no device value is needed on the host.
+        """
         batch = tokens.shape[0]
         h = self.text.embed_tokens(tokens)  # (B, n, D)
-        cos, sin = self.text.rotary_emb(h, positions[:, None].expand(-1, self.n))  # (B, n, d)
+        cos, sin = self.text.rotary_emb(h, positions)  # (B, n, d)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d)
-        t = self.length
-        for index, layer in enumerate(self.text.layers):
-            if index in self.cross_layers:
-                if index not in self.prefix:
+        rows = torch.arange(batch, device=tokens.device)[:, None].expand(-1, self.n)  # (B, n)
+        slots = torch.arange(self.n, device=tokens.device)[None, :].expand(batch, -1)  # (B, n)
+        own_mask = torch.arange(span, device=tokens.device) <= index[..., None]  # (B, n, span)
+        for layer_index, layer in enumerate(self.text.layers):
+            if layer_index in self.cross_layers:
+                if layer_index not in self.prefix:
                     continue  # no image keys cached: transformers skips these layers too
                 residual = h
                 attn = layer.cross_attn
                 x = layer.input_layernorm(h)
                 q = attn.q_proj(x).view(batch, self.n, self.heads, self.head_dim).transpose(1, 2)
                 q = attn.q_norm(q)
-                k, v = self.prefix[index]
+                k, v = self.prefix[layer_index]
                 x = attn.o_proj(self._attend(q, [(k, v, self.image_keys_mask, True)]))
                 h = residual + layer.cross_attn_attn_gate.tanh() * x
                 residual = h
@@ -125,62 +134,147 @@ class SharedMllamaDecoder:
             v = attn.v_proj(x).view(batch, self.n, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            own_k, own_v = self.own[index]
-            own_k[:, :, :, t] = k
-            own_v[:, :, :, t] = v
-            prefix_k, prefix_v = self.prefix[index]
+            own_k, own_v = self.own[layer_index]
+            own_k[rows, :, slots, index] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, s, index[b, s]]
+            own_v[rows, :, slots, index] = v.transpose(1, 2)
+            prefix_k, prefix_v = self.prefix[layer_index]
             x = attn.o_proj(self._attend(q, [(prefix_k, prefix_v, self.prompt_mask, True),
-                                              (own_k[:, :, :, :t + 1], own_v[:, :, :, :t + 1], None, False)]))
+                                              (own_k[:, :, :, :span], own_v[:, :, :, :span], own_mask, False)]))
             h = residual + x
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self.length += 1
         return self.lm_head(self.text.norm(h))
 
 
 @torch.no_grad()
 def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tokens: int,
                          eos_ids: set[int], sampler: Callable, generator,
-                         stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
-    """`decoding.decode` for Mllama with the shared cache (module docstring); same arguments and result:
-    B * n token lists, prompt-major, EOS excluded."""
+                         stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
+                         early_stop: EarlyStop | None = None, sync_every: int = 1) -> list[list[list[int]]]:
+    """`decoding.decode_groups` for Mllama with the shared cache (module docstring): for each of the B prompts,
+    its finished samples' tokens (EOS excluded), in the order they were started.
+
+    slots: samples decoded at once per prompt (default n). With fewer slots than n, a slot whose sample ends
+    starts the prompt's next sample at once, from the prompt's prefill (no second prefill, no waiting for the
+    prompt's other slots). early_stop: stop a prompt's sampling once its device vote is settled
+    (`answer_spans.DeviceVote`); samples still running then are dropped, so a prompt returns between 1 and n
+    samples. sync_every: the decoding steps between two looks from the host (prompts that are done leave the
+    batch, stop strings are checked); in between, the loop keeps no device value on the host.
+    """
+    slots = n if slots is None else slots
+    if not 1 <= slots <= n:
+        raise ValueError(f"slots: expected in [1, n={n}], got {slots}")
+    if sync_every < 1:
+        raise ValueError(f"sync_every: expected >= 1, got {sync_every}")
     attention_mask = inputs["attention_mask"]
+    device = attention_mask.device
     out, cache, position_ids = prefill(model, inputs)
     cross = inputs.get("cross_attention_mask")  # (B, T, 1 image, tiles): new tokens see what the last one saw
     image_keys_mask = None
     if cross is not None:  # (B, images, tiles) -> (B, images * tiles * patches), transformers' key order
         patches = model.model.vision_model.num_patches
         image_keys_mask = cross[:, -1].bool().repeat_interleave(patches, dim=-1).flatten(1)
-    decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, n, max_new_tokens)
+    decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, slots, max_new_tokens)
     batch = attention_mask.shape[0]
-    groups = torch.arange(batch, device=attention_mask.device)  # original prompt of each batch prompt
-    positions = position_ids[:, -1] + 1  # (B,)
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # (B * n, V)
-    eos = torch.tensor(sorted(eos_ids), device=attention_mask.device)
-    tokens: list[list[int]] = [[] for _ in range(batch * n)]
-    ended = torch.zeros(batch * n, dtype=torch.bool)
-    for step in range(max_new_tokens):
-        token = sampler(logits, generator)  # (B' * n,)
-        finished = torch.isin(token, eos).cpu()
-        rows = (groups[:, None].cpu() * n + torch.arange(n)).flatten().tolist()
-        for batch_row, (row, t, end) in enumerate(zip(rows, token.tolist(), finished.tolist())):
-            if ended[row]:
-                continue
-            if end:
-                ended[row] = True
-                continue
-            tokens[row].append(t)
-            if stop is not None and stop(tokens[row]):
-                ended[row] = True
-        if step == max_new_tokens - 1:
-            break
-        going = ~ended.view(-1, n)[groups.cpu()].all(dim=1)  # prompts with a sample still going
-        if not bool(going.any()):
-            break
-        if not bool(going.all()):
-            keep = torch.nonzero(going).flatten().to(groups.device)
-            decoder.keep(keep)
-            groups, positions = groups[keep], positions[keep]
-            token = token.view(-1, n)[keep].flatten()
-        logits = decoder.step(token.view(-1, n), positions).flatten(0, 1)
-        positions = positions + 1
-    return tokens
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    # everything per prompt or per (prompt, slot) lives on the device; B' prompts still going, S slots
+    groups = torch.arange(batch, device=device)  # (B',) the original prompt of each batch prompt
+    first_logits = out.logits[:, -1]  # (B', V): every sample's first token is drawn from these
+    base = position_ids[:, -1] + 1  # (B',) the position of each sample's first token
+    sample = torch.arange(slots, device=device).repeat(batch, 1)  # (B', S) the sample in each slot
+    length = torch.zeros(batch, slots, dtype=torch.long, device=device)  # (B', S) tokens the sample has
+    alive = torch.ones(batch, slots, dtype=torch.bool, device=device)  # (B', S) the slot's sample is going
+    fresh = torch.ones(batch, slots, dtype=torch.bool, device=device)  # (B', S) its next token is its first
+    started = torch.full((batch,), slots, dtype=torch.long, device=device)  # (B',) samples started
+    end_request = torch.zeros(batch, slots, dtype=torch.bool, device=device)  # stop strings, set by the host
+    # the samples' tokens; sample column n and the last token column take the writes that are no-ops
+    written = torch.zeros(batch, n + 1, max_new_tokens, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch, n + 1, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
+    tracker = vote = None
+    if early_stop is not None:
+        tracker = SpanTracker(early_stop.tables, batch * slots)
+        vote = DeviceVote(batch, n, early_stop.min_votes, early_stop.confidence, device)
+    host_tokens: dict[tuple[int, int], list[int]] = {}  # (prompt, sample) -> tokens, for stop strings
+    pending: list[tuple[torch.Tensor, ...]] = []  # (prompt, sample, token, write) of steps the host has not seen
+    step_logits = None
+    step = 0
+    while True:
+        if step_logits is None:
+            logits = first_logits[:, None].expand(-1, slots, -1)
+        elif slots < n:  # slots that start a sample draw from the prompt's own logits
+            logits = torch.where(fresh[..., None], first_logits[:, None], step_logits)
+        else:
+            logits = step_logits
+        token = sampler(logits.reshape(-1, logits.shape[-1]), generator).view(-1, slots)  # (B', S)
+        ends_here = alive & (torch.isin(token, eos) | end_request)
+        write = alive & ~ends_here
+        index = length.clamp(max=max_new_tokens - 1)  # where this token goes (in the output and own cache)
+        rows = groups[:, None].expand_as(sample)
+        written[rows, torch.where(write, sample, n), index] = token
+        if tracker is not None:
+            tracker.update(token.flatten(), write.flatten())
+        length = length + write.long()
+        ended = ends_here | (write & (length >= max_new_tokens))  # (B', S) samples that end with this step
+        done_sample = torch.where(ended, sample, n)
+        lengths[rows, done_sample] = length
+        finished[rows, done_sample] = True
+        alive = alive & ~ended
+        stopped = torch.zeros_like(groups, dtype=torch.bool)  # (B',) prompts that stop sampling
+        if vote is not None:
+            found, hash_ = tracker.answer()
+            vote.record(rows.flatten(), sample.flatten(), ended.flatten(), found, hash_)
+            stopped = vote.settled(groups)
+            alive = alive & ~stopped[:, None]  # samples still running are dropped
+        token_sample = sample  # (B', S) the sample each token belongs to
+        # free slots start the prompt's next samples, in slot order
+        free = ~alive & ~stopped[:, None]
+        number = started[:, None] + free.long().cumsum(dim=1) - 1
+        starts = free & (number < n)
+        sample = torch.where(starts, number, torch.where(alive, sample, torch.full_like(sample, n)))
+        started = torch.minimum(started + free.long().sum(dim=1), torch.full_like(started, n))
+        if tracker is not None:
+            tracker.reset(starts.flatten())
+        fresh = starts
+        length = torch.where(starts, torch.zeros_like(length), length)
+        alive = alive | starts
+        end_request = torch.zeros_like(end_request)
+        if stop is not None:
+            pending.append((groups[:, None].expand_as(token), token_sample, token, write))
+        step += 1
+        if step % sync_every == 0:
+            going = alive.any(dim=1)  # (B',) prompts with a sample still to decode
+            if stop is not None:
+                end_request = _stop_requests(stop, host_tokens, pending, groups, alive, sample)
+                pending = []
+            if not bool(going.any()):
+                break
+            if not bool(going.all()):
+                keep = torch.nonzero(going).flatten()
+                decoder.keep(keep)
+                groups, first_logits, base = groups[keep], first_logits[keep], base[keep]
+                sample, length, alive, fresh = sample[keep], length[keep], alive[keep], fresh[keep]
+                started, end_request, index, token = started[keep], end_request[keep], index[keep], token[keep]
+                if tracker is not None:
+                    tracker.select((keep[:, None] * slots + torch.arange(slots, device=device)).flatten())
+        # the sampled tokens go in (a slot that ended or starts over feeds a token nobody reads)
+        step_logits = decoder.step(token, base[:, None] + index, index, min(step, max_new_tokens))
+    written, lengths, finished = written.cpu(), lengths.cpu(), finished.cpu()
+    return [[written[b, s, :lengths[b, s]].tolist() for s in range(n) if finished[b, s]] for b in range(batch)]
+
+
+def _stop_requests(stop: Callable[[list[int]], bool], host_tokens: dict[tuple[int, int], list[int]],
+                   pending: list[tuple[torch.Tensor, ...]], groups: torch.Tensor, alive: torch.Tensor,
+                   sample: torch.Tensor) -> torch.Tensor:
+    """Bring the tokens of the steps since the last look to the host and check the stop strings of the samples
+    still going; returns (B', S) bool: the slots whose sample ends at the next step (its later tokens are cut
+    from the text by the caller)."""
+    prompt, sample_of, token, write = (torch.stack(part).cpu() for part in zip(*pending))  # (steps, B', S) each
+    for p, q, t in zip(prompt[write].tolist(), sample_of[write].tolist(), token[write].tolist()):
+        host_tokens.setdefault((p, q), []).append(t)
+    requests = torch.zeros(alive.shape, dtype=torch.bool)
+    groups, sample = groups.cpu(), sample.cpu()
+    for (b, s) in torch.nonzero(alive.cpu()).tolist():
+        key = (int(groups[b]), int(sample[b, s]))
+        if key in host_tokens and stop(host_tokens[key]):
+            requests[b, s] = True
+    return requests.to(alive.device)

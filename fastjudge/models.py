@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fastjudge import toy
-from fastjudge.decoding import decode
+from fastjudge import decoding, toy
+from fastjudge.answer_spans import EarlyStop, SpanTables
+from fastjudge.decoding import decode_groups
 
 Progress = Callable[[int], None]
 TOY_MARKER = "fastjudge_toy.json"
@@ -207,8 +208,14 @@ class Adapter:
     def generate(self, images: list[Image.Image], prompts: list[str], *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
                  stop: list[str] | None = None, batch_rows: int = 256, batch_tokens: int | None = None,
-                 progress: Progress | None = None) -> list[list[str]]:
+                 progress: Progress | None = None, slots: int | None = None, early_stop: float = 0.0,
+                 min_votes: int = 1) -> list[list[str]]:
         """n completions for each (image, prompt); temperature 0 is greedy (then n must be 1).
+
+        With `early_stop` > 0 (closed-ended prompts; needs `refills`), each prompt decodes `slots` samples at
+        a time, a slot starting the next sample when one ends, and stops once its majority is settled on the
+        device (`answer_spans.DeviceVote` with `min_votes` and confidence `early_stop`): a prompt then gets
+        between 1 and n completions. The host vote (`voting.majority_vote`) stays the final word.
 
         Each prompt and its image are encoded and prefilled once and shared by its n samples (`decode`).
         A completion ends at an end-of-turn token or just before the first of the `stop` strings it writes.
@@ -235,6 +242,17 @@ class Adapter:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         if batch_tokens is not None and batch_tokens < 1:
             raise ValueError(f"batch_tokens: expected >= 1 or None, got {batch_tokens}")
+        if slots is not None and not 1 <= slots <= n:
+            raise ValueError(f"slots: expected in [1, n={n}] or None, got {slots}")
+        if not 0 <= early_stop <= 1:
+            raise ValueError(f"early_stop: expected a confidence in [0, 1] (0 = off), got {early_stop}")
+        if (early_stop > 0 or slots is not None) and not self.refills:
+            raise ValueError(f"early_stop, slots: {type(self).__name__} decodes without the shared Mllama decoder")
+        if min_votes < 1:
+            raise ValueError(f"min_votes: expected >= 1, got {min_votes}")
+        stopping = None
+        if early_stop > 0:
+            stopping = EarlyStop(self.span_tables(), confidence=early_stop, min_votes=min_votes)
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompts[{i}]: expected a non-empty string, got {prompt!r}")
@@ -251,23 +269,39 @@ class Adapter:
 
         self.model.eval()
         out: list[list[str]] = []
-        per_batch = max(1, batch_rows // n)
+        per_batch = max(1, batch_rows // (slots or n))
         batch_index = 0
         for start, end in _chunks(len(prompts), per_batch):
             features = self.image_features(images[start:end])
             rows = [self._prompt_ids(p, f) for p, f in zip(prompts[start:end], features)]
-            for first, last in _token_budget(rows, n, max_new_tokens, batch_tokens):
+            for first, last in _token_budget(rows, slots or n, max_new_tokens, batch_tokens):
                 inputs = self._model_inputs(rows[first:last], features[first:last], left=True)
                 generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + batch_index)
                 batch_index += 1
-                tokens = decode(self.model, inputs, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, n=n,
-                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                generator=generator, stop=stopped if stops else None)
-                texts = [_cut(self.decode(row), stops) for row in tokens]
-                out.extend(texts[i * n:(i + 1) * n] for i in range(last - first))
+                groups = decode_groups(self.model, inputs, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                       n=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       generator=generator, stop=stopped if stops else None, slots=slots,
+                                       early_stop=stopping)
+                out.extend([_cut(self.decode(row), stops) for row in group] for group in groups)
                 if progress:
                     progress(last - first)
         return out
+
+    @property
+    def refills(self) -> bool:
+        """Whether generation can refill slots and stop early on the device vote (the shared Mllama decoder)."""
+        return getattr(self.model.config, "model_type", None) == "mllama" and decoding.SHARED_MLLAMA
+
+    def span_tables(self) -> SpanTables:
+        """The answer-span tables of this tokenizer and model (`answer_spans`), built once."""
+        if getattr(self, "_span_tables", None) is None:
+            vocab = self.model.get_output_embeddings().out_features
+            self._span_tables = SpanTables.build(self.token_pieces(), vocab, device=self.device)
+        return self._span_tables
+
+    def token_pieces(self) -> list[str]:
+        """The text of each token id as it reads after another token."""
+        raise NotImplementedError
 
     # ---- training
 
@@ -501,6 +535,9 @@ class ToyAdapter(MllamaFamily):
     def decode(self, tokens: list[int]) -> str:
         return " ".join(self.tokenizer.convert_ids_to_tokens(tokens))
 
+    def token_pieces(self) -> list[str]:
+        return [" " + token for token in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]
+
     def _preprocessing(self):
         return f"toy image_tensor {self._image_size}"
 
@@ -598,6 +635,10 @@ class ChatAdapter(Adapter):
 
     def decode_raw(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def token_pieces(self) -> list[str]:
+        return self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))], skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)
 
 
 def _load_image_processor(path: Path):

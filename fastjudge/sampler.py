@@ -40,15 +40,22 @@ def adapter_for(model, processor):
 def generate(model, processor, images: list[Image.Image], prompts: list[str], *, n: int = 1,
              max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, seed: int = 0, stop: list[str] | None = None,
-             batch_rows: int = 64) -> list[list[str]]:
+             batch_rows: int = 64, slots: int | None = None, early_stop: float = 0.0,
+             min_votes: int = 1) -> list[list[str]]:
     """n decoded completions for each (image, prompt), as a list per prompt.
 
     temperature 0 is greedy (n must then be 1) and gives exactly the tokens of transformers' greedy
     `generate` on the same model. Sampling is reproducible for a fixed seed and batch_rows. A completion ends
     at the chat template's end-of-turn (or the model's EOS) or just before the first `stop` string.
+
+    Closed-ended prompts on Llama-3.2-Vision may stop early: with `early_stop` (a confidence in (0, 1]) each
+    prompt decodes `slots` samples at a time and stops once the device vote over the samples' final answers
+    ("answer is X", "Answer: X") is settled (README, "Voting on the device"); a prompt then gets between 1 and n
+    completions.
     """
     if not isinstance(images, (list, tuple)) or not isinstance(prompts, (list, tuple)):
         raise ValueError("images and prompts: expected lists (one image per prompt)")
     return adapter_for(model, processor).generate(
         list(images), list(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, min_p=min_p, seed=seed, stop=stop, batch_rows=batch_rows)
+        top_p=top_p, min_p=min_p, seed=seed, stop=stop, batch_rows=batch_rows, slots=slots,
+        early_stop=early_stop, min_votes=min_votes)

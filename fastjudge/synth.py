@@ -103,7 +103,13 @@ def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: in
 
     if closed_records:
         closed_images = load_images([r.image for r in closed_records])
-        if cfg.early_stop > 0:
+        if cfg.early_stop > 0 and adapter.refills:  # one decoding run, voting on the device
+            samples = adapter.generate(
+                closed_images, [r.instruction for r in closed_records], n=cfg.n_samples,
+                max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                batch_rows=cfg.batch_rows, batch_tokens=cfg.batch_tokens, seed=seed + 2, progress=bar.update,
+                slots=min(cfg.round_size, cfg.n_samples), early_stop=cfg.early_stop, min_votes=cfg.min_votes)
+        elif cfg.early_stop > 0:
             samples = sample_adaptively(adapter, closed_images, closed_records, cfg, seed + 2)
             bar.update(len(closed_records))
         else:
@@ -146,7 +152,8 @@ def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: in
 
 def sample_adaptively(adapter: Adapter, images, records: list[PromptRecord], cfg: LoopConfig,
                       seed: int) -> list[list[str]]:
-    """Samples for closed prompts, drawn in rounds of `cfg.round_size`: a prompt stops once its vote is settled
+    """Samples for closed prompts, drawn in rounds of `cfg.round_size` (the families without the shared Mllama
+    decoder, which does this in one run with the vote on the device): a prompt stops once its vote is settled
     (`voting.sampling_settled`: a leader with min_votes votes and a `majority_confidence` of at least
     `cfg.early_stop`, or no answer able to reach min_votes), or at `cfg.n_samples`. Returns each prompt's
     samples (between round_size and n_samples of them)."""

@@ -166,7 +166,8 @@ def test_sampling_settled_needs_min_votes_or_a_hopeless_prompt():
     assert sampling_settled({"a": 1, "b": 1, "c": 1}, drawn=12, n_samples=16, min_votes=6, confidence=0.95)
 
 
-def test_synth_early_stop_draws_fewer_samples_in_whole_rounds(tmp_path):
+def test_rounds_early_stop_draws_fewer_samples_in_whole_rounds(tmp_path):
+    """The host-side rounds (the families without the shared Mllama decoder), driven here with the toy."""
     from fastjudge import data, synth
     from fastjudge.config import LoopConfig
     path = data.write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
@@ -179,9 +180,6 @@ def test_synth_early_stop_draws_fewer_samples_in_whole_rounds(tmp_path):
     assert sum(sizes) < 8 * len(records)  # the shipped model agrees with itself often enough to stop early
     again = synth.sample_adaptively(adapter, data.load_images([r.image for r in records]), records, cfg, seed=1)
     assert again == groups
-    result = synth.run(adapter, records, cfg, seed=1)  # closed prompts sample with seed + 2
-    assert result.stats["samples"] == sum(map(len, synth.sample_adaptively(
-        adapter, data.load_images([r.image for r in records]), records, cfg, seed=3)))
     with pytest.raises(ValueError, match="^early_stop: "):
         LoopConfig(early_stop=1.0)
 
