@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the lent GPU machine, in one call: build, the tests there (its own transformers; the
 # Triton sampler on the GPU), a CUDA bf16 iterate micro-run per family, and the feature-cache and sampler
-# benchmarks at Llama-3.2-11B-Vision's shapes (random bf16 weights).
+# benchmarks at Llama-3.2-11B-Vision's shapes (random bf16 weights), the fused linear cross-entropy bench.
 # Needs FASTJUDGE_SHARED (a copy of shared/ carried along) and OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -21,3 +21,4 @@ python3 bench/feature_cache.py --preset llama-3.2-11b --device cuda --items 16 -
   --new-tokens 16 --batch-rows 64 --out $OUT/feature-cache-h200.json 2>&1 | grep -v "Loading\|Writing" | tail -8
 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 --new-tokens 64 \
   --ns 1,4,16 --out $OUT/sampler-h200.json 2>&1 | grep -v "Loading\|Writing" | tail -6
+python3 bench/flce.py --device cuda --rows 1024,4096,8192 --out $OUT/flce-gpu.json 2>&1 | tail -40

@@ -21,6 +21,7 @@ cross-attention states, Qwen's merged patch embeddings.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import weakref
@@ -31,12 +32,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from fastjudge import decoding, toy
 from fastjudge.answer_spans import EarlyStop, SpanTables
 from fastjudge.decoding import decode_groups
+from fastjudge.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
 Progress = Callable[[int], None]
 TOY_MARKER = "fastjudge_toy.json"
@@ -327,8 +328,10 @@ class Adapter:
         hidden = self.model.model(**inputs).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != -100  # (B, T - 1)
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
-        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+        head = self.model.get_output_embeddings()
+        # the fused loss: Triton on CUDA, the chunked torch reference on the CPU; rows are already kept ones
+        return fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], bias=head.bias,
+                                          reduction=reduction, drop_ignored=False)
 
     def sft_backward(self, images: list[Image.Image], prompts: list[str], targets: list[str],
                      micro_batches: int = 3) -> float:
@@ -356,6 +359,8 @@ class Adapter:
         (peft) and freezes the rest; `end_training` merges them back."""
         if train not in TRAIN_MODES:
             raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
+        if self.device.type == "cuda":
+            apply_liger_kernels(self.model)
         if train == "lora":
             try:
                 from peft import LoraConfig, get_peft_model
@@ -412,6 +417,44 @@ class Adapter:
 
     def save(self, path: Path) -> None:
         raise NotImplementedError
+
+
+LIGER_PATCHES = {"mllama": "apply_liger_kernel_to_mllama", "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
+                 "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl"}
+
+
+def apply_liger_kernels(model) -> bool:
+    """liger-kernel's RMSNorm, SwiGLU and RoPE on this model's text model, in place, once; its
+    fused loss off (fastjudge's own is used, and Liger's breaks on `MllamaForConditionalGeneration` in
+    transformers 5.x). Returns whether the model is patched; without liger-kernel installed, warns and leaves
+    the model as it is. Liger also swaps the family's RMSNorm and MLP classes and its rotary function
+    module-wide (later models of the family in this process get them too; on CUDA they serve inference as
+    well)."""
+    done = getattr(model, "_fastjudge_liger", None)
+    if done is not None:
+        return done
+    model._fastjudge_liger = False  # tried: a failure warns once
+    name = LIGER_PATCHES.get(getattr(model.config, "model_type", None))
+    if name is None:
+        return False
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        import warnings
+        warnings.warn("liger-kernel is not installed: training runs without its RMSNorm/SwiGLU/RoPE kernels")
+        return False
+    patch = getattr(liger, name)
+    options = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, cross_entropy=False)
+    if "layer_norm" in inspect.signature(patch).parameters:
+        options["layer_norm"] = False  # the vision tower's LayerNorm: not asked for, and not tested here
+    try:
+        patch(model=model, **options)
+    except ImportError as error:  # liger 0.8.5's Qwen2-VL patch imports a class transformers 5.x lacks
+        import warnings
+        warnings.warn(f"liger-kernel's {name} failed ({error}): training runs without its kernels")
+        return False
+    model._fastjudge_liger = True
+    return True
 
 
 def _token_budget(rows: list[list[int]], n: int, max_new_tokens: int, budget: int | None):

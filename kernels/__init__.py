@@ -1,8 +1,14 @@
 """fastjudge.kernels: Triton kernels, each beside a plain-PyTorch reference.
 
 Installed from the repository's `kernels/` folder as `fastjudge.kernels` (a top-level `kernels` module would
-clash with the PyPI package of that name). The fused linear cross-entropy and the Mllama cross-attention
-kernels land here; this package imports no Triton until a kernel is used, so the CPU driver never needs it.
+clash with the PyPI package of that name). Importing this package imports no Triton: each kernel compiles on
+first use, so the CPU driver never needs it.
+
+- `fused_linear_cross_entropy` (linear_cross_entropy.py): the fine-tuning loss without the (N, V) logits.
+- sampling.py: token sampling without a sort (used through `fastjudge.sampling.sample_logits`).
 """
 
-__all__: list[str] = []
+from fastjudge.kernels.linear_cross_entropy import (fused_linear_cross_entropy,
+                                                    fused_linear_cross_entropy_reference)
+
+__all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]

@@ -1,0 +1,388 @@
+"""Fused linear cross-entropy: loss = cross_entropy(hidden @ weight.T + bias, target) without the (N, V) logits.
+
+Shapes: N tokens, H hidden size, V vocabulary; a block is Nc rows x Vc vocabulary columns of the logits.
+
+The design (chunked matrix products with fused softmax kernels):
+- The logits are made one block at a time by a matrix product (cuBLAS through torch), and read by two Triton
+  kernels: `_block_stats_kernel` folds a block into each row's running max and sum of exponentials (an online
+  log-sum-exp across vocabulary blocks) and picks the target's logit; `_block_grad_kernel` overwrites the block
+  in place with the gradient of the loss over the logits, (softmax - (1 - eps) onehot - eps / V) * scale.
+- Two orders, both exact:
+  - "vocab" (the default): rows whole, vocabulary in blocks of about H columns (so a block holds as many
+    elements as `hidden`, the memory of Liger-Kernel's chunking). The forward pass computes each row's
+    log-sum-exp; the backward pass makes each block again, turns it into its gradient, and writes
+    dweight[block] = G.T @ hidden once (no accumulation across chunks) and adds G @ weight[block] to dhidden.
+    8 N H V FLOPs (the logits twice).
+  - "rows" with eager gradients: rows in chunks, the whole vocabulary per chunk (a block is Nc x V); the
+    forward pass computes the gradients at once (6 N H V FLOPs, the floor), accumulating dweight over the row
+    chunks; the backward pass scales them by the incoming gradient. Its cost beyond the floor is that
+    accumulation: each chunk reads and writes all of dweight (V x H), so small chunks (little memory) are slow.
+  The bench (`bench/flce.py`) measures both at several block sizes.
+- Ignored rows (target == ignore_index) are dropped before the matrix products: that needs their count on the
+  host, one synchronization per call (`drop_ignored=False` keeps every row, with no synchronization, at the
+  cost of their share of the products).
+- Accumulation: the kernels compute in float32; a block holds the input dtype (as the matrix product writes
+  it); dweight is written per block in the weight's dtype; dhidden accumulates in the input dtype ("vocab"),
+  dbias in float32.
+
+`fused_linear_cross_entropy_reference` is the plain-PyTorch chunked reference (the CPU path, the test oracle
+and the benchmark baseline): F.cross_entropy over row chunks, each recomputed in backward (checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+ORDERS = ("vocab", "rows")
+
+_triton_kernels = None
+
+
+def _kernels():
+    """The Triton kernels, compiled on first use (the CPU driver never imports triton)."""
+    global _triton_kernels
+    if _triton_kernels is not None:
+        return _triton_kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _block_stats_kernel(block_ptr, stride, rows, cols, col0, target_ptr, max_ptr, sumexp_ptr, picked_ptr,
+                            total_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
+        """Fold a (rows, cols) block of logits, vocabulary columns [col0, col0 + cols), into each row's running
+        max, sum of exp(x - max), target logit and (with SMOOTH) sum of logits."""
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        live = row < rows
+        base = block_ptr + row.to(tl.int64)[:, None] * stride  # (ROWS, 1)
+        target = tl.load(target_ptr + row, mask=live, other=-1).to(tl.int64) - col0  # (ROWS,) column in block
+        lane_max = tl.full((ROWS, BLOCK), -float("inf"), tl.float32)
+        lane_sum = tl.zeros((ROWS, BLOCK), tl.float32)
+        picked = tl.zeros((ROWS,), tl.float32)
+        total = tl.zeros((ROWS,), tl.float32)
+        for start in range(0, cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
+            inside = live[:, None] & (offs < cols)
+            x = tl.load(base + offs, mask=inside, other=-float("inf")).to(tl.float32)  # (ROWS, BLOCK)
+            new_max = tl.maximum(lane_max, x)
+            # lanes still at -inf (nothing seen) add nothing; exp(-inf - -inf) would be NaN
+            safe = tl.where(new_max == -float("inf"), 0.0, new_max)
+            lane_sum = lane_sum * tl.exp(lane_max - safe) + tl.where(inside, tl.exp(x - safe), 0.0)
+            lane_max = new_max
+            picked += tl.sum(tl.where(inside & (offs == target[:, None]), x, 0.0), axis=1)
+            if SMOOTH:
+                total += tl.sum(tl.where(inside, x, 0.0), axis=1)
+        block_max = tl.max(lane_max, axis=1)  # (ROWS,)
+        safe = tl.where(block_max == -float("inf"), 0.0, block_max)
+        block_sum = tl.sum(lane_sum * tl.exp(lane_max - safe[:, None]), axis=1)
+        old_max = tl.load(max_ptr + row, mask=live, other=0.0)
+        old_sum = tl.load(sumexp_ptr + row, mask=live, other=0.0)
+        new_max = tl.maximum(old_max, block_max)
+        new_sum = old_sum * tl.exp(old_max - new_max) + block_sum * tl.exp(block_max - new_max)
+        tl.store(max_ptr + row, new_max, mask=live)
+        tl.store(sumexp_ptr + row, new_sum, mask=live)
+        tl.store(picked_ptr + row, tl.load(picked_ptr + row, mask=live, other=0.0) + picked, mask=live)
+        if SMOOTH:
+            tl.store(total_ptr + row, tl.load(total_ptr + row, mask=live, other=0.0) + total, mask=live)
+
+    @triton.jit
+    def _block_grad_kernel(block_ptr, stride, rows, cols, col0, target_ptr, lse_ptr, scale_ptr, vocab, smoothing,
+                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Overwrite a (rows, cols) block of logits with d loss / d logits:
+        (exp(x - lse) - smoothing / vocab - (1 - smoothing) [column == target]) * scale, scale per row."""
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        live = row < rows
+        base = block_ptr + row.to(tl.int64)[:, None] * stride
+        target = tl.load(target_ptr + row, mask=live, other=-1).to(tl.int64) - col0
+        lse = tl.load(lse_ptr + row, mask=live, other=0.0)
+        scale = tl.load(scale_ptr + row, mask=live, other=0.0)
+        for start in range(0, cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)[None, :]
+            inside = live[:, None] & (offs < cols)
+            x = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) - smoothing / vocab
+            g = tl.where(offs == target[:, None], g - (1.0 - smoothing), g) * scale[:, None]
+            tl.store(base + offs, g.to(block_ptr.dtype.element_ty), mask=inside)
+
+    _triton_kernels = (_block_stats_kernel, _block_grad_kernel)
+    return _triton_kernels
+
+
+def _launch(block: torch.Tensor) -> tuple[int, int, int]:
+    """(rows per program, BLOCK, grid): one row per program on a GPU; under the interpreter many rows at once
+    (numpy then does them together: a program instance costs about 0.5 ms there)."""
+    import os
+    rows, cols = block.shape
+    if block.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        per_program, width = 1, min(1024, max(16, 1 << (cols - 1).bit_length()))
+    else:
+        per_program, width = 16, 256
+    return per_program, width, -(-rows // per_program)
+
+
+def _stats(block, target, running, col0, smoothing):
+    """Fold a logits block (Nc, Vc) into running = (max, sumexp, picked, total), each (Nc,) float32."""
+    stats_kernel, _ = _kernels()
+    per_program, width, grid = _launch(block)
+    stats_kernel[(grid,)](block, block.stride(0), block.shape[0], block.shape[1], col0, target, *running,
+                          ROWS=per_program, BLOCK=width, SMOOTH=smoothing > 0)
+
+
+def _to_grad(block, target, lse, scale, col0, vocab, smoothing):
+    """Overwrite a logits block (Nc, Vc) with its gradient (see `_block_grad_kernel`)."""
+    _, grad_kernel = _kernels()
+    per_program, width, grid = _launch(block)
+    grad_kernel[(grid,)](block, block.stride(0), block.shape[0], block.shape[1], col0, target, lse, scale,
+                         vocab, float(smoothing), ROWS=per_program, BLOCK=width)
+
+
+def _logits(hidden, weight, bias, c0, c1):
+    """(Nc, c1 - c0) logits of vocabulary columns [c0, c1), in hidden's dtype."""
+    w = weight[c0:c1]
+    return hidden @ w.t() if bias is None else torch.addmm(bias[c0:c1].to(hidden.dtype), hidden, w.t())
+
+
+def _spans(total: int, size: int):
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _loss_rows(lse, picked, total, valid, vocab, smoothing):
+    """(N,) float32: lse - (1 - eps) x_target - eps / V sum_j x_j, 0 for ignored rows."""
+    loss = lse - (1.0 - smoothing) * picked
+    if smoothing > 0:
+        loss = loss - smoothing / vocab * total
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def _row_statistics(hidden, weight, bias, target, chunk_rows, chunk_vocab, smoothing):
+    """Each row's log-sum-exp, target logit and logit sum over the whole vocabulary, by blocks: (N,) x 3."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    lse, picked, total = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(3))
+    for r0, r1 in _spans(rows, chunk_rows):
+        running = (torch.full((r1 - r0,), -float("inf"), device=device),
+                   *(torch.zeros(r1 - r0, device=device) for _ in range(3)))
+        for c0, c1 in _spans(vocab, chunk_vocab):
+            block = _logits(hidden[r0:r1], weight, bias, c0, c1)
+            _stats(block, target[r0:r1], running, c0, smoothing)
+        lse[r0:r1] = running[0] + running[1].log()
+        picked[r0:r1], total[r0:r1] = running[2], running[3]
+    return lse, picked, total
+
+
+def _gradients(hidden, weight, bias, target, lse, scale, chunk_rows, chunk_vocab, smoothing, need):
+    """(dhidden, dweight, dbias) by blocks, each block's gradient made from its logits again; `scale` (N,)
+    float32 multiplies row n's gradient; need = (hidden, weight, bias) flags."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    dhidden = torch.zeros_like(hidden) if need[0] else None
+    dweight = torch.zeros_like(weight) if need[1] else None
+    dbias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need[2] else None
+    for r0, r1 in _spans(rows, chunk_rows):
+        h = hidden[r0:r1]
+        for c0, c1 in _spans(vocab, chunk_vocab):
+            block = _logits(h, weight, bias, c0, c1)
+            _to_grad(block, target[r0:r1], lse[r0:r1], scale[r0:r1], c0, vocab, smoothing)
+            if dhidden is not None:
+                dhidden[r0:r1].addmm_(block, weight[c0:c1])
+            if dweight is not None:
+                dweight[c0:c1].addmm_(block.t().to(weight.dtype), h.to(weight.dtype))
+            if dbias is not None:
+                dbias[c0:c1] += block.sum(0, dtype=torch.float32)
+    return dhidden, dweight, dbias
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, smoothing, order, chunk_rows,
+                chunk_vocab, drop_ignored):
+        rows_all, vocab = hidden.shape[0], weight.shape[0]
+        valid_all = target != ignore_index
+        index = None
+        if drop_ignored:  # one host synchronization: the number of rows left sizes the matrix products
+            index = valid_all.nonzero().flatten()
+            hidden, target = hidden[index], target[index]
+        valid = target != ignore_index
+        safe_target = torch.where(valid, target, torch.full_like(target, -1))  # matches no column
+        count = valid.sum()
+        rows = hidden.shape[0]
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        eager = order == "rows" and reduction != "none" and any(need)
+        if order == "rows":
+            chunk_vocab = vocab
+        chunk_rows, chunk_vocab = max(1, min(chunk_rows, max(rows, 1))), max(1, min(chunk_vocab, vocab))
+        if eager:  # rows whole-vocabulary blocks: the gradients now, scaled in backward
+            scale = valid.float() / count.clamp(min=1) if reduction == "mean" else valid.float()
+            lse, picked, total = _eager(hidden, weight, bias, safe_target, scale, chunk_rows, smoothing, need, ctx)
+        else:
+            lse, picked, total = _row_statistics(hidden, weight, bias, safe_target, chunk_rows, chunk_vocab,
+                                                 smoothing)
+        loss_rows = _loss_rows(lse, picked, total, valid, vocab, smoothing)
+        if reduction == "none":
+            loss = loss_rows if index is None else \
+                torch.zeros(rows_all, dtype=torch.float32, device=hidden.device).index_copy(0, index, loss_rows)
+        elif reduction == "sum":
+            loss = loss_rows.sum()
+        else:  # all rows ignored: 0, not NaN
+            loss = loss_rows.sum() / count.clamp(min=1)
+        ctx.settings = (reduction, smoothing, chunk_rows, chunk_vocab, eager, rows_all, need, bias is not None)
+        ctx.save_for_backward(hidden, weight, bias, safe_target, lse, valid, count,
+                              index if index is not None else torch.empty(0, dtype=torch.long))
+        ctx.dropped = index is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, target, lse, valid, count, index = ctx.saved_tensors
+        reduction, smoothing, chunk_rows, chunk_vocab, eager, rows_all, need, has_bias = ctx.settings
+        grad_loss = grad_loss.float()
+        if eager:
+            dhidden, dweight, dbias = (g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.eager_grads)
+            ctx.eager_grads = None
+        else:
+            if reduction == "none":
+                scale = grad_loss if not ctx.dropped else grad_loss[index]
+                scale = torch.where(valid, scale, torch.zeros_like(scale))
+            else:
+                scale = valid.float() * grad_loss
+                if reduction == "mean":
+                    scale = scale / count.clamp(min=1)
+            dhidden, dweight, dbias = _gradients(hidden, weight, bias, target, lse, scale, chunk_rows, chunk_vocab,
+                                                 smoothing, need)
+        if dhidden is not None and ctx.dropped:
+            dhidden = torch.zeros(rows_all, hidden.shape[1], dtype=hidden.dtype,
+                                  device=hidden.device).index_copy(0, index, dhidden)
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dhidden, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _eager(hidden, weight, bias, target, scale, chunk_rows, smoothing, need, ctx):
+    """The "rows" order: per chunk of rows, the whole-vocabulary block's statistics, then its gradient in place,
+    then the products. Keeps the gradients on ctx (scaled by the incoming gradient in backward)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    dhidden = torch.zeros_like(hidden) if need[0] else None
+    dweight = torch.zeros_like(weight) if need[1] else None
+    dbias = torch.zeros(vocab, dtype=torch.float32, device=device) if need[2] else None
+    lse, picked, total = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(3))
+    for r0, r1 in _spans(rows, chunk_rows):
+        h = hidden[r0:r1]
+        block = _logits(h, weight, bias, 0, vocab)  # (Nc, V)
+        running = (torch.full((r1 - r0,), -float("inf"), device=device),
+                   *(torch.zeros(r1 - r0, device=device) for _ in range(3)))
+        _stats(block, target[r0:r1], running, 0, smoothing)
+        lse[r0:r1] = running[0] + running[1].log()
+        picked[r0:r1], total[r0:r1] = running[2], running[3]
+        _to_grad(block, target[r0:r1], lse[r0:r1], scale[r0:r1], 0, vocab, smoothing)
+        if dhidden is not None:
+            torch.mm(block, weight, out=dhidden[r0:r1])
+        if dweight is not None:
+            dweight.addmm_(block.t().to(weight.dtype), h.to(weight.dtype))
+        if dbias is not None:
+            dbias += block.sum(0, dtype=torch.float32)
+    ctx.eager_grads = (dhidden, dweight, dbias)
+    return lse, picked, total
+
+
+def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, order):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected (N, H), got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight: expected (V, H={hidden.shape[1]}), got {tuple(weight.shape)}")
+    if target.shape != (hidden.shape[0],):
+        raise ValueError(f"target: expected ({hidden.shape[0]},), got {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"target: expected int64 or int32 class indices, got {target.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden: expected float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected in [0, 1], got {label_smoothing}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                               bias: torch.Tensor | None = None, ignore_index: int = -100,
+                               reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
+                               order: str = "vocab", chunk_rows: int | None = None,
+                               chunk_vocab: int | None = None, drop_ignored: bool = True) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, target) without materializing the (N, V) logits.
+
+    Args:
+        hidden: (N, H) float32, bfloat16 or float16.
+        weight: (V, H), same dtype family (the output layer).
+        target: (N,) int64 class indices; `ignore_index` rows count for nothing.
+        bias: optional (V,).
+        reduction: "mean" (over the rows not ignored; 0 when all are), "sum" or "none" ((N,) float32).
+        label_smoothing: as `torch.nn.functional.cross_entropy(label_smoothing=...)`.
+        backend: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" (the kernels wherever Triton
+            runs, the CPU interpreter included), "torch" (`fused_linear_cross_entropy_reference`).
+        order: "vocab" (rows whole, vocabulary blocks; logits made twice) or "rows" (row chunks over the whole
+            vocabulary; the gradients made in the forward pass). See the module docstring.
+        chunk_rows, chunk_vocab: the block size; default: "vocab" all rows x H columns (rounded up to 256);
+            "rows" max(1, N * H // V) rows (the block then holds as many elements as `hidden`).
+        drop_ignored: drop ignored rows before the products (one host synchronization) or keep them.
+    Returns:
+        The loss, float32 whatever the inputs' dtype: a scalar (mean, sum) or (N,) (none). Differentiable in
+        hidden, weight and bias.
+    Raises:
+        ValueError: a bad shape, dtype or option (the message names the argument).
+    """
+    _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, order)
+    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
+    if not use_triton:
+        return fused_linear_cross_entropy_reference(hidden, weight, target, bias=bias, ignore_index=ignore_index,
+                                                    reduction=reduction, label_smoothing=label_smoothing,
+                                                    chunk_rows=chunk_rows)
+    rows, size = hidden.shape
+    vocab = weight.shape[0]
+    if chunk_vocab is None:
+        chunk_vocab = -(-size // 256) * 256
+    if chunk_rows is None:
+        chunk_rows = rows if order == "vocab" else max(1, rows * size // vocab)
+    if chunk_rows < 1 or chunk_vocab < 1:
+        raise ValueError(f"chunk_rows, chunk_vocab: expected >= 1, got {chunk_rows}, {chunk_vocab}")
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction,
+                                          float(label_smoothing), order, chunk_rows, chunk_vocab, drop_ignored)
+
+
+def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                                         reduction: str = "mean", label_smoothing: float = 0.0,
+                                         chunk_rows: int | None = None) -> torch.Tensor:
+    """The plain-PyTorch chunked reference: F.cross_entropy on float32 logits of `chunk_rows` rows at a time
+    (default: a block the size of `hidden`, or 2^24 logits if that is more), each chunk recomputed in backward
+    (activation checkpointing), so at most one chunk's logits exist at once. Same arguments and result as
+    `fused_linear_cross_entropy`."""
+    rows, size = hidden.shape
+    vocab = weight.shape[0]
+    # a block the size of `hidden`, but at least 2^24 logits (64 MB in float32): small vocabularies in one go
+    chunk_rows = chunk_rows or max(1, rows * size // vocab, 2 ** 24 // vocab)
+    valid = target != ignore_index
+
+    def chunk_loss(h, t, w, b):
+        logits = F.linear(h, w, b).float()
+        return F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="none",
+                               label_smoothing=label_smoothing)
+
+    parts = []
+    for r0, r1 in _spans(rows, chunk_rows):
+        args = (hidden[r0:r1], target[r0:r1], weight, bias)
+        needs = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
+        parts.append(checkpoint(chunk_loss, *args, use_reentrant=False) if needs else chunk_loss(*args))
+    loss_rows = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
