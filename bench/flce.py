@@ -8,7 +8,8 @@ Providers, all on the same inputs in one run:
 - torch-chunked: `fused_linear_cross_entropy_reference` (row chunks recomputed in backward);
 - torch-native: torch.nn.functional.linear_cross_entropy, where torch has it (2.13 and later);
 - liger: LigerFusedLinearCrossEntropyLoss, where liger-kernel is installed;
-- ours-vocab (rows whole, vocabulary blocks of about H: the memory of Liger's chunking; 8 N H V FLOPs) and
+- ours-vocab (rows whole, vocabulary blocks of about H: the memory of Liger's chunking; 8 N H V FLOPs),
+  ours-blockwise (logits only as tiles on chip, Cut Cross-Entropy's layout; 8 N H V FLOPs, float32 atomics) and
   ours-rows-C (row chunks of C rows over the whole vocabulary, eager gradients; 6 N H V FLOPs plus dweight
   accumulated over N / C chunks), C the Liger-sized chunk (N H / V rows) and larger ones.
 On CUDA it first measures the card's own bf16 matrix rate (an 8192^3 product), and reports each provider's
@@ -51,12 +52,14 @@ def providers(rows: int, size: int, vocab: int, device: str) -> dict:
     except ImportError:
         pass
     if device == "cuda" or torch.cuda.is_available() is False:
-        out["ours-vocab"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton", order="vocab")
+        out["ours-vocab"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton", design="vocab")
+        out["ours-blockwise"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton",
+                                                                           design="blockwise")
         liger_rows = max(1, rows * size // vocab)
         for chunk in sorted({liger_rows, 4 * liger_rows, 1024, rows}):
             if chunk <= rows:
                 out[f"ours-rows-{chunk}"] = (lambda c: lambda h, w, t: fused_linear_cross_entropy(
-                    h, w, t, backend="triton", order="rows", chunk_rows=c))(chunk)
+                    h, w, t, backend="triton", design="rows", chunk_rows=c))(chunk)
     return out
 
 

@@ -37,78 +37,17 @@ from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
-ORDERS = ("vocab", "rows")
-
-_triton_kernels = None
-
+DESIGNS = ("vocab", "rows", "blockwise")
 
 def _kernels():
-    """The Triton kernels, compiled on first use (the CPU driver never imports triton)."""
-    global _triton_kernels
-    if _triton_kernels is not None:
-        return _triton_kernels
-    import triton
-    import triton.language as tl
+    """The chunked designs' Triton kernels (imported on first use: the CPU driver never imports triton)."""
+    from fastjudge.kernels import linear_cross_entropy_triton as kernels
+    return kernels.block_stats_kernel, kernels.block_grad_kernel
 
-    @triton.jit
-    def _block_stats_kernel(block_ptr, stride, rows, cols, col0, target_ptr, max_ptr, sumexp_ptr, picked_ptr,
-                            total_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
-        """Fold a (rows, cols) block of logits, vocabulary columns [col0, col0 + cols), into each row's running
-        max, sum of exp(x - max), target logit and (with SMOOTH) sum of logits."""
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-        live = row < rows
-        base = block_ptr + row.to(tl.int64)[:, None] * stride  # (ROWS, 1)
-        target = tl.load(target_ptr + row, mask=live, other=-1).to(tl.int64) - col0  # (ROWS,) column in block
-        lane_max = tl.full((ROWS, BLOCK), -float("inf"), tl.float32)
-        lane_sum = tl.zeros((ROWS, BLOCK), tl.float32)
-        picked = tl.zeros((ROWS,), tl.float32)
-        total = tl.zeros((ROWS,), tl.float32)
-        for start in range(0, cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
-            inside = live[:, None] & (offs < cols)
-            x = tl.load(base + offs, mask=inside, other=-float("inf")).to(tl.float32)  # (ROWS, BLOCK)
-            new_max = tl.maximum(lane_max, x)
-            # lanes still at -inf (nothing seen) add nothing; exp(-inf - -inf) would be NaN
-            safe = tl.where(new_max == -float("inf"), 0.0, new_max)
-            lane_sum = lane_sum * tl.exp(lane_max - safe) + tl.where(inside, tl.exp(x - safe), 0.0)
-            lane_max = new_max
-            picked += tl.sum(tl.where(inside & (offs == target[:, None]), x, 0.0), axis=1)
-            if SMOOTH:
-                total += tl.sum(tl.where(inside, x, 0.0), axis=1)
-        block_max = tl.max(lane_max, axis=1)  # (ROWS,)
-        safe = tl.where(block_max == -float("inf"), 0.0, block_max)
-        block_sum = tl.sum(lane_sum * tl.exp(lane_max - safe[:, None]), axis=1)
-        old_max = tl.load(max_ptr + row, mask=live, other=0.0)
-        old_sum = tl.load(sumexp_ptr + row, mask=live, other=0.0)
-        new_max = tl.maximum(old_max, block_max)
-        new_sum = old_sum * tl.exp(old_max - new_max) + block_sum * tl.exp(block_max - new_max)
-        tl.store(max_ptr + row, new_max, mask=live)
-        tl.store(sumexp_ptr + row, new_sum, mask=live)
-        tl.store(picked_ptr + row, tl.load(picked_ptr + row, mask=live, other=0.0) + picked, mask=live)
-        if SMOOTH:
-            tl.store(total_ptr + row, tl.load(total_ptr + row, mask=live, other=0.0) + total, mask=live)
 
-    @triton.jit
-    def _block_grad_kernel(block_ptr, stride, rows, cols, col0, target_ptr, lse_ptr, scale_ptr, vocab, smoothing,
-                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """Overwrite a (rows, cols) block of logits with d loss / d logits:
-        (exp(x - lse) - smoothing / vocab - (1 - smoothing) [column == target]) * scale, scale per row."""
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        live = row < rows
-        base = block_ptr + row.to(tl.int64)[:, None] * stride
-        target = tl.load(target_ptr + row, mask=live, other=-1).to(tl.int64) - col0
-        lse = tl.load(lse_ptr + row, mask=live, other=0.0)
-        scale = tl.load(scale_ptr + row, mask=live, other=0.0)
-        for start in range(0, cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)[None, :]
-            inside = live[:, None] & (offs < cols)
-            x = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) - smoothing / vocab
-            g = tl.where(offs == target[:, None], g - (1.0 - smoothing), g) * scale[:, None]
-            tl.store(base + offs, g.to(block_ptr.dtype.element_ty), mask=inside)
-
-    _triton_kernels = (_block_stats_kernel, _block_grad_kernel)
-    return _triton_kernels
+def _blockwise():
+    from fastjudge.kernels import linear_cross_entropy_triton as kernels
+    return kernels.blockwise_forward_kernel, kernels.blockwise_backward_kernel
 
 
 def _launch(block: torch.Tensor) -> tuple[int, int, int]:
@@ -287,7 +226,94 @@ def _eager(hidden, weight, bias, target, scale, chunk_rows, smoothing, need, ctx
     return lse, picked, total
 
 
-def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, order):
+def _blockwise_config(hidden: torch.Tensor) -> dict:
+    """Tile sizes: 64 x 128 x 64 on a GPU (bf16 operands of the matrix units); small ones under the
+    interpreter. float32 operands use full float32 products (not tf32), so results match the other designs."""
+    import os
+    on_gpu = hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    sizes = dict(BM=64, BV=128, BK=64) if on_gpu else dict(BM=16, BV=32, BK=16)
+    return dict(sizes, PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32")
+
+
+class _BlockwiseLinearCrossEntropy(torch.autograd.Function):
+    """The "blockwise" design: logits only ever exist as (BM, BV) tiles on chip. Forward: one program per (row
+    block, vocabulary split) folds its tiles into a partial log-sum-exp, combined over the splits by torch.
+    Backward: one program per (row block, vocabulary tile) makes the tile again and adds its share of dhidden
+    and dweight (float32 buffers, atomic adds). Ignored rows are moved behind the kept ones by a stable sort
+    on the device and their blocks skipped: no host synchronization. 8 N H V FLOPs; memory: float32 dweight
+    (V x H x 4 bytes) during backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, smoothing):
+        forward_kernel, _ = _blockwise()
+        rows, size = hidden.shape
+        vocab = weight.shape[0]
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        valid = target != ignore_index
+        order = torch.argsort((~valid).to(torch.int8), stable=True)  # kept rows first, in their order
+        count = valid.sum().reshape(1)
+        config = _blockwise_config(hidden)
+        tiles = -(-vocab // config["BV"])
+        blocks = max(1, -(-rows // config["BM"]))
+        # enough vocabulary splits to give every multiprocessor work when there are few row blocks
+        splits = max(1, min(tiles, 264 // blocks)) if hidden.is_cuda else max(1, min(tiles, 4))
+        per_split = -(-tiles // splits)
+        splits = -(-tiles // per_split)
+        part = torch.empty(4, splits, rows, dtype=torch.float32, device=hidden.device)
+        part[0].fill_(-float("inf"))
+        part[1:].zero_()
+        if rows:
+            forward_kernel[(blocks, splits)](hidden, weight, bias if bias is not None else hidden, order, target,
+                                             count, part, rows, vocab, size, hidden.stride(0), weight.stride(0),
+                                             per_split, HAS_BIAS=bias is not None, SMOOTH=smoothing > 0, **config)
+        top = part[0].max(dim=0).values  # (rows,) in kept-row order
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        lse = safe + (part[1] * torch.exp(part[0] - safe)).sum(dim=0).log()
+        picked, total = part[2].sum(dim=0), part[3].sum(dim=0)
+        kept = torch.arange(rows, device=hidden.device) < count
+        loss_kept = _loss_rows(lse, picked, total, kept, vocab, smoothing)  # (rows,) in kept-row order
+        loss_rows = torch.zeros_like(loss_kept).index_copy(0, order, loss_kept)
+        if reduction == "none":
+            loss = loss_rows
+        else:
+            loss = loss_rows.sum()
+            if reduction == "mean":
+                loss = loss / count[0].clamp(min=1)
+        ctx.save_for_backward(hidden, weight, bias, target, order, count, lse, kept)
+        ctx.settings = (reduction, smoothing, config)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _, backward_kernel = _blockwise()
+        hidden, weight, bias, target, order, count, lse, kept = ctx.saved_tensors
+        reduction, smoothing, config = ctx.settings
+        rows, size = hidden.shape
+        vocab = weight.shape[0]
+        grad_loss = grad_loss.float()
+        if reduction == "none":
+            scale = grad_loss[order]
+        else:
+            scale = grad_loss.expand(rows) / (count[0].clamp(min=1) if reduction == "mean" else 1)
+        scale = torch.where(kept, scale, torch.zeros_like(scale))
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        dh = torch.zeros(rows, size, dtype=torch.float32, device=hidden.device) if need_h else None
+        dw = torch.zeros(vocab, size, dtype=torch.float32, device=hidden.device) if need_w else None
+        db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
+        if rows and (need_h or need_w or need_b):
+            dummy = lse
+            grid = (max(1, -(-rows // config["BM"])), -(-vocab // config["BV"]))
+            backward_kernel[grid](hidden, weight, bias if bias is not None else hidden, order, target, count, lse,
+                                  scale, dh if dh is not None else dummy, dw if dw is not None else dummy,
+                                  db if db is not None else dummy, vocab, size, hidden.stride(0), weight.stride(0),
+                                  float(smoothing), HAS_BIAS=bias is not None, NEED_DH=need_h, NEED_DW=need_w,
+                                  NEED_DB=need_b, **config)
+        return (dh.to(hidden.dtype) if dh is not None else None, dw.to(weight.dtype) if dw is not None else None,
+                db.to(bias.dtype) if db is not None else None, None, None, None, None)
+
+
+def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, design):
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected (N, H), got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -308,14 +334,14 @@ def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothin
         raise ValueError(f"label_smoothing: expected in [0, 1], got {label_smoothing}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    if design not in DESIGNS:
+        raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
                                reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
-                               order: str = "vocab", chunk_rows: int | None = None,
+                               design: str = "vocab", chunk_rows: int | None = None,
                                chunk_vocab: int | None = None, drop_ignored: bool = True) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, target) without materializing the (N, V) logits.
 
@@ -328,8 +354,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         label_smoothing: as `torch.nn.functional.cross_entropy(label_smoothing=...)`.
         backend: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" (the kernels wherever Triton
             runs, the CPU interpreter included), "torch" (`fused_linear_cross_entropy_reference`).
-        order: "vocab" (rows whole, vocabulary blocks; logits made twice) or "rows" (row chunks over the whole
-            vocabulary; the gradients made in the forward pass). See the module docstring.
+        design: "vocab" (rows whole, vocabulary blocks; logits made twice), "rows" (row chunks over the whole
+            vocabulary; the gradients made in the forward pass) or "blockwise" (logits only on chip, one Triton
+            kernel per pass). See the module docstring.
         chunk_rows, chunk_vocab: the block size; default: "vocab" all rows x H columns (rounded up to 256);
             "rows" max(1, N * H // V) rows (the block then holds as many elements as `hidden`).
         drop_ignored: drop ignored rows before the products (one host synchronization) or keep them.
@@ -339,7 +366,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     Raises:
         ValueError: a bad shape, dtype or option (the message names the argument).
     """
-    _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, order)
+    _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, design)
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
     if not use_triton:
         return fused_linear_cross_entropy_reference(hidden, weight, target, bias=bias, ignore_index=ignore_index,
@@ -349,12 +376,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     vocab = weight.shape[0]
     if chunk_vocab is None:
         chunk_vocab = -(-size // 256) * 256
+    if design == "blockwise":
+        return _BlockwiseLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction,
+                                                  float(label_smoothing))
     if chunk_rows is None:
-        chunk_rows = rows if order == "vocab" else max(1, rows * size // vocab)
+        chunk_rows = rows if design == "vocab" else max(1, rows * size // vocab)
     if chunk_rows < 1 or chunk_vocab < 1:
         raise ValueError(f"chunk_rows, chunk_vocab: expected >= 1, got {chunk_rows}, {chunk_vocab}")
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction,
-                                          float(label_smoothing), order, chunk_rows, chunk_vocab, drop_ignored)
+                                          float(label_smoothing), design, chunk_rows, chunk_vocab, drop_ignored)
 
 
 def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,

@@ -5,6 +5,7 @@ interpreter (float32, tiny shapes) and the chunked torch reference, against floa
 Tolerances: float32 logits through online log-sum-exp against float64: losses and gradients agree to about
 1e-6 relative here; we allow 2e-5 relative + 2e-6 absolute (2e-4 relative for logits of +-1e4)."""
 
+import os
 import zlib
 
 import pytest
@@ -12,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fastjudge.kernels.linear_cross_entropy import (fused_linear_cross_entropy,
-                                                          fused_linear_cross_entropy_reference)
+                                                    fused_linear_cross_entropy_reference)
+
+# compiled Triton on a GPU; the interpreter on CPU tensors otherwise (conftest sets TRITON_INTERPRET=1 there)
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def _inputs(seed, rows, size, vocab, ignored=0.2, bias=True, scale=1.0):
@@ -36,11 +40,14 @@ def _reference(hidden, weight, bias, target, reduction, smoothing, grad):
 
 
 def _ours(hidden, weight, bias, target, grad, **kwargs):
-    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    b = bias.float().requires_grad_() if bias is not None else None
-    loss = fused_linear_cross_entropy(h, w, target, bias=b, **kwargs)
-    loss.backward(grad.float())
-    return loss.detach().double(), h.grad.double(), w.grad.double(), (b.grad.double() if b is not None else None)
+    h, w = hidden.float().to(DEVICE).requires_grad_(), weight.float().to(DEVICE).requires_grad_()
+    b = bias.float().to(DEVICE).requires_grad_() if bias is not None else None
+    loss = fused_linear_cross_entropy(h, w, target.to(DEVICE), bias=b, **kwargs)
+    loss.backward(grad.float().to(DEVICE))
+
+    def back(t):
+        return t.detach().double().cpu() if t is not None else None
+    return back(loss), back(h.grad), back(w.grad), back(b.grad if b is not None else None)
 
 
 def _close(ours, reference, rtol=2e-5, atol=2e-6):
@@ -58,25 +65,27 @@ def _grad_for(reduction, rows, seed):
     return torch.tensor(1.7, dtype=torch.float64)
 
 
-CASES = [  # (rows, hidden, vocab, order, chunk_rows, chunk_vocab)
+CASES = [  # (rows, hidden, vocab, design, chunk_rows, chunk_vocab)
     (37, 24, 301, "vocab", None, 64),  # vocabulary blocks; 301 is no multiple of the block or the kernel width
     (37, 24, 301, "vocab", 16, 100),  # row chunks too: dweight accumulates over them
     (29, 17, 257, "rows", 8, None),  # eager gradients over row chunks
     (5, 8, 1000, "rows", None, None),  # one row chunk (N * H < V), a wide block
     (64, 32, 128, "vocab", None, None),  # default block: one block of 256 >= V
+    (37, 24, 301, "blockwise", None, None),  # tiles on chip; 301 is no multiple of the 32-column tile
+    (70, 40, 77, "blockwise", None, None),  # H not a multiple of the 16-wide K step, V under 3 tiles
 ]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", CASES)
 def test_triton_matches_float64_reference(case, reduction):
-    rows, size, vocab, order, chunk_rows, chunk_vocab = case
+    rows, size, vocab, design, chunk_rows, chunk_vocab = case
     seed = zlib.crc32(repr((case, reduction)).encode()) % 10_000
     for smoothing, bias in ((0.0, False), (0.1, True)):
         hidden, weight, b, target = _inputs(seed, rows, size, vocab, bias=bias)
         grad = _grad_for(reduction, rows, seed)
         ours = _ours(hidden, weight, b, target, grad, reduction=reduction, label_smoothing=smoothing,
-                     backend="triton", order=order, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+                     backend="triton", design=design, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
         _close(ours, _reference(hidden, weight, b, target, reduction, smoothing, grad))
 
 
@@ -90,37 +99,39 @@ def test_torch_reference_matches_float64(reduction):
         _close(ours, _reference(hidden, weight, b, target, reduction, smoothing, grad))
 
 
-@pytest.mark.parametrize("drop_ignored", [True, False])
-def test_kept_ignored_rows_change_nothing(drop_ignored):
+@pytest.mark.parametrize("design,drop_ignored", [("vocab", True), ("vocab", False), ("blockwise", True)])
+def test_half_the_rows_ignored(design, drop_ignored):
     hidden, weight, b, target = _inputs(11, 33, 16, 150, ignored=0.5)
     grad = torch.tensor(1.0, dtype=torch.float64)
-    ours = _ours(hidden, weight, b, target, grad, backend="triton", drop_ignored=drop_ignored, chunk_vocab=64)
+    ours = _ours(hidden, weight, b, target, grad, backend="triton", drop_ignored=drop_ignored, chunk_vocab=64,
+                 design=design)
     _close(ours, _reference(hidden, weight, b, target, "mean", 0.0, grad))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,design", [("triton", "vocab"), ("triton", "rows"), ("triton", "blockwise"),
+                                            ("torch", "vocab")])
 @pytest.mark.parametrize("drop_ignored", [True, False])
-def test_every_target_ignored_gives_zero_not_nan(backend, drop_ignored):
+def test_every_target_ignored_gives_zero_not_nan(backend, design, drop_ignored):
     hidden, weight, b, target = _inputs(2, 9, 8, 50)
     target[:] = -100
     for reduction in ("mean", "sum", "none"):
-        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
-        loss = fused_linear_cross_entropy(h, w, target, reduction=reduction, backend=backend,
-                                          drop_ignored=drop_ignored, label_smoothing=0.1)
+        h, w = hidden.float().to(DEVICE).requires_grad_(), weight.float().to(DEVICE).requires_grad_()
+        loss = fused_linear_cross_entropy(h, w, target.to(DEVICE), reduction=reduction, backend=backend,
+                                          drop_ignored=drop_ignored, label_smoothing=0.1, design=design)
         assert torch.equal(loss, torch.zeros_like(loss))
         loss.sum().backward()
         assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("order", ["vocab", "rows"])
-def test_logits_of_ten_thousand(order):
+@pytest.mark.parametrize("design", ["vocab", "rows", "blockwise"])
+def test_logits_of_ten_thousand(design):
     """Logits of about +-1e4 (hidden scaled up): the online log-sum-exp keeps them finite and exact."""
     hidden, weight, b, target = _inputs(3, 23, 16, 181, bias=False, scale=2500.0)
     logits = hidden @ weight.T
     assert logits.abs().max() > 5e3
     grad = torch.tensor(1.0, dtype=torch.float64)
     for smoothing in (0.0, 0.1):
-        ours = _ours(hidden, weight, None, target, grad, backend="triton", order=order, label_smoothing=smoothing,
+        ours = _ours(hidden, weight, None, target, grad, backend="triton", design=design, label_smoothing=smoothing,
                      chunk_vocab=64)
         _close(ours, _reference(hidden, weight, None, target, "mean", smoothing, grad), rtol=2e-4, atol=1e-3)
 
@@ -131,13 +142,15 @@ def test_kernels_read_and_write_only_their_block():
     from fastjudge.kernels import linear_cross_entropy as flce
     rows, cols, col0 = 21, 300, 700
     g = torch.Generator().manual_seed(4)
-    buffer = torch.full((rows + 5, cols + 61), float("nan"))
+    buffer = torch.full((rows + 5, cols + 61), float("nan"), device=DEVICE)
     block = buffer[2:2 + rows, 7:7 + cols]
     values = torch.randn(rows, cols, generator=g) * 3
     block.copy_(values)
     target = torch.randint(col0 - 20, col0 + cols + 20, (rows,), generator=g)  # some outside the block
-    running = (torch.full((rows,), -float("inf")), torch.zeros(rows), torch.zeros(rows), torch.zeros(rows))
-    flce._stats(block, target, running, col0, smoothing=0.1)
+    running = tuple(t.to(DEVICE) for t in (torch.full((rows,), -float("inf")), torch.zeros(rows),
+                                            torch.zeros(rows), torch.zeros(rows)))
+    flce._stats(block, target.to(DEVICE), running, col0, smoothing=0.1)
+    running = tuple(t.cpu() for t in running)
     v = values.double()
     inside = (target >= col0) & (target < col0 + cols)
     picked = torch.where(inside, v.gather(1, (target - col0).clamp(0, cols - 1)[:, None])[:, 0], 0.0)
@@ -147,7 +160,9 @@ def test_kernels_read_and_write_only_their_block():
     torch.testing.assert_close(running[3].double(), v.sum(1), rtol=1e-5, atol=1e-4)
     lse = torch.logsumexp(v, 1) + 0.5
     scale = torch.rand(rows, generator=g)
-    flce._to_grad(block, target, lse.float(), scale, col0, vocab=2000, smoothing=0.1)
+    flce._to_grad(block, target.to(DEVICE), lse.float().to(DEVICE), scale.to(DEVICE), col0, vocab=2000,
+                  smoothing=0.1)
+    block, buffer = block.cpu(), buffer.cpu()
     expected = (v - lse[:, None]).exp() - 0.1 / 2000
     expected -= 0.9 * torch.nn.functional.one_hot((target - col0).clamp(0, cols - 1), cols) * inside[:, None]
     torch.testing.assert_close(block.double(), expected * scale.double()[:, None], rtol=1e-5, atol=1e-6)
@@ -161,11 +176,12 @@ def test_agrees_with_liger_kernel():
     hidden, weight, _, target = _inputs(8, 19, 16, 133, bias=False)
     results = []
     for use_liger in (True, False):
-        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        h, w = hidden.float().to(DEVICE).requires_grad_(), weight.float().to(DEVICE).requires_grad_()
         if use_liger:
-            loss = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)(w, h, target)
+            loss = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)(w, h, target.to(DEVICE))
         else:
-            loss = fused_linear_cross_entropy(h, w, target, label_smoothing=0.1, backend="triton", chunk_vocab=64)
+            loss = fused_linear_cross_entropy(h, w, target.to(DEVICE), label_smoothing=0.1, backend="triton",
+                                              chunk_vocab=64)
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad))
     for a, b in zip(*results):
@@ -179,12 +195,12 @@ def test_training_converges_as_with_the_reference():
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
         vocab, size = 97, 16
-        embed, layer = torch.nn.Embedding(vocab, size), torch.nn.Linear(size, size)
-        head = torch.nn.Linear(size, vocab, bias=False)
+        embed, layer = torch.nn.Embedding(vocab, size).to(DEVICE), torch.nn.Linear(size, size).to(DEVICE)
+        head = torch.nn.Linear(size, vocab, bias=False).to(DEVICE)
         params = [*embed.parameters(), *layer.parameters(), *head.parameters()]
         optimizer = torch.optim.Adam(params, lr=3e-2)
         g = torch.Generator().manual_seed(1)
-        inputs = torch.randint(0, vocab, (64,), generator=g)
+        inputs = torch.randint(0, vocab, (64,), generator=g).to(DEVICE)
         targets = (inputs * 7 + 3) % vocab
         targets[::9] = -100
         curve = []
@@ -225,7 +241,7 @@ def test_bad_arguments_name_the_argument():
         (dict(reduction="avg"), "^reduction: "),
         (dict(label_smoothing=1.5), "^label_smoothing: "),
         (dict(backend="cuda"), "^backend: "),
-        (dict(order="cols"), "^order: "),
+        (dict(design="cols"), "^design: "),
         (dict(chunk_rows=0, backend="triton"), "^chunk_rows, chunk_vocab: "),
     ]
     for change, message in cases:
@@ -284,14 +300,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").envi
 
 
 @cuda
-@pytest.mark.parametrize("order", ["vocab", "rows"])
-def test_bf16_on_the_gpu(order):
+@pytest.mark.parametrize("design", ["vocab", "rows", "blockwise"])
+def test_bf16_on_the_gpu(design):
     """bf16 inputs on the GPU against float64: the logits are rounded to bf16 by the product (as in
     Liger), so the loss agrees to about 1e-2 and the gradients to bf16's precision."""
     hidden, weight, _, target = _inputs(12, 300, 256, 5003, bias=False)
     h = hidden.to("cuda", torch.bfloat16).requires_grad_()
     w = weight.to("cuda", torch.bfloat16).requires_grad_()
-    loss = fused_linear_cross_entropy(h, w, target.cuda(), order=order, label_smoothing=0.1)
+    loss = fused_linear_cross_entropy(h, w, target.cuda(), design=design, label_smoothing=0.1)
     loss.backward()
     ref = _reference(h.detach().double().cpu(), w.detach().double().cpu(), None, target, "mean", 0.1,
                      torch.tensor(1.0, dtype=torch.float64))
