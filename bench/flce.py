@@ -8,10 +8,10 @@ Providers, all on the same inputs in one run:
 - torch-chunked: `fused_linear_cross_entropy_reference` (row chunks recomputed in backward);
 - torch-native: torch.nn.functional.linear_cross_entropy, where torch has it (2.13 and later);
 - liger: LigerFusedLinearCrossEntropyLoss, where liger-kernel is installed;
-- ours-vocab (rows whole, vocabulary blocks of about H: the memory of Liger's chunking; 8 N H V FLOPs),
-  ours-blockwise (logits only as tiles on chip, Cut Cross-Entropy's layout; 8 N H V FLOPs, float32 atomics) and
+- ours-vocab (rows whole, vocabulary blocks of about H: the memory of Liger's chunking; 8 N H V FLOPs) and
   ours-rows-C (row chunks of C rows over the whole vocabulary, eager gradients; 6 N H V FLOPs plus dweight
-  accumulated over N / C chunks), C the Liger-sized chunk (N H / V rows) and larger ones.
+  accumulated over N / C chunks), C the Liger-sized chunk (N H / V rows) and larger ones; 1024 is the default.
+  (The blockwise design of commit 7905f7e, logits as on-chip tiles, ran as "ours-blockwise".)
 On CUDA it first measures the card's own bf16 matrix rate (an 8192^3 product), and reports each provider's
 time against the floor 6 N H V / that rate. Every provider's loss is checked against the first one's.
 Peak memory: torch.cuda.max_memory_allocated during forward + backward, less what the inputs hold.
@@ -53,8 +53,6 @@ def providers(rows: int, size: int, vocab: int, device: str) -> dict:
         pass
     if device == "cuda" or torch.cuda.is_available() is False:
         out["ours-vocab"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton", design="vocab")
-        out["ours-blockwise"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton",
-                                                                           design="blockwise")
         liger_rows = max(1, rows * size // vocab)
         for chunk in sorted({liger_rows, 4 * liger_rows, 1024, rows}):
             if chunk <= rows:

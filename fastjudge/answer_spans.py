@@ -212,8 +212,9 @@ class SpanTracker:
 
 class DeviceVote:
     """The votes of B prompts with up to N samples each, and whether each prompt's majority is settled
-    (`voting.sampling_settled`'s rule: a leader with min_votes votes whose `majority_confidence` reaches
-    `confidence`, or no answer able to reach min_votes any more), computed with fixed shapes."""
+    (`voting.sampling_settled`'s rule on the first k samples started that have all ended: a leader with
+    min_votes votes whose `majority_confidence` reaches `confidence`, or no answer able to reach min_votes any
+    more), computed with fixed shapes."""
 
     def __init__(self, prompts: int, n: int, min_votes: int, confidence: float, device):
         self.n, self.min_votes, self.confidence = n, min_votes, confidence
@@ -233,16 +234,25 @@ class DeviceVote:
         self.found[prompt, column] = found
         self.recorded[prompt, column] = ended | self.recorded[prompt, column]
 
+    def drawn(self, prompt: torch.Tensor) -> torch.Tensor:
+        """(P,) for prompts (P,) indices: how many samples, counted in the order they were started, have all
+        ended (samples 0..k-1). Only these vote: counting samples in the order they end would favour the
+        answers of short samples, which end first."""
+        return self.recorded[prompt, :self.n].long().cumprod(dim=1).sum(dim=1)
+
     def counts(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For prompts (P,) indices: (leader votes v1 (P,), runner-up votes v2 (P,), recorded samples (P,))."""
+        """For prompts (P,) indices: (leader votes v1 (P,), runner-up votes v2 (P,), samples drawn (P,)), over
+        the samples `drawn` counts."""
         hash_ = self.hash[prompt, :self.n]  # (P, N)
-        valid = self.found[prompt, :self.n] & self.recorded[prompt, :self.n]
+        drawn = self.drawn(prompt)
+        first = torch.arange(self.n, device=hash_.device) < drawn[:, None]  # (P, N)
+        valid = self.found[prompt, :self.n] & first
         same = (hash_[:, :, None] == hash_[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (P, N, N)
         votes = same.sum(-1)  # (P, N): the votes of each sample's answer
         v1, leader = votes.max(dim=-1)
         leader_hash = hash_.gather(1, leader[:, None])
         v2 = torch.where(valid & (hash_ != leader_hash), votes, torch.zeros_like(votes)).max(dim=-1).values
-        return v1, v2, self.recorded[prompt, :self.n].sum(-1)
+        return v1, v2, drawn
 
     def settled(self, prompt: torch.Tensor) -> torch.Tensor:
         """(P,) bool for prompts (P,) indices."""
@@ -253,8 +263,10 @@ class DeviceVote:
 
 @dataclass
 class EarlyStop:
-    """Stop drawing a prompt's samples once its vote is settled (`DeviceVote`)."""
+    """Stop drawing a prompt's samples once its vote is settled (`DeviceVote`). The decoder leaves the vote of
+    its last call in `last_vote`, for inspection."""
 
     tables: SpanTables
     confidence: float
     min_votes: int
+    last_vote: DeviceVote | None = None

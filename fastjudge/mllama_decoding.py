@@ -8,8 +8,10 @@ After transformers' prefill of the B prompts, the decoding steps run here, on th
   (for the 11B model about 210 MB per prompt that `generate(num_return_sequences=n)` stores n times);
 - each sample's own keys and values go to a buffer preallocated for max_new_tokens (a static cache: no
   per-step concatenation of the whole cache);
-- a prompt leaves the batch when all its n samples have ended (a sample that ends earlier decodes on, its
-  tokens ignored).
+- with fewer slots than samples, a slot whose sample ends starts the prompt's next sample (its own cache
+  from index 0); with early stop the prompt stops once its device vote is settled (answer_spans);
+- a prompt leaves the batch once all its samples have ended (a slot whose sample ended decodes on, its tokens
+  ignored), at the next look from the host (every `sync_every` steps).
 
 Shapes: B prompts, n samples, Hq query heads in Hkv groups of g, d head size, T prompt length, S image keys.
 """
@@ -156,8 +158,10 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
     slots: samples decoded at once per prompt (default n). With fewer slots than n, a slot whose sample ends
     starts the prompt's next sample at once, from the prompt's prefill (no second prefill, no waiting for the
     prompt's other slots). early_stop: stop a prompt's sampling once its device vote is settled
-    (`answer_spans.DeviceVote`); samples still running then are dropped, so a prompt returns between 1 and n
-    samples. sync_every: the decoding steps between two looks from the host (prompts that are done leave the
+    (`answer_spans.DeviceVote`, over the first samples started that have all ended); samples still running
+    then are dropped, and so are ended samples after the first one still running (they ended early because
+    they are short: keeping them would favour short answers). A prompt returns between 1 and n samples when
+    min_votes <= n. sync_every: the decoding steps between two looks from the host (prompts that are done leave the
     batch, stop strings are checked); in between, the loop keeps no device value on the host.
     """
     slots = n if slots is None else slots
@@ -258,6 +262,10 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
                     tracker.select((keep[:, None] * slots + torch.arange(slots, device=device)).flatten())
         # the sampled tokens go in (a slot that ended or starts over feeds a token nobody reads)
         step_logits = decoder.step(token, base[:, None] + index, index, min(step, max_new_tokens))
+    if vote is not None:  # a stopped prompt keeps the samples its vote counted (the first ones started)
+        early_stop.last_vote = vote
+        counted = torch.arange(n, device=device) < vote.drawn(torch.arange(batch, device=device))[:, None]
+        finished[:, :n] &= counted
     written, lengths, finished = written.cpu(), lengths.cpu(), finished.cpu()
     return [[written[b, s, :lengths[b, s]].tolist() for s in range(n) if finished[b, s]] for b in range(batch)]
 

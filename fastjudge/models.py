@@ -249,8 +249,8 @@ class Adapter:
             raise ValueError(f"early_stop: expected a confidence in [0, 1] (0 = off), got {early_stop}")
         if (early_stop > 0 or slots is not None) and not self.refills:
             raise ValueError(f"early_stop, slots: {type(self).__name__} decodes without the shared Mllama decoder")
-        if min_votes < 1:
-            raise ValueError(f"min_votes: expected >= 1, got {min_votes}")
+        if not 1 <= min_votes <= n:
+            raise ValueError(f"min_votes: expected in [1, n={n}], got {min_votes}")
         stopping = None
         if early_stop > 0:
             stopping = EarlyStop(self.span_tables(), confidence=early_stop, min_votes=min_votes)
@@ -262,7 +262,8 @@ class Adapter:
         stops = [s for s in (stop or []) if s]
         # a stop string of L characters spans at most L tokens that each write a character; byte pieces and
         # special tokens write none, hence the margin (a late detection only costs steps: `_cut` finds it)
-        window = 4 * max(map(len, stops), default=0) + 8
+        # plus the steps between two looks from the host (the decoder checks stops every sync_every <= 8 steps)
+        window = 4 * max(map(len, stops), default=0) + 16
 
         def stopped(tokens: list[int]) -> bool:
             tail = self.decode_raw(tokens[-window:])

@@ -2,28 +2,28 @@
 
 Shapes: N tokens, H hidden size, V vocabulary; a block is Nc rows x Vc vocabulary columns of the logits.
 
-The design (chunked matrix products with fused softmax kernels):
-- The logits are made one block at a time by a matrix product (cuBLAS through torch), and read by two Triton
-  kernels: `_block_stats_kernel` folds a block into each row's running max and sum of exponentials (an online
-  log-sum-exp across vocabulary blocks) and picks the target's logit; `_block_grad_kernel` overwrites the block
-  in place with the gradient of the loss over the logits, (softmax - (1 - eps) onehot - eps / V) * scale.
-- Two orders, both exact:
-  - "vocab" (the default): rows whole, vocabulary in blocks of about H columns (so a block holds as many
-    elements as `hidden`, the memory of Liger-Kernel's chunking). The forward pass computes each row's
-    log-sum-exp; the backward pass makes each block again, turns it into its gradient, and writes
-    dweight[block] = G.T @ hidden once (no accumulation across chunks) and adds G @ weight[block] to dhidden.
-    8 N H V FLOPs (the logits twice).
-  - "rows" with eager gradients: rows in chunks, the whole vocabulary per chunk (a block is Nc x V); the
-    forward pass computes the gradients at once (6 N H V FLOPs, the floor), accumulating dweight over the row
-    chunks; the backward pass scales them by the incoming gradient. Its cost beyond the floor is that
-    accumulation: each chunk reads and writes all of dweight (V x H), so small chunks (little memory) are slow.
-  The bench (`bench/flce.py`) measures both at several block sizes.
-- Ignored rows (target == ignore_index) are dropped before the matrix products: that needs their count on the
-  host, one synchronization per call (`drop_ignored=False` keeps every row, with no synchronization, at the
-  cost of their share of the products).
-- Accumulation: the kernels compute in float32; a block holds the input dtype (as the matrix product writes
-  it); dweight is written per block in the weight's dtype; dhidden accumulates in the input dtype ("vocab"),
-  dbias in float32.
+The design: chunked matrix products (cuBLAS through torch) with two fused Triton kernels over each logits
+block (linear_cross_entropy_triton.py): `block_stats_kernel` folds a block into each row's running max and
+sum of exponentials (an online log-sum-exp across vocabulary blocks) and picks the target's logit;
+`block_grad_kernel` overwrites the block in place with the gradient of the loss over the logits,
+(softmax - (1 - eps) onehot - eps / V) * the row's scale. Two orders of the blocks, both exact:
+- "rows" (the default): row chunks of 1024 over the whole vocabulary (a block is 1024 x V: 263 MB in bf16 for
+  Llama 3); the forward pass computes the gradients at once (6 N H V FLOPs, the floor), accumulating dweight
+  over the chunks, and the backward pass scales them, in place, by the incoming gradient. Each chunk reads and
+  writes all of dweight, which is why chunks must not be small.
+- "vocab": all rows, vocabulary blocks of about H columns (a block holds as many elements as `hidden`, the
+  memory of Liger-Kernel's chunking). The forward pass computes each row's log-sum-exp; the backward pass
+  makes each block again, turns it into its gradient, writes dweight[block] = G.T @ hidden once and adds
+  G @ weight[block] to dhidden: 8 N H V FLOPs.
+Measured on an H200 (bench/flce.py, bench/results/flce-h200-2026-11-26-run*.json), bf16, H 4096, V 128256,
+N 4096: "rows" 19.8 ms (1.18x the floor at the card's measured 772 TFLOP/s), "vocab" 24.9 ms, Liger 46.2 ms.
+A third design, logits only as on-chip tiles with float32 atomics for dweight (Cut Cross-Entropy's layout),
+ran at 285 ms and was dropped (commit 7905f7e has it).
+
+Ignored rows (target == ignore_index) are dropped before the matrix products: that needs their count on the
+host, one synchronization per call (`drop_ignored=False` keeps every row, with no synchronization, at the
+cost of their share of the products). The kernels compute in float32; a block holds the input dtype (as the
+matrix product writes it); dweight and dhidden accumulate in the parameters' dtype, dbias in float32.
 
 `fused_linear_cross_entropy_reference` is the plain-PyTorch chunked reference (the CPU path, the test oracle
 and the benchmark baseline): F.cross_entropy over row chunks, each recomputed in backward (checkpoint).
@@ -37,17 +37,13 @@ from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
-DESIGNS = ("vocab", "rows", "blockwise")
+DESIGNS = ("rows", "vocab")
+DEFAULT_CHUNK_ROWS = 1024  # "rows": 1024 x 128,256 bf16 logits are 263 MB
 
 def _kernels():
     """The chunked designs' Triton kernels (imported on first use: the CPU driver never imports triton)."""
     from fastjudge.kernels import linear_cross_entropy_triton as kernels
     return kernels.block_stats_kernel, kernels.block_grad_kernel
-
-
-def _blockwise():
-    from fastjudge.kernels import linear_cross_entropy_triton as kernels
-    return kernels.blockwise_forward_kernel, kernels.blockwise_backward_kernel
 
 
 def _launch(block: torch.Tensor) -> tuple[int, int, int]:
@@ -177,8 +173,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, target, lse, valid, count, index = ctx.saved_tensors
         reduction, smoothing, chunk_rows, chunk_vocab, eager, rows_all, need, has_bias = ctx.settings
         grad_loss = grad_loss.float()
-        if eager:
-            dhidden, dweight, dbias = (g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.eager_grads)
+        if eager:  # scaled in place: a scaled copy of dweight would double its memory
+            dhidden, dweight, dbias = (g.mul_(grad_loss.to(g.dtype)) if g is not None else None
+                                       for g in ctx.eager_grads)
             ctx.eager_grads = None
         else:
             if reduction == "none":
@@ -226,93 +223,6 @@ def _eager(hidden, weight, bias, target, scale, chunk_rows, smoothing, need, ctx
     return lse, picked, total
 
 
-def _blockwise_config(hidden: torch.Tensor) -> dict:
-    """Tile sizes: 64 x 128 x 64 on a GPU (bf16 operands of the matrix units); small ones under the
-    interpreter. float32 operands use full float32 products (not tf32), so results match the other designs."""
-    import os
-    on_gpu = hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    sizes = dict(BM=64, BV=128, BK=64) if on_gpu else dict(BM=16, BV=32, BK=16)
-    return dict(sizes, PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32")
-
-
-class _BlockwiseLinearCrossEntropy(torch.autograd.Function):
-    """The "blockwise" design: logits only ever exist as (BM, BV) tiles on chip. Forward: one program per (row
-    block, vocabulary split) folds its tiles into a partial log-sum-exp, combined over the splits by torch.
-    Backward: one program per (row block, vocabulary tile) makes the tile again and adds its share of dhidden
-    and dweight (float32 buffers, atomic adds). Ignored rows are moved behind the kept ones by a stable sort
-    on the device and their blocks skipped: no host synchronization. 8 N H V FLOPs; memory: float32 dweight
-    (V x H x 4 bytes) during backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, smoothing):
-        forward_kernel, _ = _blockwise()
-        rows, size = hidden.shape
-        vocab = weight.shape[0]
-        hidden, weight = hidden.contiguous(), weight.contiguous()
-        valid = target != ignore_index
-        order = torch.argsort((~valid).to(torch.int8), stable=True)  # kept rows first, in their order
-        count = valid.sum().reshape(1)
-        config = _blockwise_config(hidden)
-        tiles = -(-vocab // config["BV"])
-        blocks = max(1, -(-rows // config["BM"]))
-        # enough vocabulary splits to give every multiprocessor work when there are few row blocks
-        splits = max(1, min(tiles, 264 // blocks)) if hidden.is_cuda else max(1, min(tiles, 4))
-        per_split = -(-tiles // splits)
-        splits = -(-tiles // per_split)
-        part = torch.empty(4, splits, rows, dtype=torch.float32, device=hidden.device)
-        part[0].fill_(-float("inf"))
-        part[1:].zero_()
-        if rows:
-            forward_kernel[(blocks, splits)](hidden, weight, bias if bias is not None else hidden, order, target,
-                                             count, part, rows, vocab, size, hidden.stride(0), weight.stride(0),
-                                             per_split, HAS_BIAS=bias is not None, SMOOTH=smoothing > 0, **config)
-        top = part[0].max(dim=0).values  # (rows,) in kept-row order
-        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        lse = safe + (part[1] * torch.exp(part[0] - safe)).sum(dim=0).log()
-        picked, total = part[2].sum(dim=0), part[3].sum(dim=0)
-        kept = torch.arange(rows, device=hidden.device) < count
-        loss_kept = _loss_rows(lse, picked, total, kept, vocab, smoothing)  # (rows,) in kept-row order
-        loss_rows = torch.zeros_like(loss_kept).index_copy(0, order, loss_kept)
-        if reduction == "none":
-            loss = loss_rows
-        else:
-            loss = loss_rows.sum()
-            if reduction == "mean":
-                loss = loss / count[0].clamp(min=1)
-        ctx.save_for_backward(hidden, weight, bias, target, order, count, lse, kept)
-        ctx.settings = (reduction, smoothing, config)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        _, backward_kernel = _blockwise()
-        hidden, weight, bias, target, order, count, lse, kept = ctx.saved_tensors
-        reduction, smoothing, config = ctx.settings
-        rows, size = hidden.shape
-        vocab = weight.shape[0]
-        grad_loss = grad_loss.float()
-        if reduction == "none":
-            scale = grad_loss[order]
-        else:
-            scale = grad_loss.expand(rows) / (count[0].clamp(min=1) if reduction == "mean" else 1)
-        scale = torch.where(kept, scale, torch.zeros_like(scale))
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        dh = torch.zeros(rows, size, dtype=torch.float32, device=hidden.device) if need_h else None
-        dw = torch.zeros(vocab, size, dtype=torch.float32, device=hidden.device) if need_w else None
-        db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
-        if rows and (need_h or need_w or need_b):
-            dummy = lse
-            grid = (max(1, -(-rows // config["BM"])), -(-vocab // config["BV"]))
-            backward_kernel[grid](hidden, weight, bias if bias is not None else hidden, order, target, count, lse,
-                                  scale, dh if dh is not None else dummy, dw if dw is not None else dummy,
-                                  db if db is not None else dummy, vocab, size, hidden.stride(0), weight.stride(0),
-                                  float(smoothing), HAS_BIAS=bias is not None, NEED_DH=need_h, NEED_DW=need_w,
-                                  NEED_DB=need_b, **config)
-        return (dh.to(hidden.dtype) if dh is not None else None, dw.to(weight.dtype) if dw is not None else None,
-                db.to(bias.dtype) if db is not None else None, None, None, None, None)
-
-
 def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, design):
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected (N, H), got {tuple(hidden.shape)}")
@@ -341,7 +251,7 @@ def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothin
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
                                reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
-                               design: str = "vocab", chunk_rows: int | None = None,
+                               design: str = "rows", chunk_rows: int | None = None,
                                chunk_vocab: int | None = None, drop_ignored: bool = True) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, target) without materializing the (N, V) logits.
 
@@ -354,11 +264,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         label_smoothing: as `torch.nn.functional.cross_entropy(label_smoothing=...)`.
         backend: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" (the kernels wherever Triton
             runs, the CPU interpreter included), "torch" (`fused_linear_cross_entropy_reference`).
-        design: "vocab" (rows whole, vocabulary blocks; logits made twice), "rows" (row chunks over the whole
-            vocabulary; the gradients made in the forward pass) or "blockwise" (logits only on chip, one Triton
-            kernel per pass). See the module docstring.
-        chunk_rows, chunk_vocab: the block size; default: "vocab" all rows x H columns (rounded up to 256);
-            "rows" max(1, N * H // V) rows (the block then holds as many elements as `hidden`).
+        design: "rows" (row chunks over the whole vocabulary, the gradients made in the forward pass; the
+            faster) or "vocab" (all rows, vocabulary blocks, the logits made twice; about Liger's memory). See
+            the module docstring.
+        chunk_rows, chunk_vocab: the block size; default: "rows" 1024 rows x V (measured fastest on an
+            H200, bench/results/flce-h200-2026-11-26.json); "vocab" all rows x H columns (rounded up to 256).
         drop_ignored: drop ignored rows before the products (one host synchronization) or keep them.
     Returns:
         The loss, float32 whatever the inputs' dtype: a scalar (mean, sum) or (N,) (none). Differentiable in
@@ -373,14 +283,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                                     reduction=reduction, label_smoothing=label_smoothing,
                                                     chunk_rows=chunk_rows)
     rows, size = hidden.shape
-    vocab = weight.shape[0]
     if chunk_vocab is None:
         chunk_vocab = -(-size // 256) * 256
-    if design == "blockwise":
-        return _BlockwiseLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction,
-                                                  float(label_smoothing))
     if chunk_rows is None:
-        chunk_rows = rows if design == "vocab" else max(1, rows * size // vocab)
+        chunk_rows = rows if design == "vocab" else DEFAULT_CHUNK_ROWS
     if chunk_rows < 1 or chunk_vocab < 1:
         raise ValueError(f"chunk_rows, chunk_vocab: expected >= 1, got {chunk_rows}, {chunk_vocab}")
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction,

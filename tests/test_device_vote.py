@@ -124,11 +124,16 @@ def test_device_settle_rule_equals_the_host_rule(seed):
                 for _ in range(n)] for _ in range(prompts)]
     drawn = [rng.randint(0, n) for _ in range(prompts)]
     for p in range(prompts):
-        for s in range(drawn[p]):  # one sample per call, some calls recording nothing
+        order = list(range(drawn[p]))
+        if drawn[p] + 1 < n and rng.random() < 0.5:
+            order.append(drawn[p] + 1)  # ended after a sample still running: it must not count
+        rng.shuffle(order)
+        for s in order:  # one sample per call, some calls recording nothing
             ended = torch.tensor([True, False])
             a = answers[p][s]
             vote.record(torch.tensor([p, p]), torch.tensor([s, (s + 1) % n]), ended,
                         torch.tensor([a is not None, True]), torch.tensor([a or 0, 99]))
+    assert vote.drawn(torch.arange(prompts)).tolist() == drawn
     settled = vote.settled(torch.arange(prompts)).tolist()
     for p in range(prompts):
         counts: dict[str, int] = {}
@@ -269,6 +274,8 @@ def test_bad_refill_arguments_name_the_argument(tmp_path, tiny_toy_dir):
         adapter.generate(images, PROMPTS[:1], n=4, temperature=1.0, early_stop=1.5)
     with pytest.raises(ValueError, match="^min_votes: "):
         adapter.generate(images, PROMPTS[:1], n=4, temperature=1.0, early_stop=0.9, min_votes=0)
+    with pytest.raises(ValueError, match="^min_votes: "):
+        adapter.generate(images, PROMPTS[:1], n=4, temperature=1.0, early_stop=0.9, min_votes=5)
     qwen = load_adapter(str(tiny.build_checkpoint("qwen2_vl", tmp_path / "qwen")))
     with pytest.raises(ValueError, match="^early_stop, slots: "):
         qwen.generate(images, ["How many?"], n=4, temperature=1.0, early_stop=0.9)
@@ -292,3 +299,67 @@ def test_drop_in_generate_passes_early_stop_through(tmp_path):
     assert [len(g) for g in out] == [4, 4, 4]
     assert not any(extract_answer(s) for g in out for s in g)
     assert [len(g) for g in generate(model, processor, images, PROMPTS, **kwargs)] == [6, 6, 6]
+
+
+def _multinomial(temperature):
+    def sampler(logits, generator):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).flatten()
+    return sampler
+
+
+def _closed_prompts(count, seed):
+    rng = random.Random(seed)
+    images, prompts = [], []
+    while len(prompts) < count:
+        scene = world.random_scene(rng)
+        closed = [q for q in world.questions(scene, rng) if q.kind == "closed"]
+        if closed:
+            images.append(world.render(scene, rng))
+            prompts.append(closed[0].instruction)
+    return images, prompts
+
+
+def test_device_answers_equal_the_tracker_on_each_sample():
+    """Samples that differ (the shipped toy at temperature 2: some with an answer, some without) spread over
+    refilled slots: the answer the decoder recorded for each sample is the tracker's on that sample's tokens
+    alone, so no span state leaks from a slot's previous sample into its next."""
+    adapter = load_adapter(None)
+    images, prompts = _closed_prompts(6, seed=8)
+    stopping = EarlyStop(adapter.span_tables(), confidence=1.0, min_votes=1)  # never settles: all 8 drawn
+    groups = decode_groups(adapter.model, _inputs(adapter, images, prompts), n=8, slots=3, max_new_tokens=12,
+                           eos_ids=adapter.eos_ids, sampler=_multinomial(2.0), early_stop=stopping,
+                           generator=torch.Generator().manual_seed(0))
+    assert [len(g) for g in groups] == [8] * 6
+    vote = stopping.last_vote
+    recorded = []
+    for b, group in enumerate(groups):
+        for s, tokens in enumerate(group):
+            expected = _track(adapter.span_tables(), [tokens])[0]
+            got = int(vote.hash[b, s]) if bool(vote.found[b, s]) else None
+            assert got == expected, (b, s, adapter.decode(tokens))
+            recorded.append(expected)
+    assert any(r is None for r in recorded) and any(r is not None for r in recorded)
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_stop_strings_end_samples_where_they_appear(sync_every):
+    """A sample that writes a stop string ends at the next look from the host: right after it when the host
+    looks every step, within sync_every tokens otherwise; refilled slots included."""
+    adapter = load_adapter(None)
+    images, prompts = _closed_prompts(4, seed=9)
+
+    def stop(tokens):
+        return "is" in adapter.decode_raw(tokens).split()
+    groups = decode_groups(adapter.model, _inputs(adapter, images, prompts), n=6, slots=2, max_new_tokens=12,
+                           eos_ids=adapter.eos_ids, sampler=_multinomial(1.5), stop=stop, sync_every=sync_every,
+                           generator=torch.Generator().manual_seed(1))
+    stopped = 0
+    for group in groups:
+        assert len(group) == 6
+        for tokens in group:
+            if stop(tokens):
+                stopped += 1
+                first = next(i for i in range(1, len(tokens) + 1) if stop(tokens[:i]))
+                assert len(tokens) - first <= sync_every - 1, adapter.decode(tokens)
+    assert stopped > 6

@@ -71,8 +71,7 @@ CASES = [  # (rows, hidden, vocab, design, chunk_rows, chunk_vocab)
     (29, 17, 257, "rows", 8, None),  # eager gradients over row chunks
     (5, 8, 1000, "rows", None, None),  # one row chunk (N * H < V), a wide block
     (64, 32, 128, "vocab", None, None),  # default block: one block of 256 >= V
-    (37, 24, 301, "blockwise", None, None),  # tiles on chip; 301 is no multiple of the 32-column tile
-    (70, 40, 77, "blockwise", None, None),  # H not a multiple of the 16-wide K step, V under 3 tiles
+    (2100, 8, 50, "rows", None, None),  # the default 1024-row chunks: three of them, the last partial
 ]
 
 
@@ -86,7 +85,9 @@ def test_triton_matches_float64_reference(case, reduction):
         grad = _grad_for(reduction, rows, seed)
         ours = _ours(hidden, weight, b, target, grad, reduction=reduction, label_smoothing=smoothing,
                      backend="triton", design=design, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
-        _close(ours, _reference(hidden, weight, b, target, reduction, smoothing, grad))
+        # float32 sums over many rows: dweight's absolute error grows with them (about 3e-6 at 2,100 rows)
+        _close(ours, _reference(hidden, weight, b, target, reduction, smoothing, grad),
+               atol=2e-6 * max(1.0, rows / 200))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -99,7 +100,7 @@ def test_torch_reference_matches_float64(reduction):
         _close(ours, _reference(hidden, weight, b, target, reduction, smoothing, grad))
 
 
-@pytest.mark.parametrize("design,drop_ignored", [("vocab", True), ("vocab", False), ("blockwise", True)])
+@pytest.mark.parametrize("design,drop_ignored", [("vocab", True), ("vocab", False), ("rows", True)])
 def test_half_the_rows_ignored(design, drop_ignored):
     hidden, weight, b, target = _inputs(11, 33, 16, 150, ignored=0.5)
     grad = torch.tensor(1.0, dtype=torch.float64)
@@ -108,8 +109,7 @@ def test_half_the_rows_ignored(design, drop_ignored):
     _close(ours, _reference(hidden, weight, b, target, "mean", 0.0, grad))
 
 
-@pytest.mark.parametrize("backend,design", [("triton", "vocab"), ("triton", "rows"), ("triton", "blockwise"),
-                                            ("torch", "vocab")])
+@pytest.mark.parametrize("backend,design", [("triton", "vocab"), ("triton", "rows"), ("torch", "rows")])
 @pytest.mark.parametrize("drop_ignored", [True, False])
 def test_every_target_ignored_gives_zero_not_nan(backend, design, drop_ignored):
     hidden, weight, b, target = _inputs(2, 9, 8, 50)
@@ -123,7 +123,7 @@ def test_every_target_ignored_gives_zero_not_nan(backend, design, drop_ignored):
         assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("design", ["vocab", "rows", "blockwise"])
+@pytest.mark.parametrize("design", ["vocab", "rows"])
 def test_logits_of_ten_thousand(design):
     """Logits of about +-1e4 (hidden scaled up): the online log-sum-exp keeps them finite and exact."""
     hidden, weight, b, target = _inputs(3, 23, 16, 181, bias=False, scale=2500.0)
@@ -154,9 +154,11 @@ def test_kernels_read_and_write_only_their_block():
     v = values.double()
     inside = (target >= col0) & (target < col0 + cols)
     picked = torch.where(inside, v.gather(1, (target - col0).clamp(0, cols - 1)[:, None])[:, 0], 0.0)
-    torch.testing.assert_close(running[0].double(), v.max(1).values)
-    torch.testing.assert_close(running[1].double(), (v - v.max(1, keepdim=True).values).exp().sum(1))
-    torch.testing.assert_close(running[2].double(), picked)
+    # float32 sums of float32 exponentials (a GPU's exp is approximate to a few ulp): 1e-5 relative
+    torch.testing.assert_close(running[0].double(), v.max(1).values, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(running[1].double(), (v - v.max(1, keepdim=True).values).exp().sum(1),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(running[2].double(), picked, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(running[3].double(), v.sum(1), rtol=1e-5, atol=1e-4)
     lse = torch.logsumexp(v, 1) + 0.5
     scale = torch.rand(rows, generator=g)
@@ -300,7 +302,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").envi
 
 
 @cuda
-@pytest.mark.parametrize("design", ["vocab", "rows", "blockwise"])
+@pytest.mark.parametrize("design", ["vocab", "rows"])
 def test_bf16_on_the_gpu(design):
     """bf16 inputs on the GPU against float64: the logits are rounded to bf16 by the product (as in
     Liger), so the loss agrees to about 1e-2 and the gradients to bf16's precision."""
