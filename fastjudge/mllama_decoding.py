@@ -25,6 +25,10 @@ import torch
 from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTracker
 from fastjudge.decoding import prefill
 
+# the cross layers through fastjudge.kernels.cross_attention: None = on a GPU; True = always (the Triton
+# interpreter on the CPU, for tests); False = never (the einsum below)
+CROSS_ATTENTION_KERNEL: bool | None = None
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -65,12 +69,24 @@ class SharedMllamaDecoder:
         # output (full_text_row_masked_out_mask); the same here
         self.sees_image = image_keys_mask.any(dim=-1)  # (B,)
         self.image_keys_mask = image_keys_mask | ~self.sees_image[:, None]  # (B, S)
+        # on a GPU the cross layers run fastjudge.kernels.cross_attention over each prompt's key range: the n
+        # samples of a prompt are n query rows of one program, which reads the image's keys once for all
+        self.key_range = None
+        use_kernel = prompt_mask.is_cuda if CROSS_ATTENTION_KERNEL is None else CROSS_ATTENTION_KERNEL
+        if use_kernel and image_keys:
+            keys = torch.arange(image_keys, device=prompt_mask.device)
+            start = torch.where(self.image_keys_mask, keys, image_keys).amin(dim=-1)
+            end = torch.where(self.image_keys_mask, keys + 1, 0).amax(dim=-1)
+            if bool((self.image_keys_mask.sum(dim=-1) == end - start).all()):  # contiguous: one range each
+                self.key_range = (start.to(torch.int32), end.to(torch.int32))  # (B,) x 2
 
     def keep(self, groups: torch.Tensor) -> None:
         """Keep only these prompts (indices into the current B)."""
         self.prompt_mask = self.prompt_mask[groups]
         self.image_keys_mask = self.image_keys_mask[groups]
         self.sees_image = self.sees_image[groups]
+        if self.key_range is not None:
+            self.key_range = (self.key_range[0][groups], self.key_range[1][groups])
         self.prefix = {i: (k[groups], v[groups]) for i, (k, v) in self.prefix.items()}
         self.own = {i: (k[groups], v[groups]) for i, (k, v) in self.own.items()}
 
@@ -122,7 +138,13 @@ class SharedMllamaDecoder:
                 q = attn.q_proj(x).view(batch, self.n, self.heads, self.head_dim).transpose(1, 2)
                 q = attn.q_norm(q)
                 k, v = self.prefix[layer_index]
-                x = attn.o_proj(self._attend(q, [(k, v, self.image_keys_mask, True)]))
+                if self.key_range is not None:
+                    from fastjudge.kernels.cross_attention import cross_attention
+                    start, end = (r[:, None].expand(-1, self.n) for r in self.key_range)  # (B, n)
+                    out = cross_attention(q, k, v, start, end, scale=self.scale, backend="triton")  # (B, Hq, n, d)
+                    x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
+                else:
+                    x = attn.o_proj(self._attend(q, [(k, v, self.image_keys_mask, True)]))
                 h = residual + layer.cross_attn_attn_gate.tanh() * x
                 residual = h
                 x = layer.mlp(layer.post_attention_layernorm(h)) * self.sees_image[:, None, None].to(h.dtype)

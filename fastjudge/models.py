@@ -270,6 +270,7 @@ class Adapter:
             return any(s in tail for s in stops)
 
         self.model.eval()
+        self.use_gpu_kernels()
         out: list[list[str]] = []
         per_batch = max(1, batch_rows // (slots or n))
         batch_index = 0
@@ -288,6 +289,16 @@ class Adapter:
                 if progress:
                     progress(last - first)
         return out
+
+    def use_gpu_kernels(self) -> None:
+        """On CUDA, Mllama's cross-attention layers run `fastjudge.kernels.cross_attention` (`patch_mllama`,
+        masked rows as transformers), for training and prefill; once per model."""
+        if self.device.type != "cuda" or getattr(self.model.config, "model_type", None) != "mllama":
+            return
+        inner = getattr(self.model, "model", self.model)
+        if getattr(inner, "_fastjudge_cross_attention", None) is None:
+            from fastjudge.kernels.cross_attention import patch_mllama
+            patch_mllama(self.model, masked_rows="hf")
 
     @property
     def refills(self) -> bool:
@@ -362,6 +373,7 @@ class Adapter:
             raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
         if self.device.type == "cuda":
             apply_liger_kernels(self.model)
+            self.use_gpu_kernels()
         if train == "lora":
             try:
                 from peft import LoraConfig, get_peft_model

@@ -1,0 +1,164 @@
+"""Mllama vision cross-attention: ours (Triton over key ranges) against transformers' SDPA path, FlexAttention
+and flash-attn varlen where present; forward, forward + backward, and decoding.
+
+    python bench/cross_attention.py --device cuda          # the 11B shapes: 32 query heads, 8 K/V heads, D 128
+    TRITON_INTERPRET=1 python bench/cross_attention.py --device cpu --batch 1 --rows 32 --heads 4 --kv-heads 2 \\
+        --head-dim 16 --patches 20 --tiles 1,2 --ns 1,4 --repeats 1     # a smoke run (CPU times mean nothing)
+
+Training and prefill: B text rows of T tokens over one image of 4 tiles x `patches` keys (the processor pads to
+4), of which 1 to 4 are valid; the first 5% of the rows come before the image token (they see no key: "hf").
+- sdpa: transformers' path: K and V repeated to the query heads, a dense additive (B, 1, T, S) mask,
+  F.scaled_dot_product_attention (which cannot use its flash backend with a mask);
+- flex: torch's FlexAttention with a block mask from the same ranges (where torch has it; compiled);
+- ours: `fastjudge.kernels.cross_attention`.
+Decoding: B prompts x n samples, one query each, over the prompt's image: "per-sample" is transformers' layout
+(generate(num_return_sequences=n) repeats the image's K/V for every sample: SDPA over B * n rows), "ours" the
+n samples of a prompt as n query rows of one range.
+TFLOP/s count the valid keys only (4 T S_valid D per head forward, 2.5 times that forward + backward).
+Prints a table, then one JSON line; --out also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import environment, save  # noqa: E402
+
+from fastjudge.kernels.cross_attention import cross_attention  # noqa: E402
+
+
+def timed(fn, repeats: int, cuda: bool) -> float:
+    """Median milliseconds of fn() after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def sdpa(q, k, v, start, end):
+    """transformers' layout: repeated K/V, dense additive mask; rows that see nothing see everything ("hf")."""
+    group = q.shape[1] // k.shape[1]
+    keys = torch.arange(k.shape[2], device=q.device)
+    empty = (start >= end)[..., None]
+    seen = ((keys >= start[..., None]) & (keys < end[..., None])) | empty  # (B, T, S)
+    mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask[:, None])
+
+
+def flex_provider():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v, start, end):
+        empty = start >= end
+        lo = torch.where(empty, torch.zeros_like(start), start)
+        hi = torch.where(empty, torch.full_like(end, k.shape[2]), end)
+
+        def rule(b, h, q_index, kv_index):
+            return (kv_index >= lo[b, q_index]) & (kv_index < hi[b, q_index])
+        block = create_block_mask(rule, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+        return compiled(q, k, v, block_mask=block, enable_gqa=True)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rows", default="512,2048")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--patches", type=int, default=1601)
+    parser.add_argument("--tiles", default="1,4")
+    parser.add_argument("--ns", default="1,16")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    keys = 4 * args.patches
+    providers = {"sdpa": sdpa, "ours": lambda q, k, v, s, e: cross_attention(q, k, v, s, e, backend="triton")}
+    flex = flex_provider() if cuda else None
+    if flex is not None:
+        providers["flex"] = flex
+    g = torch.Generator(device=args.device).manual_seed(0)
+    results = []
+    for rows in map(int, args.rows.split(",")):
+        for tiles in map(int, args.tiles.split(",")):
+            q = torch.randn(args.batch, args.heads, rows, args.head_dim, device=args.device, dtype=dtype, generator=g)
+            k = torch.randn(args.batch, args.kv_heads, keys, args.head_dim, device=args.device, dtype=dtype,
+                            generator=g)
+            v = torch.randn_like(k)
+            start = torch.zeros(args.batch, rows, dtype=torch.int32, device=args.device)
+            end = torch.full_like(start, tiles * args.patches)
+            end[:, :max(1, rows // 20)] = 0  # text before the image
+            flops = 4 * args.batch * args.heads * rows * tiles * args.patches * args.head_dim
+            reference = sdpa(q.float(), k.float(), v.float(), start, end)
+            for name, fn in providers.items():
+                error = ((fn(q, k, v, start, end).float() - reference).norm() / reference.norm()).item()
+                forward = timed(lambda: fn(q, k, v, start, end), args.repeats, cuda)
+                qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+                grad = torch.randn_like(q)
+                both = timed(lambda: fn(qq, kk, vv, start, end).backward(grad), args.repeats, cuda)
+                results.append({"case": "train", "rows": rows, "tiles": tiles, "provider": name, "forward_ms": forward,
+                                "forward_backward_ms": both, "forward_tflops": flops / forward / 1e9,
+                                "forward_backward_tflops": 2.5 * flops / both / 1e9, "relative_error": error})
+    for n in map(int, args.ns.split(",")):
+        tiles = 4
+        q = torch.randn(args.batch, args.heads, n, args.head_dim, device=args.device, dtype=dtype, generator=g)
+        k = torch.randn(args.batch, args.kv_heads, keys, args.head_dim, device=args.device, dtype=dtype, generator=g)
+        v = torch.randn_like(k)
+        start = torch.zeros(args.batch, n, dtype=torch.int32, device=args.device)
+        end = torch.full_like(start, tiles * args.patches)
+        # transformers' decoding layout: every sample its own copy of the image's keys and values
+        q_rows = q.transpose(1, 2).reshape(args.batch * n, args.heads, 1, args.head_dim)
+        k_rows, v_rows = k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)
+        per_sample = timed(lambda: sdpa(q_rows, k_rows, v_rows, start.reshape(-1, 1), end.reshape(-1, 1)),
+                           args.repeats, cuda)
+        ours = timed(lambda: cross_attention(q, k, v, start, end, backend="triton"), args.repeats, cuda)
+        results.append({"case": "decode", "n": n, "per_sample_ms": per_sample, "ours_ms": ours,
+                        "speedup": per_sample / ours})
+    print(f"B {args.batch}, heads {args.heads}/{args.kv_heads}, D {args.head_dim}, 4 tiles x {args.patches} keys, "
+          f"{dtype}, {args.device}")
+    print(f"{'T':>6}{'tiles':>6} {'provider':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+          f"{'rel err':>10}")
+    for r in results:
+        if r["case"] == "train":
+            print(f"{r['rows']:>6}{r['tiles']:>6} {r['provider']:<8}{r['forward_ms']:>9.3f}"
+                  f"{r['forward_backward_ms']:>12.3f}{r['forward_tflops']:>10.1f}{r['forward_backward_tflops']:>10.1f}"
+                  f"{r['relative_error']:>10.1e}")
+    for r in results:
+        if r["case"] == "decode":
+            print(f"decode n={r['n']:<3} per-sample {r['per_sample_ms']:.3f} ms, ours {r['ours_ms']:.3f} ms: "
+                  f"{r['speedup']:.2f}x")
+    result = {"bench": "cross_attention", "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
+              "head_dim": args.head_dim, "patches": args.patches, "dtype": str(dtype), "device": args.device,
+              "results": results}
+    print(json.dumps(result | {"environment": environment()}))
+    if args.out:
+        save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
