@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment, save  # noqa: E402
 
-from fastjudge.kernels.cross_attention import cross_attention  # noqa: E402
+from fastjudge.kernels.mllama_cross_attention import cross_attention  # noqa: E402
 
 
 def timed(fn, repeats: int, cuda: bool) -> float:

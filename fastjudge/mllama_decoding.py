@@ -139,7 +139,7 @@ class SharedMllamaDecoder:
                 q = attn.q_norm(q)
                 k, v = self.prefix[layer_index]
                 if self.key_range is not None:
-                    from fastjudge.kernels.cross_attention import cross_attention
+                    from fastjudge.kernels.mllama_cross_attention import cross_attention
                     start, end = (r[:, None].expand(-1, self.n) for r in self.key_range)  # (B, n)
                     out = cross_attention(q, k, v, start, end, scale=self.scale, backend="triton")  # (B, Hq, n, d)
                     x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))

@@ -297,7 +297,7 @@ class Adapter:
             return
         inner = getattr(self.model, "model", self.model)
         if getattr(inner, "_fastjudge_cross_attention", None) is None:
-            from fastjudge.kernels.cross_attention import patch_mllama
+            from fastjudge.kernels.mllama_cross_attention import patch_mllama
             patch_mllama(self.model, masked_rows="hf")
 
     @property

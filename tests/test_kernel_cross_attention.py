@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fastjudge import tiny
-from fastjudge.kernels.cross_attention import cross_attention, cross_attention_reference, key_ranges, patch_mllama
+from fastjudge.kernels.mllama_cross_attention import cross_attention, cross_attention_reference, key_ranges, patch_mllama
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -91,8 +91,8 @@ def test_triton_matches_float64(case, masked_rows):
 def test_forward_kernel_writes_every_output_element():
     """The output buffer poisoned with NaN before the kernel: every element, masked rows included, is
     written (the interpreter does not catch unwritten or out-of-bounds elements)."""
-    from fastjudge.kernels import cross_attention as module
-    from fastjudge.kernels import cross_attention_triton as kernels
+    from fastjudge.kernels import mllama_cross_attention as module
+    from fastjudge.kernels import mllama_cross_attention_triton as kernels
     q, k, v, start, end = _inputs(3)
     q, k, v = (x.float().to(DEVICE).contiguous() for x in (q, k, v))
     start, end = module._row_ranges(start.to(DEVICE), end.to(DEVICE), k.shape[2], "zero")

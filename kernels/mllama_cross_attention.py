@@ -13,7 +13,7 @@ are skipped rather than masked; no dense (B, 1, T, S) mask is built. Rows that s
 
 `cross_attention_reference` is the plain-PyTorch reference (a dense mask, softmax in float32 or float64): the
 CPU path, the test oracle and the benchmark baseline. `cross_attention` runs the Triton kernels
-(cross_attention_triton.py): a forward pass that keeps each row's log-sum-exp, and a backward pass as flash
+(mllama_cross_attention_triton.py): a forward pass that keeps each row's log-sum-exp, and a backward pass as flash
 attention's (dQ per query block; dK, dV per key block summed over the G heads that share them). Decoding needs
 nothing special: the n samples of an image are n query rows with the same range, so each query block reads the
 image's keys once for all of them.
@@ -85,7 +85,7 @@ def _config(q: torch.Tensor) -> dict:
 class _CrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, start, end, scale):
-        from fastjudge.kernels import cross_attention_triton as kernels
+        from fastjudge.kernels import mllama_cross_attention_triton as kernels
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         batch, heads, rows, size = q.shape
         keys, group = k.shape[2], heads // k.shape[1]
@@ -104,7 +104,7 @@ class _CrossAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from fastjudge.kernels import cross_attention_triton as kernels
+        from fastjudge.kernels import mllama_cross_attention_triton as kernels
         q, k, v, out, lse, start, end, lo, hi = ctx.saved_tensors
         scale, config, blocks = ctx.settings
         batch, heads, rows, size = q.shape
