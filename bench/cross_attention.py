@@ -7,13 +7,14 @@ and flash-attn varlen where present; forward, forward + backward, and decoding.
 
 Training and prefill: B text rows of T tokens over one image of 4 tiles x `patches` keys (the processor pads to
 4), of which 1 to 4 are valid; the first 5% of the rows come before the image token (they see no key: "hf").
-- sdpa: transformers' path: K and V repeated to the query heads, a dense additive (B, 1, T, S) mask,
-  F.scaled_dot_product_attention (which cannot use its flash backend with a mask);
+- sdpa: transformers' path: K and V repeated to the query heads, a dense additive (B, 1, T, S) mask (built
+  once per forward there, so outside the timed call here), F.scaled_dot_product_attention (which cannot use
+  its flash backend with a mask);
 - flex: torch's FlexAttention with a block mask from the same ranges (where torch has it; compiled);
 - ours: `fastjudge.kernels.cross_attention`.
 Decoding: B prompts x n samples, one query each, over the prompt's image: "per-sample" is transformers' layout
-(generate(num_return_sequences=n) repeats the image's K/V for every sample: SDPA over B * n rows), "ours" the
-n samples of a prompt as n query rows of one range.
+(generate(num_return_sequences=n) repeats the image's K/V for every sample: SDPA with GQA over B * n rows),
+"ours" the n samples of a prompt as n query rows of one range.
 TFLOP/s count the valid keys only (4 T S_valid D per head forward, 2.5 times that forward + backward).
 Prints a table, then one JSON line; --out also writes it.
 """
@@ -51,15 +52,19 @@ def timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def sdpa(q, k, v, start, end):
-    """transformers' layout: repeated K/V, dense additive mask; rows that see nothing see everything ("hf")."""
+def dense_mask(start, end, keys, dtype):
+    """transformers' additive (B, 1, T, S) mask; rows that see nothing see everything ("hf"). Built once per
+    forward call there (shared by the layers), so outside the timed calls here."""
+    columns = torch.arange(keys, device=start.device)
+    seen = ((columns >= start[..., None]) & (columns < end[..., None])) | (start >= end)[..., None]
+    return torch.zeros(seen.shape, dtype=dtype, device=start.device).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+
+
+def sdpa(q, k, v, mask):
+    """transformers' layer: K and V repeated to the query heads, then SDPA with the dense mask."""
     group = q.shape[1] // k.shape[1]
-    keys = torch.arange(k.shape[2], device=q.device)
-    empty = (start >= end)[..., None]
-    seen = ((keys >= start[..., None]) & (keys < end[..., None])) | empty  # (B, T, S)
-    mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, torch.finfo(q.dtype).min)
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                          attn_mask=mask[:, None])
+                                          attn_mask=mask)
 
 
 def flex_provider():
@@ -78,7 +83,7 @@ def flex_provider():
             return (kv_index >= lo[b, q_index]) & (kv_index < hi[b, q_index])
         block = create_block_mask(rule, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
         return compiled(q, k, v, block_mask=block, enable_gqa=True)
-    return run
+    return lambda q, k, v, start, end, mask: run(q, k, v, start, end)
 
 
 def main() -> None:
@@ -98,7 +103,8 @@ def main() -> None:
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     keys = 4 * args.patches
-    providers = {"sdpa": sdpa, "ours": lambda q, k, v, s, e: cross_attention(q, k, v, s, e, backend="triton")}
+    providers = {"sdpa": lambda q, k, v, s, e, mask: sdpa(q, k, v, mask),
+                 "ours": lambda q, k, v, s, e, mask: cross_attention(q, k, v, s, e, backend="triton")}
     flex = flex_provider() if cuda else None
     if flex is not None:
         providers["flex"] = flex
@@ -114,13 +120,14 @@ def main() -> None:
             end = torch.full_like(start, tiles * args.patches)
             end[:, :max(1, rows // 20)] = 0  # text before the image
             flops = 4 * args.batch * args.heads * rows * tiles * args.patches * args.head_dim
-            reference = sdpa(q.float(), k.float(), v.float(), start, end)
+            mask = dense_mask(start, end, keys, dtype)
+            reference = sdpa(q.float(), k.float(), v.float(), dense_mask(start, end, keys, torch.float32))
             for name, fn in providers.items():
-                error = ((fn(q, k, v, start, end).float() - reference).norm() / reference.norm()).item()
-                forward = timed(lambda: fn(q, k, v, start, end), args.repeats, cuda)
+                error = ((fn(q, k, v, start, end, mask).float() - reference).norm() / reference.norm()).item()
+                forward = timed(lambda: fn(q, k, v, start, end, mask), args.repeats, cuda)
                 qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
                 grad = torch.randn_like(q)
-                both = timed(lambda: fn(qq, kk, vv, start, end).backward(grad), args.repeats, cuda)
+                both = timed(lambda: fn(qq, kk, vv, start, end, mask).backward(grad), args.repeats, cuda)
                 results.append({"case": "train", "rows": rows, "tiles": tiles, "provider": name, "forward_ms": forward,
                                 "forward_backward_ms": both, "forward_tflops": flops / forward / 1e9,
                                 "forward_backward_tflops": 2.5 * flops / both / 1e9, "relative_error": error})
@@ -131,11 +138,14 @@ def main() -> None:
         v = torch.randn_like(k)
         start = torch.zeros(args.batch, n, dtype=torch.int32, device=args.device)
         end = torch.full_like(start, tiles * args.patches)
-        # transformers' decoding layout: every sample its own copy of the image's keys and values
+        # transformers' decoding layout: every sample its own copy of the image's keys and values (made by
+        # generate before decoding, so outside the timed call); one query per row, K/V not repeated to the query
+        # heads (SDPA's GQA, as transformers 5.24 does for one-token queries)
         q_rows = q.transpose(1, 2).reshape(args.batch * n, args.heads, 1, args.head_dim)
         k_rows, v_rows = k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)
-        per_sample = timed(lambda: sdpa(q_rows, k_rows, v_rows, start.reshape(-1, 1), end.reshape(-1, 1)),
-                           args.repeats, cuda)
+        mask = dense_mask(start.reshape(-1, 1), end.reshape(-1, 1), keys, dtype)
+        per_sample = timed(lambda: F.scaled_dot_product_attention(q_rows, k_rows, v_rows, attn_mask=mask,
+                                                                  enable_gqa=True), args.repeats, cuda)
         ours = timed(lambda: cross_attention(q, k, v, start, end, backend="triton"), args.repeats, cuda)
         results.append({"case": "decode", "n": n, "per_sample_ms": per_sample, "ours_ms": ours,
                         "speedup": per_sample / ours})

@@ -22,6 +22,7 @@ image's keys once for all of them.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 MASKED_ROWS = ("hf", "zero")
 BACKENDS = ("auto", "triton", "torch")
@@ -193,12 +194,28 @@ def key_ranges(cross_attention_mask: torch.Tensor, patches: int):
     return start.to(torch.int32), end.to(torch.int32), seen
 
 
+def _current_rows(mask: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The mask's rows of the tokens this call processes, as transformers takes them: a caller may pass the
+    whole mask with a cache (fastjudge's generic decoding; transformers 5.17's generate): rows
+    cache_position, else [past, past + tokens)."""
+    tokens = next((kwargs[name].shape[1] for name in ("input_ids", "inputs_embeds") if kwargs.get(name) is not None),
+                  mask.shape[1])
+    if mask.shape[1] == tokens:
+        return mask
+    position = kwargs.get("cache_position")
+    if position is not None:
+        return mask[:, position]
+    cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    return mask[:, past:past + tokens]
+
+
 def _capture_ranges(state: _PatchState):
     def hook(module, args, kwargs):
         mask = kwargs.get("cross_attention_mask")
         state.ranges = None
         if mask is not None:
-            ranges = key_ranges(mask, state.patches)
+            ranges = key_ranges(_current_rows(mask, kwargs), state.patches)
             if ranges is not None:  # transformers builds no dense mask: the patched layers take the ranges
                 state.ranges = ranges
                 kwargs = dict(kwargs, cross_attention_mask=None)
@@ -211,10 +228,18 @@ def _patched_cross_layer(layer, state: _PatchState, original):
     order of operations: norm, attention, gate, norm, MLP zeroed on rows that see no image, gate)."""
     def forward(hidden_states, cross_attention_states=None, cross_attention_mask=None, attention_mask=None,
                 full_text_row_masked_out_mask=None, **kwargs):
-        if state.ranges is None and cross_attention_mask is not None:  # a dense mask: transformers' path
+        if cross_attention_mask is not None:  # a dense mask (the hook passes none on): transformers' path
             return original(hidden_states, cross_attention_states=cross_attention_states,
                             cross_attention_mask=cross_attention_mask, attention_mask=attention_mask,
                             full_text_row_masked_out_mask=full_text_row_masked_out_mask, **kwargs)
+        ranges = state.ranges  # this call's (a recomputation in backward must see the same)
+        if layer.training and getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            # the instance's forward replaces the class's, which is where transformers checkpoints
+            return torch.utils.checkpoint.checkpoint(attend, hidden_states, cross_attention_states, kwargs, ranges,
+                                                     use_reentrant=False)
+        return attend(hidden_states, cross_attention_states, kwargs, ranges)
+
+    def attend(hidden_states, cross_attention_states, kwargs, ranges):
         cache = next((kwargs[name] for name in ("cache", "past_key_values", "past_key_value")
                       if kwargs.get(name) is not None), None)
         attn = layer.cross_attn
@@ -230,11 +255,14 @@ def _patched_cross_layer(layer, state: _PatchState, original):
                 k, v = cache.update(k, v, attn.layer_idx)
         else:
             k, v = cache.layers[attn.layer_idx].keys, cache.layers[attn.layer_idx].values
-        if state.ranges is None:  # no mask given: every row sees every key, as transformers does
+        if ranges is None:  # no mask given: every row sees every key, as transformers does
             start = torch.zeros(batch, rows, dtype=torch.int32, device=x.device)
             end, seen = torch.full_like(start, k.shape[2]), None
         else:
-            start, end, seen = state.ranges
+            start, end, seen = ranges
+            if start.shape != (batch, rows):
+                raise RuntimeError(f"patch_mllama: key ranges for {tuple(start.shape)} rows, but the layer has "
+                                   f"{(batch, rows)}: a call reached the text model without passing the MllamaModel")
         out = cross_attention(q, k, v, start, end, scale=attn.scaling, masked_rows=state.masked_rows,
                               backend=state.backend)  # (B, Hq, T, D)
         h = residual + layer.cross_attn_attn_gate.tanh() * attn.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))

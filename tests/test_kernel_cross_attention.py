@@ -235,15 +235,67 @@ def test_bad_arguments_name_the_argument():
 @pytest.mark.parametrize("blind", [False, True])
 def test_shared_decoder_cross_layers_through_the_kernel(tiny_mllama, monkeypatch, blind):
     """The shared Mllama decoder's cross layers through the kernel (n samples of a prompt as query rows over
-    its key range) sample exactly what its einsum path samples; a prompt that sees no image included."""
+    its key range) sample exactly what its einsum path samples; a prompt that sees no image included; with
+    end tokens, so that prompts leave the batch (and their ranges with them)."""
     from fastjudge import mllama_decoding
     from fastjudge.decoding import decode_groups
+    from fastjudge.kernels import mllama_cross_attention
     _, inputs = _batch(tiny_mllama)
     if blind:
         inputs["cross_attention_mask"][0] = 0
+    calls = []
+    kernel_function = mllama_cross_attention.cross_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel_function(*args, **kwargs)
+    monkeypatch.setattr(mllama_cross_attention, "cross_attention", counted)
+
+    def run(eos, sampler=None):
+        return decode_groups(tiny_mllama.model, dict(inputs), n=3, max_new_tokens=6, eos_ids=eos, temperature=1.0,
+                             generator=torch.Generator().manual_seed(4), sampler=sampler)
+
+    def greedy(logits, generator):
+        return logits.argmax(-1)
+    monkeypatch.setattr(mllama_decoding, "CROSS_ATTENTION_KERNEL", False)
+    free = run(set(), greedy)
+    # an end token in prompt 1's greedy text but not in prompt 0's: prompt 1 leaves the batch, prompt 0 stays
+    eos = {next(t for t in free[1][0] if t not in free[0][0])}
     results = []
     for kernel in (False, True):
         monkeypatch.setattr(mllama_decoding, "CROSS_ATTENTION_KERNEL", kernel)
-        results.append(decode_groups(tiny_mllama.model, dict(inputs), n=3, max_new_tokens=5, eos_ids=set(),
-                                     temperature=1.0, generator=torch.Generator().manual_seed(4)))
+        results.append((run(set()), run(eos, greedy)))
     assert results[0] == results[1]
+    assert calls and {shape[2] for shape in calls} == {3}  # the kernel ran, the 3 samples as query rows
+    assert len({shape[0] for shape in calls}) > 1  # prompts left the batch in between
+
+
+def test_patched_model_builds_no_dense_mask_and_takes_long_masks(tiny_mllama, monkeypatch):
+    """transformers' mask builder is never called through the patched model; a caller that passes the whole
+    mask with a cache (fastjudge's generic decoding, transformers 5.17's generate) gets the current rows."""
+    from transformers.models.mllama import modeling_mllama
+
+    from fastjudge import decoding
+    _, inputs = _batch(tiny_mllama)
+    monkeypatch.setattr(decoding, "SHARED_MLLAMA", False)  # the generic path: the whole mask every step
+    kwargs = dict(n=2, max_new_tokens=5, eos_ids=set(), temperature=1.0)
+    expected = decoding.decode(tiny_mllama.model, dict(inputs), generator=torch.Generator().manual_seed(2), **kwargs)
+    model = patch_mllama(copy.deepcopy(tiny_mllama.model), backend="triton")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense cross-attention mask was built")
+    monkeypatch.setattr(modeling_mllama, "_prepare_cross_attention_mask", refuse)
+    assert decoding.decode(model, dict(inputs), generator=torch.Generator().manual_seed(2), **kwargs) == expected
+
+
+def test_patched_model_with_gradient_checkpointing(tiny_mllama):
+    _, inputs = _batch(tiny_mllama)
+    model = copy.deepcopy(tiny_mllama.model).requires_grad_(True)
+    model.train()
+    reference = _logits_and_grads(model, inputs)
+    model.gradient_checkpointing_enable()
+    patch_mllama(model, backend="triton")
+    ours = _logits_and_grads(model, inputs)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-4, atol=1e-4)
+    for name in reference[1]:
+        torch.testing.assert_close(ours[1][name], reference[1][name], rtol=1e-4, atol=1e-4, msg=name)
