@@ -1,32 +1,37 @@
-"""Mllama decoding whose n samples share their prompt's cache without copies (Llama-3.2-Vision, the toy).
+"""Mllama decoding whose n samples share their prompt's cache (Llama-3.2-Vision, the toy).
 
 After transformers' prefill of the B prompts, the decoding steps run here, on the model's own modules:
-- the prompt's self-attention keys and values stay as prefilled, (B, kv heads, T, d), once per prompt; the n
-  samples of a prompt attend to them as n extra query positions of one row (cascade attention: one softmax
-  over the prefix scores and the sample's own scores, no (B * n)-row copy of the prefix);
+- each self-attention layer keeps one key buffer per prompt, (B, kv heads, T + n * max_new_tokens, d): the
+  prompt's keys once (copied from the prefill once, not per sample), then one run of max_new_tokens per slot
+  (a static cache, preallocated). The n samples of a prompt are n queries of one row of
+  F.scaled_dot_product_attention over that buffer, each masked to the prompt and its own run;
 - the image's cross-attention keys and values, (B, kv heads, tiles * patches, d), are shared the same way
-  (for the 11B model about 210 MB per prompt that `generate(num_return_sequences=n)` stores n times);
-- each sample's own keys and values go to a buffer preallocated for max_new_tokens (a static cache: no
-  per-step concatenation of the whole cache);
-- with fewer slots than samples, a slot whose sample ends starts the prompt's next sample (its own cache
-  from index 0); with early stop the prompt stops once its device vote is settled (answer_spans);
+  (for the 11B model about 210 MB per prompt that `generate(num_return_sequences=n)` stores n times); on a
+  GPU the cross layers run fastjudge.kernels.cross_attention over each prompt's key range;
+- with fewer slots than samples, a slot whose sample ends starts the prompt's next sample (its own run from
+  index 0); with early stop the prompt stops once its device vote is settled (answer_spans);
 - a prompt leaves the batch once all its samples have ended (a slot whose sample ended decodes on, its tokens
   ignored), at the next look from the host (every `sync_every` steps).
+One step is a fixed set of operators whatever the step (`bench/decode_ops.py` counts them): a step of a small
+batch on a GPU is bound by their launches.
 
-Shapes: B prompts, n samples, Hq query heads in Hkv groups of g, d head size, T prompt length, S image keys.
+Shapes: B prompts, n samples (slots), Hq query heads in Hkv groups of g, d head size, T prompt length, S image
+keys.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTracker
 from fastjudge.decoding import prefill
 
-# the cross layers through fastjudge.kernels.cross_attention: None = on a GPU; True = always (the Triton
-# interpreter on the CPU, for tests); False = never (the einsum below)
+# the cross layers through fastjudge.kernels.cross_attention: None = on a GPU (unless FASTJUDGE_GPU_KERNELS=0);
+# True = always (the Triton interpreter on the CPU, for tests); False = never (SDPA)
 CROSS_ATTENTION_KERNEL: bool | None = None
 
 
@@ -50,19 +55,22 @@ class SharedMllamaDecoder:
         self.cross_layers = set(config.cross_attention_layers)
         self.prompt_mask = prompt_mask.bool()  # (B, T)
         batch = prompt_mask.shape[0]
-        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (B, Hkv, T or S, d) x 2
-        self.own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (B, Hkv, n, max_new, d) x 2
+        self.prompt_length, self.max_new = prompt_mask.shape[1], max_new_tokens
+        self.image: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # cross layer -> (B, Hkv, S, d) x 2
+        # self layer -> (B, Hkv, T + n * max_new, d) x 2: the prompt's keys once, then each slot's own run
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for index, layer in enumerate(cache.layers):
             if index in self.cross_layers:
                 # as transformers: a cross layer runs when the cache holds image keys (else it is skipped)
                 if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-                    self.prefix[index] = (layer.keys, layer.values)
+                    self.image[index] = (layer.keys, layer.values)
                 continue
-            self.prefix[index] = (layer.keys, layer.values)
-            shape = (batch, self.kv_heads, n, max_new_tokens, self.head_dim)
-            # zeros, not empty: masked entries still meet a zero weight in the product, and 0 * NaN is NaN
-            self.own[index] = (layer.keys.new_zeros(shape), layer.values.new_zeros(shape))
-        image_keys = next((k.shape[2] for i, (k, _) in self.prefix.items() if i in self.cross_layers), 0)
+            shape = (batch, self.kv_heads, self.prompt_length + n * max_new_tokens, self.head_dim)
+            # zeros, not empty: masked entries must not be NaN (SDPA's masked product would carry it)
+            keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+            keys[:, :, :self.prompt_length], values[:, :, :self.prompt_length] = layer.keys, layer.values
+            self.kv[index] = (keys, values)
+        image_keys = next((k.shape[2] for k, _ in self.image.values()), 0)
         if image_keys_mask is None:
             image_keys_mask = torch.ones(batch, image_keys, dtype=torch.bool, device=prompt_mask.device)
         # a prompt that sees no image key: transformers attends evenly to all keys and zeroes the layer's MLP
@@ -72,7 +80,9 @@ class SharedMllamaDecoder:
         # on a GPU the cross layers run fastjudge.kernels.cross_attention over each prompt's key range: the n
         # samples of a prompt are n query rows of one program, which reads the image's keys once for all
         self.key_range = None
-        use_kernel = prompt_mask.is_cuda if CROSS_ATTENTION_KERNEL is None else CROSS_ATTENTION_KERNEL
+        use_kernel = CROSS_ATTENTION_KERNEL
+        if use_kernel is None:
+            use_kernel = prompt_mask.is_cuda and os.environ.get("FASTJUDGE_GPU_KERNELS") != "0"
         if use_kernel and image_keys:
             keys = torch.arange(image_keys, device=prompt_mask.device)
             start = torch.where(self.image_keys_mask, keys, image_keys).amin(dim=-1)
@@ -87,64 +97,49 @@ class SharedMllamaDecoder:
         self.sees_image = self.sees_image[groups]
         if self.key_range is not None:
             self.key_range = (self.key_range[0][groups], self.key_range[1][groups])
-        self.prefix = {i: (k[groups], v[groups]) for i, (k, v) in self.prefix.items()}
-        self.own = {i: (k[groups], v[groups]) for i, (k, v) in self.own.items()}
-
-    def _attend(self, q: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]):
-        """q (B, Hq, n, d); keys: (K, V, mask, shared) parts, shared K (B, Hkv, L, d) with mask (B, L), or a
-        sample's own K (B, Hkv, n, L, d) with mask (B, n, L). One softmax over all parts. Returns (B, n, Hq * d)."""
-        batch = q.shape[0]
-        grouped = q.view(batch, self.kv_heads, self.heads // self.kv_heads, self.n, self.head_dim)
-        scores = []
-        for k, _, mask, shared in keys:
-            if shared:
-                s = torch.einsum("bkgnd,bkld->bkgnl", grouped, k) * self.scale
-                s = s.masked_fill(~mask[:, None, None, None, :], float("-inf"))
-            else:
-                s = torch.einsum("bkgnd,bknld->bkgnl", grouped, k) * self.scale
-                s = s.masked_fill(~mask[:, None, None], float("-inf"))
-            scores.append(s)
-        weights = torch.cat(scores, dim=-1).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        out, start = 0, 0
-        for (_, v, _, shared), s in zip(keys, scores):
-            w = weights[..., start:start + s.shape[-1]]
-            start += s.shape[-1]
-            out = out + (torch.einsum("bkgnl,bkld->bkgnd", w, v) if shared
-                         else torch.einsum("bkgnl,bknld->bkgnd", w, v))
-        return out.reshape(batch, self.heads, self.n, self.head_dim).transpose(1, 2).reshape(batch, self.n, -1)
+        self.image = {i: (k[groups], v[groups]) for i, (k, v) in self.image.items()}
+        self.kv = {i: (k[groups], v[groups]) for i, (k, v) in self.kv.items()}
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, span: int) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """tokens (B, n), their positions (B, n) and own-cache indices (B, n) -> next-token logits (B, n, V).
 
-        Each sample's token is written to its own cache at `index` and attends to the prompt and to its own
-        entries 0..index (a slot that starts a new sample starts again at index 0). `span` (a host int, at least
-        max(index) + 1) bounds the own entries read, so no device value is needed on the host.
+        Each sample's token is written to its slot's run of the key buffer at `index` and attends to the prompt
+        and to its run's entries 0..index (a slot that starts a new sample starts again at index 0). Fixed
+        shapes: the same operators every step, nothing read back by the host.
         """
-        batch = tokens.shape[0]
+        batch, device = tokens.shape[0], tokens.device
         h = self.text.embed_tokens(tokens)  # (B, n, D)
         cos, sin = self.text.rotary_emb(h, positions)  # (B, n, d)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d)
-        rows = torch.arange(batch, device=tokens.device)[:, None].expand(-1, self.n)  # (B, n)
-        slots = torch.arange(self.n, device=tokens.device)[None, :].expand(batch, -1)  # (B, n)
-        own_mask = torch.arange(span, device=tokens.device) <= index[..., None]  # (B, n, span)
+        rows = torch.arange(batch, device=device)[:, None].expand(-1, self.n)  # (B, n)
+        slots = torch.arange(self.n, device=device)
+        # where each slot's token goes in the key buffer, and what each slot sees there: the prompt, and its own
+        # run up to this token (the other slots' runs are masked), one mask for every layer of the step
+        column = self.prompt_length + slots * self.max_new + index  # (B, n)
+        own = torch.arange(self.n * self.max_new, device=device)
+        sees_own = ((own // self.max_new)[None, None, :] == slots[None, :, None]) & \
+            ((own % self.max_new)[None, None, :] <= index[..., None])  # (B, n, n * max_new)
+        self_mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, self.n, -1), sees_own], dim=-1)[:, None]
+        image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
         for layer_index, layer in enumerate(self.text.layers):
             if layer_index in self.cross_layers:
-                if layer_index not in self.prefix:
+                if layer_index not in self.image:
                     continue  # no image keys cached: transformers skips these layers too
                 residual = h
                 attn = layer.cross_attn
                 x = layer.input_layernorm(h)
                 q = attn.q_proj(x).view(batch, self.n, self.heads, self.head_dim).transpose(1, 2)
                 q = attn.q_norm(q)
-                k, v = self.prefix[layer_index]
+                k, v = self.image[layer_index]
                 if self.key_range is not None:
                     from fastjudge.kernels.mllama_cross_attention import cross_attention
                     start, end = (r[:, None].expand(-1, self.n) for r in self.key_range)  # (B, n)
                     out = cross_attention(q, k, v, start, end, scale=self.scale, backend="triton")  # (B, Hq, n, d)
-                    x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
-                else:
-                    x = attn.o_proj(self._attend(q, [(k, v, self.image_keys_mask, True)]))
+                else:  # the n samples are n queries of one row: the image's keys are read once for them all
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=image_mask, scale=self.scale,
+                                                         enable_gqa=True)
+                x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
                 h = residual + layer.cross_attn_attn_gate.tanh() * x
                 residual = h
                 x = layer.mlp(layer.post_attention_layernorm(h)) * self.sees_image[:, None, None].to(h.dtype)
@@ -158,12 +153,12 @@ class SharedMllamaDecoder:
             v = attn.v_proj(x).view(batch, self.n, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            own_k, own_v = self.own[layer_index]
-            own_k[rows, :, slots, index] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, s, index[b, s]]
-            own_v[rows, :, slots, index] = v.transpose(1, 2)
-            prefix_k, prefix_v = self.prefix[layer_index]
-            x = attn.o_proj(self._attend(q, [(prefix_k, prefix_v, self.prompt_mask, True),
-                                              (own_k[:, :, :, :span], own_v[:, :, :, :span], own_mask, False)]))
+            keys, values = self.kv[layer_index]
+            keys[rows, :, column] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, column[b, s]]
+            values[rows, :, column] = v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask, scale=self.scale,
+                                                 enable_gqa=True)  # (B, Hq, n, d)
+            x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
             h = residual + x
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.text.norm(h))
@@ -283,7 +278,7 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
                 if tracker is not None:
                     tracker.select((keep[:, None] * slots + torch.arange(slots, device=device)).flatten())
         # the sampled tokens go in (a slot that ended or starts over feeds a token nobody reads)
-        step_logits = decoder.step(token, base[:, None] + index, index, min(step, max_new_tokens))
+        step_logits = decoder.step(token, base[:, None] + index, index)
     if vote is not None:  # a stopped prompt keeps the samples its vote counted (the first ones started)
         early_stop.last_vote = vote
         counted = torch.arange(n, device=device) < vote.drawn(torch.arange(batch, device=device))[:, None]

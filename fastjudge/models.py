@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import weakref
 from collections import OrderedDict
@@ -292,8 +293,11 @@ class Adapter:
 
     def use_gpu_kernels(self) -> None:
         """On CUDA, Mllama's cross-attention layers run `fastjudge.kernels.cross_attention` (`patch_mllama`,
-        masked rows as transformers), for training and prefill; once per model."""
+        masked rows as transformers), for training and prefill; once per model. FASTJUDGE_GPU_KERNELS=0 in the
+        environment turns this (and the decoder's use of the kernel) off."""
         if self.device.type != "cuda" or getattr(self.model.config, "model_type", None) != "mllama":
+            return
+        if os.environ.get("FASTJUDGE_GPU_KERNELS") == "0":
             return
         inner = getattr(self.model, "model", self.model)
         if getattr(inner, "_fastjudge_cross_attention", None) is None:
