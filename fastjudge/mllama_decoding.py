@@ -195,11 +195,12 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         patches = model.model.vision_model.num_patches
         image_keys_mask = cross[:, -1].bool().repeat_interleave(patches, dim=-1).flatten(1)
     decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, slots, max_new_tokens)
+    first_logits = out.logits[:, -1]  # (B', V): every sample's first token is drawn from these
+    del out, cache  # the prompt's keys now live in the decoder's buffers: free transformers' copy
     batch = attention_mask.shape[0]
     eos = torch.tensor(sorted(eos_ids), device=device)
     # everything per prompt or per (prompt, slot) lives on the device; B' prompts still going, S slots
     groups = torch.arange(batch, device=device)  # (B',) the original prompt of each batch prompt
-    first_logits = out.logits[:, -1]  # (B', V): every sample's first token is drawn from these
     base = position_ids[:, -1] + 1  # (B',) the position of each sample's first token
     sample = torch.arange(slots, device=device).repeat(batch, 1)  # (B', S) the sample in each slot
     length = torch.zeros(batch, slots, dtype=torch.long, device=device)  # (B', S) tokens the sample has
