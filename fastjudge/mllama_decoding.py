@@ -1,10 +1,11 @@
 """Mllama decoding whose n samples share their prompt's cache (Llama-3.2-Vision, the toy).
 
 After transformers' prefill of the B prompts, the decoding steps run here, on the model's own modules:
-- each self-attention layer keeps one key buffer per prompt, (B, kv heads, T + n * max_new_tokens, d): the
-  prompt's keys once (copied from the prefill once, not per sample), then one run of max_new_tokens per slot
+- each self-attention layer keeps one key buffer per prompt, (B, kv heads, T + max_new_tokens * n, d): the
+  prompt's keys once (copied from the prefill once, not per sample), then the samples' own keys step-major
   (a static cache, preallocated). The n samples of a prompt are n queries of one row of
-  F.scaled_dot_product_attention over that buffer, each masked to the prompt and its own run;
+  F.scaled_dot_product_attention over the buffer's columns written so far, each masked to the prompt and
+  its own keys;
 - the image's cross-attention keys and values, (B, kv heads, tiles * patches, d), are shared the same way
   (for the 11B model about 210 MB per prompt that `generate(num_return_sequences=n)` stores n times); on a
   GPU the cross layers run fastjudge.kernels.cross_attention over each prompt's key range;
@@ -12,8 +13,8 @@ After transformers' prefill of the B prompts, the decoding steps run here, on th
   index 0); with early stop the prompt stops once its device vote is settled (answer_spans);
 - a prompt leaves the batch once all its samples have ended (a slot whose sample ended decodes on, its tokens
   ignored), at the next look from the host (every `sync_every` steps).
-One step is a fixed set of operators whatever the step (`bench/decode_ops.py` counts them): a step of a small
-batch on a GPU is bound by their launches.
+One step is a fixed set of operators whatever the step (`bench/decode_ops.py` counts them; only the width
+read grows): a step of a small batch on a GPU is bound by their launches.
 
 Shapes: B prompts, n samples (slots), Hq query heads in Hkv groups of g, d head size, T prompt length, S image
 keys.
@@ -57,7 +58,7 @@ class SharedMllamaDecoder:
         batch = prompt_mask.shape[0]
         self.prompt_length, self.max_new = prompt_mask.shape[1], max_new_tokens
         self.image: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # cross layer -> (B, Hkv, S, d) x 2
-        # self layer -> (B, Hkv, T + n * max_new, d) x 2: the prompt's keys once, then each slot's own run
+        # self layer -> (B, Hkv, T + max_new * n, d) x 2: the prompt's keys once, then the slots' keys step-major
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for index, layer in enumerate(cache.layers):
             if index in self.cross_layers:
@@ -65,7 +66,7 @@ class SharedMllamaDecoder:
                 if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
                     self.image[index] = (layer.keys, layer.values)
                 continue
-            shape = (batch, self.kv_heads, self.prompt_length + n * max_new_tokens, self.head_dim)
+            shape = (batch, self.kv_heads, self.prompt_length + max_new_tokens * n, self.head_dim)
             # zeros, not empty: masked entries must not be NaN (SDPA's masked product would carry it)
             keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
             keys[:, :, :self.prompt_length], values[:, :, :self.prompt_length] = layer.keys, layer.values
@@ -101,12 +102,13 @@ class SharedMllamaDecoder:
         self.kv = {i: (k[groups], v[groups]) for i, (k, v) in self.kv.items()}
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, span: int) -> torch.Tensor:
         """tokens (B, n), their positions (B, n) and own-cache indices (B, n) -> next-token logits (B, n, V).
 
-        Each sample's token is written to its slot's run of the key buffer at `index` and attends to the prompt
-        and to its run's entries 0..index (a slot that starts a new sample starts again at index 0). Fixed
-        shapes: the same operators every step, nothing read back by the host.
+        Each sample's token is written to the key buffer at column T + index * n + slot and attends to the
+        prompt and to its own entries 0..index (a slot that starts a new sample starts again at index 0). The
+        own entries are laid out step-major, so `span` (a host int, at least max(index) + 1) bounds the columns
+        read, T + span * n: no device value is needed on the host, and the same operators run every step.
         """
         batch, device = tokens.shape[0], tokens.device
         h = self.text.embed_tokens(tokens)  # (B, n, D)
@@ -116,10 +118,11 @@ class SharedMllamaDecoder:
         slots = torch.arange(self.n, device=device)
         # where each slot's token goes in the key buffer, and what each slot sees there: the prompt, and its own
         # run up to this token (the other slots' runs are masked), one mask for every layer of the step
-        column = self.prompt_length + slots * self.max_new + index  # (B, n)
-        own = torch.arange(self.n * self.max_new, device=device)
-        sees_own = ((own // self.max_new)[None, None, :] == slots[None, :, None]) & \
-            ((own % self.max_new)[None, None, :] <= index[..., None])  # (B, n, n * max_new)
+        column = self.prompt_length + index * self.n + slots  # (B, n)
+        width = self.prompt_length + span * self.n  # the columns read
+        own = torch.arange(span * self.n, device=device)
+        sees_own = ((own % self.n)[None, None, :] == slots[None, :, None]) & \
+            ((own // self.n)[None, None, :] <= index[..., None])  # (B, n, span * n)
         self_mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, self.n, -1), sees_own], dim=-1)[:, None]
         image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
         for layer_index, layer in enumerate(self.text.layers):
@@ -156,8 +159,8 @@ class SharedMllamaDecoder:
             keys, values = self.kv[layer_index]
             keys[rows, :, column] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, column[b, s]]
             values[rows, :, column] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask, scale=self.scale,
-                                                 enable_gqa=True)  # (B, Hq, n, d)
+            out = F.scaled_dot_product_attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=self_mask,
+                                                 scale=self.scale, enable_gqa=True)  # (B, Hq, n, d)
             x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
             h = residual + x
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -279,7 +282,7 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
                 if tracker is not None:
                     tracker.select((keep[:, None] * slots + torch.arange(slots, device=device)).flatten())
         # the sampled tokens go in (a slot that ended or starts over feeds a token nobody reads)
-        step_logits = decoder.step(token, base[:, None] + index, index)
+        step_logits = decoder.step(token, base[:, None] + index, index, min(step, max_new_tokens))
     if vote is not None:  # a stopped prompt keeps the samples its vote counted (the first ones started)
         early_stop.last_vote = vote
         counted = torch.arange(n, device=device) < vote.drawn(torch.arange(batch, device=device))[:, None]
