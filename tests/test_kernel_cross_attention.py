@@ -235,7 +235,7 @@ def test_bad_arguments_name_the_argument():
 @pytest.mark.parametrize("blind", [False, True])
 def test_shared_decoder_cross_layers_through_the_kernel(tiny_mllama, monkeypatch, blind):
     """The shared Mllama decoder's cross layers through the kernel (n samples of a prompt as query rows over
-    its key range) sample exactly what its einsum path samples; a prompt that sees no image included; with
+    its key range) sample exactly what its SDPA path samples; a prompt that sees no image included; with
     end tokens, so that prompts leave the batch (and their ranges with them)."""
     from fastjudge import mllama_decoding
     from fastjudge.decoding import decode_groups
