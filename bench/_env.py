@@ -49,3 +49,29 @@ def save(path: str | Path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result | {"environment": environment()}, indent=2) + "\n")
+
+
+def median_ms(fn, repeats: int, cuda: bool) -> float:
+    """Median milliseconds of fn() over `repeats` calls (no warm-up here); on CUDA synchronized around each
+    call, so the device's work is inside the time."""
+    import statistics
+    import time
+
+    import torch
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def report(result: dict, out: str | Path | None = None) -> None:
+    """The benchmark's last line: its result with the environment as one JSON line; also a file with --out."""
+    print(json.dumps(result | {"environment": environment()}))
+    if out:
+        save(out, result)

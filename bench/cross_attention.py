@@ -22,34 +22,22 @@ Prints a table, then one JSON line; --out also writes it.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save  # noqa: E402
+from _env import median_ms, report  # noqa: E402
 
 from fastjudge.kernels.mllama_cross_attention import cross_attention  # noqa: E402
 
 
 def timed(fn, repeats: int, cuda: bool) -> float:
-    """Median milliseconds of fn() after one warm-up."""
+    """Median milliseconds of fn() after one warm-up (compilation)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, repeats, cuda)
 
 
 def dense_mask(start, end, keys, dtype):
@@ -165,9 +153,7 @@ def main() -> None:
     result = {"bench": "cross_attention", "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "patches": args.patches, "dtype": str(dtype), "device": args.device,
               "results": results}
-    print(json.dumps(result | {"environment": environment()}))
-    if args.out:
-        save(args.out, result)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

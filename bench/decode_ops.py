@@ -1,7 +1,7 @@
 """Operators dispatched per decoding step: our shared Mllama decoder against transformers' `generate`, on the
 Llama-3.2-11B-Vision layer structure (40 text layers, 8 of them cross-attention, 32/8 heads) at tiny widths.
 
-    python bench/decode_ops.py [--n 16] [--prompts 4] [--new-tokens 8]
+    python bench/decode_ops.py [--n 16] [--prompts 4] [--new-tokens 8] [--out FILE]
 
 On a GPU a decoding step of a small batch is bound by kernel launches and Python, not by arithmetic (see the
 H200 sampler figures in README): each operator that computes (views and reshapes excluded) launches at least
@@ -14,7 +14,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment  # noqa: E402
+from _env import report  # noqa: E402
 
 # operators that only make a view or read metadata: no kernel
 VIEWS = {"view", "_unsafe_view", "expand", "transpose", "t", "slice", "select", "unsqueeze", "squeeze", "permute",
@@ -76,6 +75,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     adapter = build()
     adapter.feature_cache = None
@@ -115,8 +115,7 @@ def main() -> None:
     for name, r in result.items():
         top = ", ".join(f"{op} {count:.0f}" for op, count in list(r["top"].items())[:8])
         print(f"{name:>13}: {r['ops_per_step']:7.0f}   ({top})")
-    print(json.dumps({"bench": "decode_ops", "n": args.n, "prompts": args.prompts, **result,
-                      "environment": environment()}))
+    report({"bench": "decode_ops", "n": args.n, "prompts": args.prompts, **result}, args.out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save  # noqa: E402
+from _env import report  # noqa: E402
 
 import time  # noqa: E402
 
@@ -159,11 +158,8 @@ def main() -> None:
               "device_vote_agrees": agree / len(samples),
               "online": {"batch_rows": cfg.batch_rows, "full_seconds": full_seconds, "full_tokens": full_tokens,
                          **{f"full_{k}": v for k, v in full_work.items()},
-                         "full_runs_differ": noise, "rows": online},
-              "environment": environment()}
-    print(json.dumps(result))
-    if args.out:
-        save(args.out, result)
+                         "full_runs_differ": noise, "rows": online}}
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,15 @@ Prints a table, then one JSON line; --out also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save  # noqa: E402
+from _env import median_ms, report  # noqa: E402
 
 from fastjudge.kernels.linear_cross_entropy import (fused_linear_cross_entropy,  # noqa: E402
                                                           fused_linear_cross_entropy_reference)
@@ -51,13 +49,12 @@ def providers(rows: int, size: int, vocab: int, device: str) -> dict:
         out["liger"] = lambda h, w, t: liger(w, h, t)
     except ImportError:
         pass
-    if device == "cuda" or torch.cuda.is_available() is False:
-        out["ours-vocab"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton", design="vocab")
-        liger_rows = max(1, rows * size // vocab)
-        for chunk in sorted({liger_rows, 4 * liger_rows, 1024, rows}):
-            if chunk <= rows:
-                out[f"ours-rows-{chunk}"] = (lambda c: lambda h, w, t: fused_linear_cross_entropy(
-                    h, w, t, backend="triton", design="rows", chunk_rows=c))(chunk)
+    out["ours-vocab"] = lambda h, w, t: fused_linear_cross_entropy(h, w, t, backend="triton", design="vocab")
+    liger_rows = max(1, rows * size // vocab)
+    for chunk in sorted({liger_rows, 4 * liger_rows, 1024, rows}):
+        if chunk <= rows:
+            out[f"ours-rows-{chunk}"] = (lambda c: lambda h, w, t: fused_linear_cross_entropy(
+                h, w, t, backend="triton", design="rows", chunk_rows=c))(chunk)
     return out
 
 
@@ -101,16 +98,7 @@ def measure(loss_fn, hidden, weight, target, repeats: int) -> tuple[float, float
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
         peak = None
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        once()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), peak, value
+    return median_ms(once, repeats, cuda), peak, value
 
 
 def main() -> None:
@@ -151,7 +139,8 @@ def main() -> None:
                             "loss_differs": abs(value - reference),
                             "floor_ratio": ms / (flops / rate * 1e3) if rate else None,
                             "tflops": flops / (ms / 1e3) / 1e12})
-            torch.cuda.empty_cache() if args.device == "cuda" else None
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     print(f"H {args.hidden}, V {args.vocab}, {args.dtype}, {args.device}; matrix rate "
           f"{rate / 1e12:.0f} TFLOP/s" if rate else f"H {args.hidden}, V {args.vocab}, {args.dtype}, {args.device}")
     print(f"{'N':>6} {'provider':<18}{'ms':>10}{'peak MB':>10}{'x floor':>9}{'TFLOP/s':>9}{'|dloss|':>10}")
@@ -165,9 +154,7 @@ def main() -> None:
               f"{r['loss_differs']:>10.1e}")
     result = {"bench": "flce", "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype,
               "device": args.device, "matmul_tflops": rate / 1e12 if rate else None, "results": results}
-    print(json.dumps(result | {"environment": environment()}))
-    if args.out:
-        save(args.out, result)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ Prints a table, then one JSON line; --out also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save  # noqa: E402
+from _env import median_ms, report  # noqa: E402
 from feature_cache import build_adapter  # noqa: E402
 
 
@@ -64,10 +62,6 @@ def main() -> None:
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=args.device)
     cross = adapter._model_inputs(rows, features, left=True)["cross_attention_mask"]
 
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def ours(n):
         adapter.generate(images, prompts, n=n, max_new_tokens=args.new_tokens, seed=0, batch_rows=args.prompts * n,
                          **sampling)
@@ -83,14 +77,7 @@ def main() -> None:
                        eos_token_id=None, pad_token_id=adapter.pad_id, **sampling)
 
     def timed(fn, n):
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn(n)
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return median_ms(lambda: fn(n), args.repeats, args.device.startswith("cuda")) / 1e3
 
     ours(1)  # warm-up
     theirs(1)
@@ -112,11 +99,8 @@ def main() -> None:
         print(f"{r['n']:>4}{r['ours_tok_s']:>12.1f}{r['transformers_tok_s']:>12.1f}{r['speedup']:>8.2f}x")
     result = {"bench": "sampler", "preset": args.preset, "device": args.device, "prompts": args.prompts,
               "prompt_tokens": length, "new_tokens": args.new_tokens, "sampling": sampling,
-              "preprocessing_s": preprocessing, "results": results,
-              "environment": environment()}
-    print(json.dumps(result))
-    if args.out:
-        save(args.out, result)
+              "preprocessing_s": preprocessing, "results": results}
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ def prefill(model, inputs: dict[str, torch.Tensor]):
     return out, _cache_of(out), position_ids
 
 
+def _sampler(temperature: float, top_k: int, top_p: float, min_p: float) -> Callable:
+    """`sample_logits` with these filters, as a sampler(logits, generator)."""
+    def sampler(logits, generator):
+        return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             generator=generator)
+    return sampler
+
+
 def default_sync_every(device: torch.device) -> int:
     """Decoding steps between two looks from the host: every step on the CPU (nothing to overlap; finished
     rows leave at once), every 8 on a GPU (the host queues steps ahead instead of waiting on each)."""
@@ -57,9 +65,7 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
     start the next sample when one ends; early stop on the device vote, `answer_spans.EarlyStop`; host looks
     every `sync_every` steps). Other families take only slots=None and early_stop=None (then n samples each)."""
     if sampler is None:
-        def sampler(logits, generator):
-            return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 generator=generator)
+        sampler = _sampler(temperature, top_k, top_p, min_p)
     if sync_every is None:
         sync_every = default_sync_every(inputs["attention_mask"].device)
     if getattr(model.config, "model_type", None) == "mllama" and SHARED_MLLAMA:
@@ -95,13 +101,10 @@ def decode(model, inputs: dict[str, torch.Tensor], *, max_new_tokens: int, eos_i
     given temperature, top_k, top_p, min_p: C++ on the CPU, Triton on a GPU).
     """
     if sampler is None:
-        def sampler(logits, generator):
-            return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 generator=generator)
+        sampler = _sampler(temperature, top_k, top_p, min_p)
     if getattr(model.config, "model_type", None) == "mllama" and SHARED_MLLAMA:
-        from fastjudge.mllama_decoding import decode_mllama_shared
-        groups = decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                      sampler=sampler, generator=generator, stop=stop, sync_every=1)
+        groups = decode_groups(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                               sampler=sampler, generator=generator, stop=stop, sync_every=1)
         return [tokens for group in groups for tokens in group]
     cache_arg = _cache_argument(model)
     attention_mask = inputs["attention_mask"]

@@ -262,9 +262,9 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         fresh = starts
         length = torch.where(starts, torch.zeros_like(length), length)
         alive = alive | starts
-        end_request = torch.zeros_like(end_request)
-        if stop is not None:
-            pending.append((groups[:, None].expand_as(token), token_sample, token, write))
+        if stop is not None:  # requests are for one step; the host sets them at its looks
+            end_request = torch.zeros_like(end_request)
+            pending.append((rows, token_sample, token, write))
         step += 1
         if step % sync_every == 0:
             going = alive.any(dim=1)  # (B',) prompts with a sample still to decode

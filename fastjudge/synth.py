@@ -103,20 +103,17 @@ def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: in
 
     if closed_records:
         closed_images = load_images([r.image for r in closed_records])
-        if cfg.early_stop > 0 and adapter.refills:  # one decoding run, voting on the device
+        if cfg.early_stop > 0 and not adapter.refills:  # rounds, voted on the host between them
+            samples = sample_adaptively(adapter, closed_images, closed_records, cfg, seed + 2)
+            bar.update(len(closed_records))
+        else:  # with early stop: one decoding run, voting on the device
+            stopping = dict(slots=min(cfg.round_size, cfg.n_samples), early_stop=cfg.early_stop,
+                            min_votes=cfg.min_votes) if cfg.early_stop > 0 else {}
             samples = adapter.generate(
                 closed_images, [r.instruction for r in closed_records], n=cfg.n_samples,
                 max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 batch_rows=cfg.batch_rows, batch_tokens=cfg.batch_tokens, seed=seed + 2, progress=bar.update,
-                slots=min(cfg.round_size, cfg.n_samples), early_stop=cfg.early_stop, min_votes=cfg.min_votes)
-        elif cfg.early_stop > 0:
-            samples = sample_adaptively(adapter, closed_images, closed_records, cfg, seed + 2)
-            bar.update(len(closed_records))
-        else:
-            samples = adapter.generate(
-                closed_images, [r.instruction for r in closed_records], n=cfg.n_samples,
-                max_new_tokens=cfg.answer_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                batch_rows=cfg.batch_rows, batch_tokens=cfg.batch_tokens, seed=seed + 2, progress=bar.update)
+                **stopping)
         stats["samples"] = sum(map(len, samples))
         extracted = [[extract_answer(s, r.answer_type) for s in group] for r, group in zip(closed_records, samples)]
         votes = majority_vote(extracted, min_votes=cfg.min_votes)

@@ -59,7 +59,7 @@ def _launch(block: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _stats(block, target, running, col0, smoothing):
-    """Fold a logits block (Nc, Vc) into running = (max, sumexp, picked, total), each (Nc,) float32."""
+    """Fold a logits block (Nc, Vc) into running (4, Nc) float32 (`_new_statistics`), rows contiguous."""
     stats_kernel, _ = _kernels()
     per_program, width, grid = _launch(block)
     stats_kernel[(grid,)](block, block.stride(0), block.shape[0], block.shape[1], col0, target, *running,
@@ -92,29 +92,36 @@ def _loss_rows(lse, picked, total, valid, vocab, smoothing):
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
+def _new_statistics(rows: int, device) -> torch.Tensor:
+    """(4, N) float32, what `_stats` folds blocks into: each row's running max (from -inf), sum of
+    exponentials, target logit and logit sum (from 0). Row n's log-sum-exp is then max + log(sum)."""
+    stats = torch.zeros(4, rows, dtype=torch.float32, device=device)
+    stats[0] = -float("inf")
+    return stats
+
+
+def _zero_gradients(hidden, weight, need):
+    """(dhidden, dweight, dbias float32) zeros for the flags need = (hidden, weight, bias), None elsewhere."""
+    return (torch.zeros_like(hidden) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need[2] else None)
+
+
 def _row_statistics(hidden, weight, bias, target, chunk_rows, chunk_vocab, smoothing):
     """Each row's log-sum-exp, target logit and logit sum over the whole vocabulary, by blocks: (N,) x 3."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    lse, picked, total = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(3))
+    stats = _new_statistics(rows, hidden.device)
     for r0, r1 in _spans(rows, chunk_rows):
-        running = (torch.full((r1 - r0,), -float("inf"), device=device),
-                   *(torch.zeros(r1 - r0, device=device) for _ in range(3)))
         for c0, c1 in _spans(vocab, chunk_vocab):
             block = _logits(hidden[r0:r1], weight, bias, c0, c1)
-            _stats(block, target[r0:r1], running, c0, smoothing)
-        lse[r0:r1] = running[0] + running[1].log()
-        picked[r0:r1], total[r0:r1] = running[2], running[3]
-    return lse, picked, total
+            _stats(block, target[r0:r1], stats[:, r0:r1], c0, smoothing)
+    return stats[0] + stats[1].log(), stats[2], stats[3]
 
 
 def _gradients(hidden, weight, bias, target, lse, scale, chunk_rows, chunk_vocab, smoothing, need):
     """(dhidden, dweight, dbias) by blocks, each block's gradient made from its logits again; `scale` (N,)
     float32 multiplies row n's gradient; need = (hidden, weight, bias) flags."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    dhidden = torch.zeros_like(hidden) if need[0] else None
-    dweight = torch.zeros_like(weight) if need[1] else None
-    dbias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need[2] else None
+    dhidden, dweight, dbias = _zero_gradients(hidden, weight, need)
     for r0, r1 in _spans(rows, chunk_rows):
         h = hidden[r0:r1]
         for c0, c1 in _spans(vocab, chunk_vocab):
@@ -199,19 +206,14 @@ def _eager(hidden, weight, bias, target, scale, chunk_rows, smoothing, need, ctx
     """The "rows" order: per chunk of rows, the whole-vocabulary block's statistics, then its gradient in place,
     then the products. Keeps the gradients on ctx (scaled by the incoming gradient in backward)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    dhidden = torch.zeros_like(hidden) if need[0] else None
-    dweight = torch.zeros_like(weight) if need[1] else None
-    dbias = torch.zeros(vocab, dtype=torch.float32, device=device) if need[2] else None
-    lse, picked, total = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(3))
+    dhidden, dweight, dbias = _zero_gradients(hidden, weight, need)
+    stats = _new_statistics(rows, hidden.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     for r0, r1 in _spans(rows, chunk_rows):
         h = hidden[r0:r1]
         block = _logits(h, weight, bias, 0, vocab)  # (Nc, V)
-        running = (torch.full((r1 - r0,), -float("inf"), device=device),
-                   *(torch.zeros(r1 - r0, device=device) for _ in range(3)))
-        _stats(block, target[r0:r1], running, 0, smoothing)
-        lse[r0:r1] = running[0] + running[1].log()
-        picked[r0:r1], total[r0:r1] = running[2], running[3]
+        _stats(block, target[r0:r1], stats[:, r0:r1], 0, smoothing)
+        lse[r0:r1] = stats[0, r0:r1] + stats[1, r0:r1].log()
         _to_grad(block, target[r0:r1], lse[r0:r1], scale[r0:r1], 0, vocab, smoothing)
         if dhidden is not None:
             torch.mm(block, weight, out=dhidden[r0:r1])
@@ -220,7 +222,7 @@ def _eager(hidden, weight, bias, target, scale, chunk_rows, smoothing, need, ctx
         if dbias is not None:
             dbias += block.sum(0, dtype=torch.float32)
     ctx.eager_grads = (dhidden, dweight, dbias)
-    return lse, picked, total
+    return lse, stats[2], stats[3]
 
 
 def _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, backend, design):

@@ -8,14 +8,9 @@ import triton.language as tl
 
 
 @triton.jit
-def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_ptr, end_ptr, lo_ptr, hi_ptr,
-                                   T, S, D, HQ, GROUP, BLOCKS_T, scale,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                   PRECISION: tl.constexpr):
-    """Program (query block, batch x query head): O (BLOCK_M, D) and each row's log-sum-exp of its scores."""
-    block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HQ, bh % HQ
-    kv = b * (HQ // GROUP) + h // GROUP  # the key/value head of this query head (GQA: no repeated K/V)
+def _query_block(start_ptr, end_ptr, lo_ptr, hi_ptr, block, b, T, D, BLOCKS_T,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows of one query block, their key ranges and the block's union range [lo, hi)."""
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_live = rows < T
     dims = tl.arange(0, BLOCK_D)
@@ -24,21 +19,47 @@ def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_pt
     end = tl.load(end_ptr + b * T + rows, mask=row_live, other=0)
     lo = tl.load(lo_ptr + b * BLOCKS_T + block)
     hi = tl.load(hi_ptr + b * BLOCKS_T + block)
-    q_base = q_ptr + (bh.to(tl.int64) * T) * D
-    q = tl.load(q_base + rows[:, None] * D + dims[None, :], mask=row_live[:, None] & dim_live[None, :], other=0.0)
+    return rows, row_live, dims, dim_live, start, end, lo, hi
+
+
+@triton.jit
+def _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N: tl.constexpr):
+    """Keys [first, first + BLOCK_N) of one K/V head: (cols, K, V), zeros past S and D."""
+    cols = first + tl.arange(0, BLOCK_N)
+    offs = kv_base + cols[:, None] * D + dims[None, :]
+    mask = (cols < S)[:, None] & dim_live[None, :]
+    return cols, tl.load(k_ptr + offs, mask=mask, other=0.0), tl.load(v_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q, k, cols, start, end, scale, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scaled scores, and which of them each row's range lets it see."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    seen = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+    return scores, seen
+
+
+@triton.jit
+def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_ptr, end_ptr, lo_ptr, hi_ptr,
+                                   T, S, D, HQ, GROUP, BLOCKS_T, scale,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   PRECISION: tl.constexpr):
+    """Program (query block, batch x query head): O (BLOCK_M, D) and each row's log-sum-exp of its scores."""
+    block, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HQ, bh % HQ
+    kv = b * (HQ // GROUP) + h // GROUP  # the key/value head of this query head (GQA: no repeated K/V)
+    rows, row_live, dims, dim_live, start, end, lo, hi = _query_block(start_ptr, end_ptr, lo_ptr, hi_ptr, block, b,
+                                                                      T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
+    offs = (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :]
+    mask = row_live[:, None] & dim_live[None, :]
+    q = tl.load(q_ptr + offs, mask=mask, other=0.0)
     kv_base = (kv.to(tl.int64) * S) * D
     row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        cols = first + tl.arange(0, BLOCK_N)
-        col_live = cols < S
-        k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=col_live[:, None] & dim_live[None, :],
-                    other=0.0)
-        v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=col_live[:, None] & dim_live[None, :],
-                    other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-        seen = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+        cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N)
+        scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)  # (BLOCK_M, BLOCK_N)
         scores = tl.where(seen, scores, -float("inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that have seen no key yet
@@ -49,8 +70,7 @@ def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_pt
         row_max = new_max
     some = row_sum > 0  # rows with no key ("zero" rows): output 0
     out = tl.where(some[:, None], acc / tl.where(some, row_sum, 1.0)[:, None], 0.0)
-    tl.store(o_ptr + (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_live[:, None] & dim_live[None, :])
+    tl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
     lse = tl.where(some, row_max + tl.log(tl.where(some, row_sum, 1.0)), 0.0)
     tl.store(lse_ptr + bh * T + rows, lse, mask=row_live)
 
@@ -65,14 +85,8 @@ def cross_attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HQ, bh % HQ
     kv = b * (HQ // GROUP) + h // GROUP
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_live = rows < T
-    dims = tl.arange(0, BLOCK_D)
-    dim_live = dims < D
-    start = tl.load(start_ptr + b * T + rows, mask=row_live, other=0)
-    end = tl.load(end_ptr + b * T + rows, mask=row_live, other=0)
-    lo = tl.load(lo_ptr + b * BLOCKS_T + block)
-    hi = tl.load(hi_ptr + b * BLOCKS_T + block)
+    rows, row_live, dims, dim_live, start, end, lo, hi = _query_block(start_ptr, end_ptr, lo_ptr, hi_ptr, block, b,
+                                                                      T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
     offs = (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :]
     mask = row_live[:, None] & dim_live[None, :]
     q = tl.load(q_ptr + offs, mask=mask, other=0.0)
@@ -82,14 +96,8 @@ def cross_attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     kv_base = (kv.to(tl.int64) * S) * D
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        cols = first + tl.arange(0, BLOCK_N)
-        col_live = cols < S
-        k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=col_live[:, None] & dim_live[None, :],
-                    other=0.0)
-        v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=col_live[:, None] & dim_live[None, :],
-                    other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        seen = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+        cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N)
+        scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)
         p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -107,35 +115,30 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     block, bkv = tl.program_id(0), tl.program_id(1)
     hkv = HQ // GROUP
     b, kv_head = bkv // hkv, bkv % hkv
-    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_live = cols < S
     dims = tl.arange(0, BLOCK_D)
     dim_live = dims < D
-    kv_offs = (bkv.to(tl.int64) * S) * D + cols[:, None] * D + dims[None, :]
-    kv_mask = col_live[:, None] & dim_live[None, :]
-    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+    kv_base = (bkv.to(tl.int64) * S) * D
+    first_col = block * BLOCK_N
+    cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first_col, S, D, dims, dim_live, BLOCK_N)
+    kv_offs = kv_base + cols[:, None] * D + dims[None, :]
+    kv_mask = (cols < S)[:, None] & dim_live[None, :]
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    first_col = block * BLOCK_N
     for g in range(0, GROUP):
         bh = b * HQ + kv_head * GROUP + g
         for qb in range(0, BLOCKS_T):
             lo = tl.load(lo_ptr + b * BLOCKS_T + qb)
             hi = tl.load(hi_ptr + b * BLOCKS_T + qb)
             if (lo < first_col + BLOCK_N) & (hi > first_col):
-                rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_live = rows < T
-                start = tl.load(start_ptr + b * T + rows, mask=row_live, other=0)
-                end = tl.load(end_ptr + b * T + rows, mask=row_live, other=0)
+                rows, row_live, _, _, start, end, _, _ = _query_block(
+                    start_ptr, end_ptr, lo_ptr, hi_ptr, qb, b, T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
                 offs = (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :]
                 mask = row_live[:, None] & dim_live[None, :]
                 q = tl.load(q_ptr + offs, mask=mask, other=0.0)
                 do = tl.load(do_ptr + offs, mask=mask, other=0.0)
                 lse = tl.load(lse_ptr + bh * T + rows, mask=row_live, other=0.0)
                 delta = tl.load(delta_ptr + bh * T + rows, mask=row_live, other=0.0)
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-                seen = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+                scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)  # (BLOCK_M, BLOCK_N)
                 p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

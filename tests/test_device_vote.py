@@ -206,14 +206,7 @@ def test_early_stop_on_the_device_vote_stops_when_the_host_rule_would(tmp_path):
     first k samples with k votes >= min_votes and confidence 1 - 2^-(k+1) >= the threshold; with slots
     finishing together, after the first whole group of slots past k."""
     adapter = load_adapter(None)
-    rng = random.Random(2)
-    images, prompts = [], []
-    while len(prompts) < 4:
-        scene = world.random_scene(rng)
-        closed = [q for q in world.questions(scene, rng) if q.kind == "closed"]
-        if closed:
-            images.append(world.render(scene, rng))
-            prompts.append(closed[0].instruction)
+    images, prompts = _closed_prompts(4, seed=2)
     inputs = _inputs(adapter, images, prompts)
     stopping = EarlyStop(adapter.span_tables(), confidence=0.9, min_votes=3)  # k = 3: 0.9375 >= 0.9
     for slots, expected in [(1, 3), (2, 4), (4, 4), (16, 16)]:
@@ -234,14 +227,7 @@ def test_early_stop_on_the_device_vote_stops_when_the_host_rule_would(tmp_path):
 
 def test_generate_with_early_stop_is_seeded_and_draws_fewer_samples():
     adapter = load_adapter(None)
-    rng = random.Random(5)
-    images, prompts = [], []
-    while len(prompts) < 12:
-        scene = world.random_scene(rng)
-        closed = [q for q in world.questions(scene, rng) if q.kind == "closed"]
-        if closed:
-            images.append(world.render(scene, rng))
-            prompts.append(closed[0].instruction)
+    images, prompts = _closed_prompts(12, seed=5)
     kwargs = dict(n=16, max_new_tokens=12, temperature=0.6, top_k=50, top_p=0.9, seed=3, slots=4,
                   early_stop=0.9, min_votes=5)
     first = adapter.generate(images, prompts, **kwargs)
