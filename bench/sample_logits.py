@@ -12,15 +12,15 @@ the least any torch sampler does. Draws are checked: the kernel's tokens must be
 the top-k setting.
 
     python bench/sample_logits.py --repeats 5 --out bench/results/sample-logits-cpu-2core.json
+    python bench/sample_logits.py --device cuda --dtype bfloat16    # "ours" is then the Triton kernel
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 
@@ -47,16 +47,6 @@ def make_logits(kind: str, rows: int, vocab: int, seed: int = 0) -> torch.Tensor
     return logits.scatter_(1, head, 14 + 3 * torch.randn(rows, 32, generator=generator))
 
 
-def _time_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="rows B")
@@ -65,36 +55,47 @@ def main() -> None:
     parser.add_argument("--dists", default="llm,randn3", help="comma-separated logit shapes: llm, randn3")
     parser.add_argument("--seed", type=int, default=0, help="seed for the logits and the draws")
     parser.add_argument("--out", default=None, help="also write the result with its environment to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu (ours: the C++ kernel) or cuda (ours: Triton)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _env import median_ms
+    cuda = args.device.startswith("cuda")
+    ours_name = "triton" if cuda else "c++"
     threads = torch.get_num_threads()
-    print(f"logits=({args.rows}, {args.vocab}) float32 threads={threads} repeats={args.repeats} (median ms)")
-    print(f"{'logits':<8}{'setting':<22}{'c++':>9}{'reference':>11}{'softmax+mult':>14}{'vs ref':>9}{'vs s+m':>9}")
+    print(f"logits=({args.rows}, {args.vocab}) {args.dtype} on {args.device}, threads={threads} "
+          f"repeats={args.repeats} (median ms)")
+    print(f"{'logits':<8}{'setting':<22}{ours_name:>9}{'reference':>11}{'softmax+mult':>14}{'vs ref':>9}{'vs s+m':>9}")
     results = []
     for dist in args.dists.split(","):
         if dist not in DISTS:
             raise SystemExit(f"--dists: unknown logits shape {dist!r}; known: {', '.join(DISTS)}")
-        logits = make_logits(dist, args.rows, args.vocab, args.seed)
+        logits = make_logits(dist, args.rows, args.vocab, args.seed).to(args.device, getattr(torch, args.dtype))
         for name, kwargs in SETTINGS.items():
-            generator = torch.Generator().manual_seed(args.seed)
+            generator = torch.Generator(device=args.device).manual_seed(args.seed)
             tokens = sample_logits(logits, generator=generator, **kwargs)
             if "top_k" in kwargs:
                 top = logits.topk(kwargs["top_k"], dim=-1).indices
                 if not (top == tokens[:, None]).any(-1).all():
                     raise SystemExit(f"{dist} {name}: a token outside the top-k")
             temperature = kwargs.get("temperature", 1.0)
-            cpp_ms = _time_ms(lambda: sample_logits(logits, generator=generator, **kwargs), args.repeats)
-            ref_ms = _time_ms(lambda: sample_logits_reference(logits, generator=generator, **kwargs), args.repeats)
-            plain_ms = _time_ms(lambda: torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator),
-                                args.repeats)
-            print(f"{dist:<8}{name:<22}{cpp_ms:>9.2f}{ref_ms:>11.2f}{plain_ms:>14.2f}"
-                  f"{ref_ms / cpp_ms:>8.1f}x{plain_ms / cpp_ms:>8.1f}x")
-            results.append({"logits": dist, "setting": name, "cpp_ms": round(cpp_ms, 3),
+            def time_ms(fn):
+                fn()  # warm-up (Triton compiles)
+                return median_ms(fn, args.repeats, cuda)
+            ours_ms = time_ms(lambda: sample_logits(logits, generator=generator, **kwargs))
+            ref_ms = time_ms(lambda: sample_logits_reference(logits, generator=generator, **kwargs))
+            plain_ms = time_ms(lambda: torch.multinomial((logits.float() / temperature).softmax(-1), 1,
+                                                         generator=generator))
+            print(f"{dist:<8}{name:<22}{ours_ms:>9.2f}{ref_ms:>11.2f}{plain_ms:>14.2f}"
+                  f"{ref_ms / ours_ms:>8.1f}x{plain_ms / ours_ms:>8.1f}x")
+            results.append({"logits": dist, "setting": name, "ours_ms": round(ours_ms, 3),
                             "reference_ms": round(ref_ms, 3), "softmax_multinomial_ms": round(plain_ms, 3),
-                            "speedup_vs_reference": round(ref_ms / cpp_ms, 1),
-                            "speedup_vs_softmax_multinomial": round(plain_ms / cpp_ms, 1)})
+                            "speedup_vs_reference": round(ref_ms / ours_ms, 1),
+                            "speedup_vs_softmax_multinomial": round(plain_ms / ours_ms, 1)})
     dists = args.dists.split(",")
-    result = {"bench": "sample_logits", "rows": args.rows, "vocab": args.vocab, "dtype": "float32", "threads": threads,
+    result = {"bench": "sample_logits", "device": args.device, "ours": ours_name, "rows": args.rows,
+              "vocab": args.vocab, "dtype": args.dtype, "threads": threads,
               "repeats": args.repeats, "logits": {d: DISTS[d] for d in dists}, "results": results}
     if args.out:
         from _env import save

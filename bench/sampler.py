@@ -4,6 +4,7 @@
     python bench/sampler.py                                   # CPU, the "small" Mllama (bench/feature_cache.py)
     python bench/sampler.py --preset llama-3.2-11b --device cuda
 
+On a GPU ours runs its decoding steps as CUDA graphs (the default there) and, in a second column, eagerly.
 Both start from the same PIL images and prompt texts (the image processor and the tokenizer run in both
 timings; their time alone is printed) and sample (temperature 0.6, top-k 50, top-p 0.9, the paper's) exactly
 --new-tokens tokens per sample: end
@@ -27,6 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import median_ms, report  # noqa: E402
 from feature_cache import build_adapter  # noqa: E402
+
+from fastjudge import mllama_decoding  # noqa: E402
 
 
 def main() -> None:
@@ -62,8 +65,9 @@ def main() -> None:
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=args.device)
     cross = adapter._model_inputs(rows, features, left=True)["cross_attention_mask"]
 
-    def ours(n):
-        adapter.generate(images, prompts, n=n, max_new_tokens=args.new_tokens, seed=0, batch_rows=args.prompts * n,
+    def ours(n, graphs=None, new_tokens=args.new_tokens):
+        mllama_decoding.CUDA_GRAPHS = graphs
+        adapter.generate(images, prompts, n=n, max_new_tokens=new_tokens, seed=0, batch_rows=args.prompts * n,
                          **sampling)
 
     @torch.no_grad()
@@ -76,10 +80,21 @@ def main() -> None:
                        num_return_sequences=n, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                        eos_token_id=None, pad_token_id=adapter.pad_id, **sampling)
 
-    def timed(fn, n):
-        return median_ms(lambda: fn(n), args.repeats, args.device.startswith("cuda")) / 1e3
+    def timed(fn, n, **kwargs):
+        return median_ms(lambda: fn(n, **kwargs), args.repeats, args.device.startswith("cuda")) / 1e3
 
-    ours(1)  # warm-up
+    # on a GPU our decoding steps run as CUDA graphs (the default) and, for comparison, eagerly
+    on_gpu = args.device.startswith("cuda")
+    graphs_failure = None
+    if on_gpu:
+        ours(1, graphs=False)  # warm-up
+        try:
+            ours(1, graphs=True)
+        except Exception as failure:  # reported in the result; the eager steps are still timed
+            graphs_failure, on_gpu = repr(failure), False
+            print(f"CUDA graphs failed: {graphs_failure}", flush=True)
+    else:
+        ours(1)
     theirs(1)
     start = time.perf_counter()
     adapter._pixel_inputs(images)
@@ -88,16 +103,33 @@ def main() -> None:
     results = []
     for n in (int(x) for x in args.ns.split(",")):
         tokens = args.prompts * n * args.new_tokens
-        t_ours, t_theirs = timed(ours, n), timed(theirs, n)
-        results.append({"n": n, "tokens": tokens, "ours_s": t_ours, "transformers_s": t_theirs,
-                        "ours_tok_s": tokens / t_ours, "transformers_tok_s": tokens / t_theirs,
-                        "speedup": t_theirs / t_ours})
+        t_ours, t_theirs = timed(ours, n, graphs=on_gpu), timed(theirs, n)
+        # what does not grow with the tokens (image, prefill, first step; with graphs one capture): the rest,
+        # divided by the steps after the first, is our time per decoding step
+        t_first = timed(ours, n, graphs=on_gpu, new_tokens=1)
+        row = {"n": n, "tokens": tokens, "ours_s": t_ours, "transformers_s": t_theirs, "ours_one_token_s": t_first,
+               "ours_step_ms": (t_ours - t_first) / max(1, args.new_tokens - 1) * 1e3,
+               "ours_tok_s": tokens / t_ours, "transformers_tok_s": tokens / t_theirs, "speedup": t_theirs / t_ours}
+        if on_gpu:
+            t_eager = timed(ours, n, graphs=False)
+            t_eager_first = timed(ours, n, graphs=False, new_tokens=1)
+            row.update(ours_eager_s=t_eager, ours_eager_tok_s=tokens / t_eager, speedup_eager=t_theirs / t_eager,
+                       ours_eager_step_ms=(t_eager - t_eager_first) / max(1, args.new_tokens - 1) * 1e3)
+        results.append(row)
+        print(row, flush=True)
     print(f"preset {args.preset} on {args.device}: {args.prompts} prompts of ~{length} tokens, one image each, "
           f"{args.new_tokens} new tokens per sample; image processor + tokenizer {preprocessing:.2f} s per call")
-    print(f"{'n':>4}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}")
+    print(f"{'n':>4}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'step ms':>9}"
+          + (f"{'eager tok/s':>13}{'speedup':>9}{'step ms':>9}" if on_gpu else ""))
     for r in results:
-        print(f"{r['n']:>4}{r['ours_tok_s']:>12.1f}{r['transformers_tok_s']:>12.1f}{r['speedup']:>8.2f}x")
-    result = {"bench": "sampler", "preset": args.preset, "device": args.device, "prompts": args.prompts,
+        line = (f"{r['n']:>4}{r['ours_tok_s']:>12.1f}{r['transformers_tok_s']:>12.1f}{r['speedup']:>8.2f}x"
+                f"{r['ours_step_ms']:>9.2f}")
+        if on_gpu:
+            line += f"{r['ours_eager_tok_s']:>13.1f}{r['speedup_eager']:>8.2f}x{r['ours_eager_step_ms']:>9.2f}"
+        print(line)
+    result = {"bench": "sampler", "preset": args.preset, "device": args.device, "cuda_graphs": on_gpu,
+              "cuda_graphs_failure": graphs_failure,
+              "prompts": args.prompts,
               "prompt_tokens": length, "new_tokens": args.new_tokens, "sampling": sampling,
               "preprocessing_s": preprocessing, "results": results}
     report(result, args.out)

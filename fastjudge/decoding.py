@@ -41,11 +41,12 @@ def prefill(model, inputs: dict[str, torch.Tensor]):
     return out, _cache_of(out), position_ids
 
 
-def _sampler(temperature: float, top_k: int, top_p: float, min_p: float) -> Callable:
-    """`sample_logits` with these filters, as a sampler(logits, generator)."""
+def _sampler(temperature: float, top_k: int, top_p: float, min_p: float, check: bool = True) -> Callable:
+    """`sample_logits` with these filters, as a sampler(logits, generator); check=False leaves the check of bad
+    rows to the caller (`sample_logits`)."""
     def sampler(logits, generator):
         return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                             generator=generator)
+                             generator=generator, check=check)
     return sampler
 
 
@@ -64,15 +65,19 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
     """Per prompt, its samples' token lists: `decode` with the shared Mllama decoder's options (slots that
     start the next sample when one ends; early stop on the device vote, `answer_spans.EarlyStop`; host looks
     every `sync_every` steps). Other families take only slots=None and early_stop=None (then n samples each)."""
-    if sampler is None:
-        sampler = _sampler(temperature, top_k, top_p, min_p)
     if sync_every is None:
         sync_every = default_sync_every(inputs["attention_mask"].device)
     if getattr(model.config, "model_type", None) == "mllama" and SHARED_MLLAMA:
         from fastjudge.mllama_decoding import decode_mllama_shared
+        # our sampler's check of bad logits rows waits for the GPU: the decoder checks them at its looks instead
+        check_logits = sampler is None and temperature > 0
+        if sampler is None:
+            sampler = _sampler(temperature, top_k, top_p, min_p, check=False)
         return decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                     sampler=sampler, generator=generator, stop=stop, slots=slots,
-                                    early_stop=early_stop, sync_every=sync_every)
+                                    early_stop=early_stop, sync_every=sync_every, check_logits=check_logits)
+    if sampler is None:
+        sampler = _sampler(temperature, top_k, top_p, min_p)
     if slots is not None or early_stop is not None:
         raise ValueError("slots, early_stop: only the shared Mllama decoder refills slots and votes on the device")
     flat = decode(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids, generator=generator,

@@ -14,7 +14,10 @@ After transformers' prefill of the B prompts, the decoding steps run here, on th
 - a prompt leaves the batch once all its samples have ended (a slot whose sample ended decodes on, its tokens
   ignored), at the next look from the host (every `sync_every` steps).
 One step is a fixed set of operators whatever the step (`bench/decode_ops.py` counts them; only the width
-read grows): a step of a small batch on a GPU is bound by their launches.
+read grows): a step of a small batch on a GPU is bound by their launches. On a GPU the step is therefore
+captured as a CUDA graph (one per bucket of widths read, `GRAPH_FIRST_SPAN`) and replayed: one launch instead
+of ~1,600. With graphs, the batch shrinks only when at most half of its prompts are still going (each shrink
+means new captures).
 
 Shapes: B prompts, n samples (slots), Hq query heads in Hkv groups of g, d head size, T prompt length, S image
 keys.
@@ -30,10 +33,16 @@ import torch.nn.functional as F
 
 from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTracker
 from fastjudge.decoding import prefill
+from fastjudge.sampling import bad_rows
 
 # the cross layers through fastjudge.kernels.cross_attention: None = on a GPU (unless FASTJUDGE_GPU_KERNELS=0);
 # True = always (the Triton interpreter on the CPU, for tests); False = never (SDPA)
 CROSS_ATTENTION_KERNEL: bool | None = None
+# the decoding step as a CUDA graph: None = on a GPU (unless FASTJUDGE_CUDA_GRAPHS=0); False = never
+CUDA_GRAPHS: bool | None = None
+# with graphs, the own-key columns read are bucketed: spans of 16, 32, 64, ... steps (one graph each), so a
+# decoding run of m tokens captures about log2(m / 16) + 1 graphs
+GRAPH_FIRST_SPAN = 16
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +54,10 @@ class SharedMllamaDecoder:
     """Decoding steps for B prompts x n samples over a prefilled transformers cache (module docstring)."""
 
     def __init__(self, model, cache, prompt_mask: torch.Tensor, image_keys_mask: torch.Tensor | None, n: int,
-                 max_new_tokens: int):
-        """image_keys_mask (B, S): the image keys the new tokens may see (None: all of them)."""
+                 max_new_tokens: int, graphs: bool = False, bucket_spans: bool | None = None):
+        """image_keys_mask (B, S): the image keys the new tokens may see (None: all of them). graphs: run the
+        steps as CUDA graphs. bucket_spans: read the own keys in the graphs' buckets of spans (default: with
+        graphs; on the CPU it lets the tests compare the bucketed reads with the exact ones)."""
         text = model.model.language_model
         self.text, self.lm_head, self.n = text, model.lm_head, n
         config = text.config
@@ -90,6 +101,27 @@ class SharedMllamaDecoder:
             end = torch.where(self.image_keys_mask, keys + 1, 0).amax(dim=-1)
             if bool((self.image_keys_mask.sum(dim=-1) == end - start).all()):  # contiguous: one range each
                 self.key_range = (start.to(torch.int32), end.to(torch.int32))  # (B,) x 2
+        self.graphs_on = graphs
+        self.bucket_spans = graphs if bucket_spans is None else bucket_spans
+        # read span -> (graph, its logits (B, n, V)); the graphs share one memory pool (never run at once) and
+        # read their inputs from `graph_inputs`, (tokens, positions, index) (B, n) each
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None
+        self.graph_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def read_span(self, span: int) -> int:
+        """The own-key steps a step reads for `span` steps written: span itself, or its bucket (graphs)."""
+        if not self.bucket_spans:
+            return span
+        bucket = GRAPH_FIRST_SPAN
+        while bucket < span:
+            bucket *= 2
+        return min(bucket, self.max_new)
+
+    def worth_shrinking(self, going: int, batch: int) -> bool:
+        """Drop the prompts that are done? Always without graphs; with graphs only when at most half of the
+        batch is still going (a shrink costs the captures of new graphs)."""
+        return not self.graphs_on or 2 * going <= batch
 
     def keep(self, groups: torch.Tensor) -> None:
         """Keep only these prompts (indices into the current B)."""
@@ -100,6 +132,8 @@ class SharedMllamaDecoder:
             self.key_range = (self.key_range[0][groups], self.key_range[1][groups])
         self.image = {i: (k[groups], v[groups]) for i, (k, v) in self.image.items()}
         self.kv = {i: (k[groups], v[groups]) for i, (k, v) in self.kv.items()}
+        # the graphs read the old tensors: capture again
+        self.graphs, self.graph_pool, self.graph_inputs = {}, None, None
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, span: int) -> torch.Tensor:
@@ -108,8 +142,39 @@ class SharedMllamaDecoder:
         Each sample's token is written to the key buffer at column T + index * n + slot and attends to the
         prompt and to its own entries 0..index (a slot that starts a new sample starts again at index 0). The
         own entries are laid out step-major, so `span` (a host int, at least max(index) + 1) bounds the columns
-        read, T + span * n: no device value is needed on the host, and the same operators run every step.
+        read, T + read_span(span) * n: no device value is needed on the host, and the same operators run
+        every step. With graphs the logits returned are the graph's output, overwritten by the next step.
         """
+        span = self.read_span(span)
+        if not self.graphs_on:
+            return self._step(tokens, positions, index, span)
+        if self.graph_inputs is None:
+            self.graph_inputs = (tokens.clone(), positions.clone(), index.clone())
+        for static, value in zip(self.graph_inputs, (tokens, positions, index)):
+            static.copy_(value)
+        if span not in self.graphs:
+            self.graphs[span] = self._capture(span)
+        graph, logits = self.graphs[span]
+        graph.replay()
+        return logits
+
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture the step reading `span` own-key steps, on the current graph inputs. The warm-up run before
+        it (Triton compiles, lazy set-ups) writes the same keys as the replay that follows, so both leave the
+        buffers as one step does."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(*self.graph_inputs, span)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self._step(*self.graph_inputs, span)
+        self.graph_pool = graph.pool()
+        return graph, logits
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, span: int) -> torch.Tensor:
+        """`step` run eagerly (or captured), reading `span` own-key steps."""
         batch, device = tokens.shape[0], tokens.device
         h = self.text.embed_tokens(tokens)  # (B, n, D)
         cos, sin = self.text.rotary_emb(h, positions)  # (B, n, d)
@@ -171,7 +236,8 @@ class SharedMllamaDecoder:
 def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tokens: int,
                          eos_ids: set[int], sampler: Callable, generator,
                          stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
-                         early_stop: EarlyStop | None = None, sync_every: int = 1) -> list[list[list[int]]]:
+                         early_stop: EarlyStop | None = None, sync_every: int = 1, check_logits: bool = False,
+                         graphs: bool | None = None) -> list[list[list[int]]]:
     """`decoding.decode_groups` for Mllama with the shared cache (module docstring): for each of the B prompts,
     its finished samples' tokens (EOS excluded), in the order they were started.
 
@@ -182,7 +248,9 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
     then are dropped, and so are ended samples after the first one still running (they ended early because
     they are short: keeping them would favour short answers). A prompt returns between 1 and n samples when
     min_votes <= n. sync_every: the decoding steps between two looks from the host (prompts that are done leave the
-    batch, stop strings are checked); in between, the loop keeps no device value on the host.
+    batch, stop strings are checked); in between, the loop keeps no device value on the host. check_logits:
+    ValueError at the next look if a row of logits had NaN or +inf, or only -inf (`sampling.bad_rows`; for a
+    sampler that does not check them itself). graphs: the steps as CUDA graphs (default `CUDA_GRAPHS`).
     """
     slots = n if slots is None else slots
     if not 1 <= slots <= n:
@@ -197,7 +265,13 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
     if cross is not None:  # (B, images, tiles) -> (B, images * tiles * patches), transformers' key order
         patches = model.model.vision_model.num_patches
         image_keys_mask = cross[:, -1].bool().repeat_interleave(patches, dim=-1).flatten(1)
-    decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, slots, max_new_tokens)
+    if graphs is None:
+        graphs = CUDA_GRAPHS
+    if graphs is None:
+        graphs = device.type == "cuda" and os.environ.get("FASTJUDGE_CUDA_GRAPHS") != "0"
+    if graphs and device.type != "cuda":
+        raise ValueError(f"graphs: CUDA graphs need a CUDA device, got {device}")
+    decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, slots, max_new_tokens, graphs)
     first_logits = out.logits[:, -1]  # (B', V): every sample's first token is drawn from these
     del out, cache  # the prompt's keys now live in the decoder's buffers: free transformers' copy
     batch = attention_mask.shape[0]
@@ -221,6 +295,7 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         vote = DeviceVote(batch, n, early_stop.min_votes, early_stop.confidence, device)
     host_tokens: dict[tuple[int, int], list[int]] = {}  # (prompt, sample) -> tokens, for stop strings
     pending: list[tuple[torch.Tensor, ...]] = []  # (prompt, sample, token, write) of steps the host has not seen
+    bad_logits = torch.zeros((), dtype=torch.bool, device=device)  # a row of logits was bad (check_logits)
     step_logits = None
     step = 0
     while True:
@@ -230,7 +305,10 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
             logits = torch.where(fresh[..., None], first_logits[:, None], step_logits)
         else:
             logits = step_logits
-        token = sampler(logits.reshape(-1, logits.shape[-1]), generator).view(-1, slots)  # (B', S)
+        flat_logits = logits.reshape(-1, logits.shape[-1])  # (B' * S, V)
+        if check_logits:
+            bad_logits = bad_logits | bad_rows(flat_logits).any()
+        token = sampler(flat_logits, generator).view(-1, slots)  # (B', S)
         ends_here = alive & (torch.isin(token, eos) | end_request)
         write = alive & ~ends_here
         index = length.clamp(max=max_new_tokens - 1)  # where this token goes (in the output and own cache)
@@ -268,12 +346,16 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         step += 1
         if step % sync_every == 0:
             going = alive.any(dim=1)  # (B',) prompts with a sample still to decode
+            if check_logits and bool(bad_logits):
+                raise ValueError("logits: a row had NaN or +inf, or only -inf, in the last "
+                                 f"{sync_every} decoding steps (before step {step})")
             if stop is not None:
                 end_request = _stop_requests(stop, host_tokens, pending, groups, alive, sample)
                 pending = []
-            if not bool(going.any()):
+            going_count = int(going.sum())
+            if going_count == 0:
                 break
-            if not bool(going.all()):
+            if going_count < len(groups) and decoder.worth_shrinking(going_count, len(groups)):
                 keep = torch.nonzero(going).flatten()
                 decoder.keep(keep)
                 groups, first_logits, base = groups[keep], first_logits[keep], base[keep]

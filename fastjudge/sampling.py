@@ -86,17 +86,21 @@ def sample_logits_reference(logits: torch.Tensor, *, temperature: float = 1.0, t
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def bad_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the rows of logits (B, V) with NaN or +inf, or with only -inf (no token to draw)."""
+    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+
+
 def check_rows(logits: torch.Tensor) -> None:
-    """ValueError naming the first row with NaN or +inf, or with only -inf (no token to draw): the Triton
-    kernel's rule, as the C++ kernel's."""
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    """ValueError naming the first bad row (`bad_rows`): the Triton kernel's rule, as the C++ kernel's."""
+    bad = bad_rows(logits)
     if bool(bad.any()):
         row = int(torch.nonzero(bad)[0])
         raise ValueError(f"logits[{row}] contains NaN or +inf, or is all -inf")
 
 
 def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                  min_p: float = 0.0, generator: torch.Generator | None = None, check: bool = True) -> torch.Tensor:
     """Draw one token per row of logits (rules and randomness in the module docstring).
 
     CPU tensors go to the C++ kernel (fastjudge._C.sample_logits: no sort of the vocabulary, rows
@@ -112,6 +116,8 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         min_p: in [0, 1); drop tokens with probability < min_p times the top probability; 0 = off.
         generator: a torch.Generator on logits' device (the CPU's draws the uniforms, CUDA's the Philox
             seed); None = torch's default generator.
+        check: on a GPU, raise on bad rows (below) at once. The check waits for the GPU; a decoding loop that
+            looks from the host only every few steps passes False and checks `bad_rows` at its looks.
     Returns:
         (B,) int64 token ids, on logits' device.
     Raises:
@@ -121,7 +127,7 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     _check_arguments(logits, temperature, top_k, top_p, min_p)
     if logits.device.type == "cuda":
         from fastjudge.kernels.sampling import sample_logits_triton
-        if temperature > 0:
+        if temperature > 0 and check:
             check_rows(logits)
         return sample_logits_triton(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                     generator=generator)

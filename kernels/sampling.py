@@ -39,8 +39,10 @@ def _scaled_block(base, offs, live, V, inv_temperature):
 
 @triton.jit
 def _sample_rows_kernel(logits_ptr, out_ptr, B, V, stride, inv_temperature, top_k, top_p, min_p, seed,
-                        USE_TOP_K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                        MAX_ROUNDS: tl.constexpr, BISECTION_STEPS: tl.constexpr):
+                        SEED_IN_MEMORY: tl.constexpr, USE_TOP_K: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr, BISECTION_STEPS: tl.constexpr):
+    if SEED_IN_MEMORY:  # a (1,) int64 tensor on the GPU: the host never reads it (no synchronization)
+        seed = tl.load(seed)
     # ROWS rows per program (1 on a GPU; many under the interpreter, where numpy then does the rows at once)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     live = rows < B
@@ -137,21 +139,30 @@ def _sample_rows_kernel(logits_ptr, out_ptr, B, V, stride, inv_temperature, top_
 
 def sample_logits_triton(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          min_p: float = 0.0, generator: torch.Generator | None = None, block: int | None = None,
-                         rows_per_program: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+                         rows_per_program: int = 1, out: torch.Tensor | None = None,
+                         seed_in_memory: bool | None = None) -> torch.Tensor:
     """One token per row of logits (B, V), float32/bf16/fp16 on a GPU (or anywhere under TRITON_INTERPRET=1),
     with the reference's filters (module docstring); temperature 0 is argmax. Arguments are checked by the
-    caller (`fastjudge.sampling.sample_logits`). rows_per_program > 1 (a power of two) suits the interpreter."""
+    caller (`fastjudge.sampling.sample_logits`). rows_per_program > 1 (a power of two) suits the interpreter.
+    seed_in_memory: the kernel reads the generator's seed from memory instead of the host passing its value
+    (None: when the generator is on logits' device; then no call waits on the GPU); both draw the same tokens."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.contiguous()
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.long, device=logits.device) if out is None else out
     device = generator.device if generator is not None else logits.device
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)  # (1,) int64
+    if seed_in_memory is None:  # a seed drawn on the GPU stays there: reading it would wait for the GPU's queue
+        seed_in_memory = seed.device == logits.device
+    if seed_in_memory:
+        seed = seed.to(logits.device)
+    else:
+        seed = int(seed.item())
     use_top_k = 0 < top_k < vocab
     block = block or min(4096, triton.next_power_of_2(vocab))
     grid = (triton.cdiv(rows, rows_per_program),)
     _sample_rows_kernel[grid](logits, out, rows, vocab, logits.stride(0), 1.0 / temperature, top_k, top_p, min_p,
-                              seed, USE_TOP_K=use_top_k, ROWS=rows_per_program, BLOCK=block,
-                              MAX_ROUNDS=MAX_ROUNDS, BISECTION_STEPS=BISECTION_STEPS)
+                              seed, SEED_IN_MEMORY=seed_in_memory, USE_TOP_K=use_top_k, ROWS=rows_per_program,
+                              BLOCK=block, MAX_ROUNDS=MAX_ROUNDS, BISECTION_STEPS=BISECTION_STEPS)
     return out

@@ -72,6 +72,19 @@ def test_rows_differ_and_seeds_reproduce():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_seed_read_from_memory_draws_what_the_host_passed_seed_draws():
+    """On a GPU the seed stays in device memory (no synchronization); the host-passed value must draw the same
+    tokens, and different seeds different ones."""
+    logits = torch.randn(33, 29) * 2
+
+    def draw(seed, in_memory):
+        return sample_logits_triton(logits, top_k=9, top_p=0.8, generator=torch.Generator().manual_seed(seed),
+                                    rows_per_program=64, seed_in_memory=in_memory)
+
+    assert torch.equal(draw(5, True), draw(5, False))
+    assert not torch.equal(draw(5, True), draw(6, True))
+
+
 def test_one_row_per_program_and_blocks_that_do_not_divide_the_vocabulary():
     """The GPU layout (one row per program) over a vocabulary of several blocks, the last one partial."""
     logits = torch.randn(3, 45) * 3

@@ -1,0 +1,136 @@
+"""The shared Mllama decoder's CUDA-graph mode: bucketed reads of the own keys (checked here on the CPU against
+exact reads), the graphs themselves (GPU only), and the check of bad logits deferred to the host's looks."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastjudge import mllama_decoding, tiny
+from fastjudge.decoding import decode_groups
+from fastjudge.models import ToyAdapter, load_adapter
+
+PROMPTS = ["How many objects?", "What colour is the big shape on the left?", "Describe the image."]
+
+
+def _inputs(adapter, seed=11):
+    rs = np.random.RandomState(seed)
+    images = [Image.fromarray(rs.randint(0, 256, (28 + 9 * i, 48 - 7 * i, 3), dtype=np.uint8)) for i in range(3)]
+    features = adapter.image_features(images)
+    rows = [adapter._prompt_ids(p, f) for p, f in zip(PROMPTS, features)]
+    return adapter._model_inputs(rows, features, left=True)
+
+
+def _adapter(source, tiny_toy_dir, tmp_path):
+    if source == "toy":
+        return ToyAdapter.load(tiny_toy_dir)
+    return load_adapter(str(tiny.build_checkpoint("mllama", tmp_path / "mllama")))
+
+
+def _force_buckets(monkeypatch, reads):
+    """Decoders built from here on read bucketed spans (as with graphs) and record (span, span read)."""
+    init, read_span = mllama_decoding.SharedMllamaDecoder.__init__, mllama_decoding.SharedMllamaDecoder.read_span
+
+    def bucketed_init(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "bucket_spans": True})
+
+    def recorded_read_span(self, span):
+        reads.append((span, read_span(self, span)))
+        return reads[-1][1]
+    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "__init__", bucketed_init)
+    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "read_span", recorded_read_span)
+
+
+def _runs(adapter, inputs, device="cpu"):
+    """Sampled with refilled slots, and greedy with end tokens (prompts leave the batch)."""
+    model = adapter.model
+    sampled = decode_groups(model, dict(inputs), n=4, slots=2, max_new_tokens=9, eos_ids=set(), temperature=1.0,
+                            top_k=20, generator=torch.Generator(device=device).manual_seed(5), sync_every=3)
+    greedy = decode_groups(model, dict(inputs), n=1, max_new_tokens=12, eos_ids={3, 5, 7}, temperature=0.0,
+                           sync_every=2)
+    return sampled, greedy
+
+
+@pytest.mark.parametrize("source", ["toy", "mllama"])
+def test_bucketed_reads_sample_what_exact_reads_sample(source, tiny_toy_dir, tmp_path, monkeypatch):
+    """Reading past the columns written (masked, zero-filled) changes nothing: the graphs' buckets of spans
+    sample exactly what exact spans sample."""
+    adapter = _adapter(source, tiny_toy_dir, tmp_path)
+    inputs = _inputs(adapter)
+    exact = _runs(adapter, inputs)
+    reads = []
+    monkeypatch.setattr(mllama_decoding, "GRAPH_FIRST_SPAN", 2)
+    _force_buckets(monkeypatch, reads)
+    assert _runs(adapter, inputs) == exact
+    assert {read for _, read in reads} == {2, 4, 8, 9, 12}  # buckets 2, 4, 8, ..., capped at max_new_tokens
+    assert any(read > span for span, read in reads)  # the bucketed runs did read past the columns written
+    assert all(read >= span for span, read in reads)
+
+
+def test_bucket_spans_double_up_to_the_buffer():
+    decoder = mllama_decoding.SharedMllamaDecoder.__new__(mllama_decoding.SharedMllamaDecoder)
+    decoder.bucket_spans, decoder.max_new = True, 100
+    assert [decoder.read_span(s) for s in (1, 16, 17, 33, 64, 65, 100)] == [16, 16, 32, 64, 64, 100, 100]
+    decoder.bucket_spans = False
+    assert decoder.read_span(17) == 17
+
+
+def test_graphs_refused_off_a_gpu(tiny_toy_dir):
+    adapter = ToyAdapter.load(tiny_toy_dir)
+    with pytest.raises(ValueError, match="^graphs: "):
+        mllama_decoding.decode_mllama_shared(adapter.model, _inputs(adapter), n=1, max_new_tokens=2, eos_ids=set(),
+                                             sampler=lambda logits, g: logits.argmax(-1), generator=None,
+                                             graphs=True)
+
+
+def test_bad_logits_raise_at_the_next_look(tiny_toy_dir):
+    """check_logits: a NaN row is reported at the host's next look (not at every step, which would wait for the
+    GPU), naming the argument."""
+    adapter = ToyAdapter.load(tiny_toy_dir)
+    model = adapter.model
+    inputs = _inputs(adapter)
+    steps = []
+
+    def greedy(logits, generator):
+        steps.append(1)
+        return logits.argmax(-1)
+    kwargs = dict(n=2, max_new_tokens=8, eos_ids=set(), sampler=greedy, generator=None, sync_every=3)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    try:
+        mllama_decoding.decode_mllama_shared(model, dict(inputs), **kwargs)  # unchecked: runs to the end
+        assert len(steps) == 9  # 8 tokens, and the step before the look that sees all ended
+        steps.clear()
+        with pytest.raises(ValueError, match="^logits: "):
+            mllama_decoding.decode_mllama_shared(model, dict(inputs), check_logits=True, **kwargs)
+        assert len(steps) == 3  # the first look, after 3 steps
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[5, 0] = 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("source", ["toy", "mllama"])
+def test_graphs_sample_what_the_eager_steps_sample(source, tiny_toy_dir, tmp_path, monkeypatch):
+    """On a GPU: the steps replayed as CUDA graphs give the tokens of the same steps run eagerly (both reading
+    bucketed spans), with refilled slots and prompts leaving the batch (which captures new graphs)."""
+    adapter = _adapter(source, tiny_toy_dir, tmp_path)
+    inputs = {k: v.to("cuda") for k, v in _inputs(adapter).items()}
+    adapter.model.to("cuda")
+    monkeypatch.setattr(mllama_decoding, "GRAPH_FIRST_SPAN", 2)
+    captures = []
+    capture = mllama_decoding.SharedMllamaDecoder._capture
+
+    def counted(self, span):
+        captures.append((len(self.prompt_mask), span))
+        return capture(self, span)
+    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "_capture", counted)
+    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", True)
+    graphed = _runs(adapter, inputs, "cuda")
+    assert len({span for _, span in captures}) >= 3
+    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
+    _force_buckets(monkeypatch, [])
+    # the same batches as the graphs' (a GEMM over other rows may round differently on a GPU)
+    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "worth_shrinking",
+                        lambda self, going, batch: 2 * going <= batch)
+    assert _runs(adapter, inputs, "cuda") == graphed
