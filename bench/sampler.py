@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--ns", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after the timings, profile one call of ours at this n (GPU kernels, top 15 by time)")
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -127,12 +129,39 @@ def main() -> None:
         if on_gpu:
             line += f"{r['ours_eager_tok_s']:>13.1f}{r['speedup_eager']:>8.2f}x{r['ours_eager_step_ms']:>9.2f}"
         print(line)
+    profile = kernel_profile(lambda: ours(args.profile, graphs=on_gpu), args.new_tokens) if args.profile else None
     result = {"bench": "sampler", "preset": args.preset, "device": args.device, "cuda_graphs": on_gpu,
+              "profile_n": args.profile, "profile": profile,
               "cuda_graphs_failure": graphs_failure,
               "prompts": args.prompts,
               "prompt_tokens": length, "new_tokens": args.new_tokens, "sampling": sampling,
               "preprocessing_s": preprocessing, "results": results}
     report(result, args.out)
+
+
+def kernel_profile(call, steps: int) -> dict | None:
+    """GPU kernel time of one call by kernel name (graph replays included), per decoding step; prints the top 15.
+    A failure to profile is reported, not raised (the timings are already printed)."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        total_us = sum(e.self_device_time_total for e in kernels)
+        top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+        rows = [{"kernel": e.key[:90], "calls": e.count, "ms_per_step": e.self_device_time_total / steps / 1e3,
+                 "share": e.self_device_time_total / max(total_us, 1)} for e in top]
+        print(f"GPU kernel time of one call: {total_us / 1e3:.1f} ms, {total_us / steps / 1e3:.2f} ms per step "
+              f"({steps} steps; prefill and image included)")
+        for r in rows:
+            print(f"{r['ms_per_step']:>8.3f} ms/step {r['share']:>6.1%} {r['calls']:>7}  {r['kernel']}")
+        return {"total_ms": total_us / 1e3, "steps": steps, "top": rows}
+    except Exception as failure:
+        print(f"profile failed: {failure!r}")
+        return {"failed": repr(failure)}
 
 
 if __name__ == "__main__":

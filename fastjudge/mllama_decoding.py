@@ -8,7 +8,7 @@ After transformers' prefill of the B prompts, the decoding steps run here, on th
   its own keys;
 - the image's cross-attention keys and values, (B, kv heads, tiles * patches, d), are shared the same way
   (for the 11B model about 210 MB per prompt that `generate(num_return_sequences=n)` stores n times); on a
-  GPU the cross layers run fastjudge.kernels.cross_attention over each prompt's key range;
+  GPU the cross layers run fastjudge.kernels.cross_attention_decode over each prompt's key range;
 - with fewer slots than samples, a slot whose sample ends starts the prompt's next sample (its own run from
   index 0); with early stop the prompt stops once its device vote is settled (answer_spans);
 - a prompt leaves the batch once all its samples have ended (a slot whose sample ended decodes on, its tokens
@@ -35,7 +35,7 @@ from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTracker
 from fastjudge.decoding import prefill
 from fastjudge.sampling import bad_rows
 
-# the cross layers through fastjudge.kernels.cross_attention: None = on a GPU (unless FASTJUDGE_GPU_KERNELS=0);
+# the cross layers through fastjudge.kernels.cross_attention_decode: None = on a GPU (unless FASTJUDGE_GPU_KERNELS=0);
 # True = always (the Triton interpreter on the CPU, for tests); False = never (SDPA)
 CROSS_ATTENTION_KERNEL: bool | None = None
 # the decoding step as a CUDA graph: None = on a GPU (unless FASTJUDGE_CUDA_GRAPHS=0); False = never
@@ -89,8 +89,8 @@ class SharedMllamaDecoder:
         # output (full_text_row_masked_out_mask); the same here
         self.sees_image = image_keys_mask.any(dim=-1)  # (B,)
         self.image_keys_mask = image_keys_mask | ~self.sees_image[:, None]  # (B, S)
-        # on a GPU the cross layers run fastjudge.kernels.cross_attention over each prompt's key range: the n
-        # samples of a prompt are n query rows of one program, which reads the image's keys once for all
+        # on a GPU the cross layers run fastjudge.kernels.cross_attention_decode over each prompt's key range:
+        # the n samples of a prompt are query rows of one product over the image's keys, read once for all
         self.key_range = None
         use_kernel = CROSS_ATTENTION_KERNEL
         if use_kernel is None:
@@ -159,14 +159,16 @@ class SharedMllamaDecoder:
         return logits
 
     def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Capture the step reading `span` own-key steps, on the current graph inputs. The warm-up run before
-        it (Triton compiles, lazy set-ups) writes the same keys as the replay that follows, so both leave the
-        buffers as one step does."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(*self.graph_inputs, span)
-        torch.cuda.current_stream().wait_stream(side)
+        """Capture the step reading `span` own-key steps, on the current graph inputs. Before the first capture
+        of a batch, one eager run on a side stream does the lazy set-ups (Triton compiles, library handles) that
+        a capture must not record; it writes the same keys as the replay that follows, so both leave the
+        buffers as one step does. Later spans run the same kernels on wider reads: no warm-up."""
+        if not self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(*self.graph_inputs, span)
+            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = self._step(*self.graph_inputs, span)
@@ -188,7 +190,17 @@ class SharedMllamaDecoder:
         own = torch.arange(span * self.n, device=device)
         sees_own = ((own % self.n)[None, None, :] == slots[None, :, None]) & \
             ((own // self.n)[None, None, :] <= index[..., None])  # (B, n, span * n)
-        self_mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, self.n, -1), sees_own], dim=-1)[:, None]
+        sees = torch.cat([self.prompt_mask[:, None, :].expand(-1, self.n, -1), sees_own], dim=-1)  # (B, n, width)
+        # GQA without repeated keys: the G query heads of a K/V head and the n samples are its G * n query rows
+        # (row j * n + s: head kv * G + j, sample s), so SDPA sees as many heads in q as in k and can use its
+        # memory-efficient kernel (with a mask, it takes enable_gqa only on its slow math path). The mask is
+        # additive, in h's dtype, built once per step, its rows padded to 16 columns (the kernel's alignment;
+        # SDPA would otherwise pad a copy in every layer).
+        group = self.heads // self.kv_heads
+        bias = torch.full((batch, 1, group, self.n, -(-width // 16) * 16), float("-inf"), dtype=h.dtype,
+                          device=device)
+        bias[..., :width].masked_fill_(sees[:, None, None], 0.0)
+        self_bias = bias.view(batch, 1, group * self.n, -1)[..., :width]  # (B, 1, G * n, width)
         image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
         for layer_index, layer in enumerate(self.text.layers):
             if layer_index in self.cross_layers:
@@ -201,12 +213,13 @@ class SharedMllamaDecoder:
                 q = attn.q_norm(q)
                 k, v = self.image[layer_index]
                 if self.key_range is not None:
-                    from fastjudge.kernels.mllama_cross_attention import cross_attention
-                    start, end = (r[:, None].expand(-1, self.n) for r in self.key_range)  # (B, n)
-                    out = cross_attention(q, k, v, start, end, scale=self.scale, backend="triton")  # (B, Hq, n, d)
+                    from fastjudge.kernels.mllama_cross_attention import cross_attention_decode
+                    out = cross_attention_decode(q, k, v, *self.key_range, scale=self.scale,
+                                                 backend="triton")  # (B, Hq, n, d)
                 else:  # the n samples are n queries of one row: the image's keys are read once for them all
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=image_mask, scale=self.scale,
-                                                         enable_gqa=True)
+                    out = F.scaled_dot_product_attention(
+                        q.reshape(batch, self.kv_heads, group * self.n, self.head_dim), k, v, attn_mask=image_mask,
+                        scale=self.scale).view(batch, self.heads, self.n, self.head_dim)
                 x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
                 h = residual + layer.cross_attn_attn_gate.tanh() * x
                 residual = h
@@ -224,8 +237,10 @@ class SharedMllamaDecoder:
             keys, values = self.kv[layer_index]
             keys[rows, :, column] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, column[b, s]]
             values[rows, :, column] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, keys[:, :, :width], values[:, :, :width], attn_mask=self_mask,
-                                                 scale=self.scale, enable_gqa=True)  # (B, Hq, n, d)
+            out = F.scaled_dot_product_attention(
+                q.reshape(batch, self.kv_heads, group * self.n, self.head_dim), keys[:, :, :width],
+                values[:, :, :width], attn_mask=self_bias, scale=self.scale,
+            ).view(batch, self.heads, self.n, self.head_dim)  # (B, Hkv, G * n, d) -> (B, Hq, n, d)
             x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
             h = residual + x
             h = h + layer.mlp(layer.post_attention_layernorm(h))

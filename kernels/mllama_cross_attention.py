@@ -164,6 +164,77 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start
     return _CrossAttention.apply(q, k, v, start, end, scale)
 
 
+def _decode_splits(programs: int, keys: int, block: int, device: torch.device) -> int:
+    """Key splits per (prompt, K/V head) for decoding: enough programs for about two per multiprocessor, at
+    least one key tile each."""
+    if device.type == "cuda":
+        processors = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        processors = 4  # the interpreter: a few splits, so that the tests combine several
+    return max(1, min(-(-2 * processors // max(programs, 1)), -(-keys // block)))
+
+
+def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor,
+                           key_end: torch.Tensor, *, scale: float | None = None, backend: str = "auto",
+                           splits: int | None = None) -> torch.Tensor:
+    """Decoding over a shared image: the n samples of each of B prompts, one query each, over the prompt's key
+    range, read once for all of them. The G query heads that share a K/V head and the n samples become the
+    G * n rows of one matrix product per (prompt, K/V head); the keys are split in chunks over programs
+    (flash-decoding) and the chunks' softmax statistics merged by a second kernel. No gradient.
+
+    Args:
+        q: (B, Hq, n, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv.
+        key_start, key_end: (B,) integer: every sample of prompt b sees keys [key_start[b], key_end[b]); an empty
+            range gives 0 (a caller that follows transformers passes (0, S) for a prompt that sees no image).
+        scale: the score scale (default D ** -0.5).
+        backend: "auto" (Triton on CUDA, the reference elsewhere), "triton", "torch" (`cross_attention_reference`).
+        splits: key chunks per (prompt, K/V head) (default: enough programs to fill the GPU).
+    Returns:
+        (B, Hq, n, D) in q's dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] \
+            or q.shape[1] % max(k.shape[1], 1):
+        raise ValueError(f"q, k: expected (B, Hq, n, D) and (B, Hkv dividing Hq, S, D), got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    batch, heads, samples, size = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    for name, tensor in (("key_start", key_start), ("key_end", key_end)):
+        if tensor.shape != (batch,):
+            raise ValueError(f"{name}: expected ({batch},), got {tuple(tensor.shape)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits: expected >= 1, got {splits}")
+    scale = size ** -0.5 if scale is None else float(scale)
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        rows = (batch, samples)
+        return cross_attention_reference(q, k, v, key_start[:, None].expand(rows), key_end[:, None].expand(rows),
+                                         scale=scale, masked_rows="zero")
+    from fastjudge.kernels import mllama_cross_attention_triton as kernels
+    config = _config(q)
+    block_n = config["BLOCK_N"]
+    rows = (heads // kv_heads) * samples  # G * n rows per (prompt, K/V head)
+    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # more rows: several row blocks
+    row_blocks = -(-rows // block_m)
+    splits = splits or _decode_splits(batch * kv_heads, keys, block_n, q.device)
+    chunk = -(-max(keys, 1) // splits)
+    q = q.contiguous()  # (B, Hkv, G, n, D) in memory: row j * n + s of K/V head kv is query head kv * G + j
+    k, v = k.contiguous(), v.contiguous()
+    start = key_start.to(torch.int32).contiguous()
+    end = torch.minimum(key_end.to(torch.int32), torch.full_like(start, keys)).contiguous()
+    parts = torch.empty(batch * kv_heads, splits, rows, size, dtype=torch.float32, device=q.device)
+    stats = torch.empty(batch * kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    kernels.cross_attention_decode_kernel[(splits, batch * kv_heads, row_blocks)](
+        q, k, v, parts, stats, start, end, rows, keys, size, kv_heads, splits, chunk, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config["BLOCK_D"], PRECISION=config["PRECISION"])
+    kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
+        parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
+    return out
+
+
 # ---- transformers' Mllama, patched
 
 

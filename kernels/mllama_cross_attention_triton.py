@@ -146,3 +146,78 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(dk_ptr + kv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, start_ptr, end_ptr,
+                                  R, S, D, HKV, SPLITS, CHUNK, scale,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  PRECISION: tl.constexpr):
+    """Decoding, program (split, batch x K/V head, row block): the R = G * n query rows that share one K/V head (its G
+    query heads times the prompt's n samples) against one chunk of the prompt's key range, [start + split *
+    CHUNK, start + (split + 1) * CHUNK) cut at end. Writes the chunk's unnormalized output (R, D) and each row's
+    score max and exp-sum, float32, for the combine kernel (flash-decoding: the splits fill the GPU when B * Hkv
+    programs alone would not)."""
+    split, bk = tl.program_id(0), tl.program_id(1)
+    b = bk // HKV
+    lo = tl.load(start_ptr + b) + split * CHUNK
+    hi = tl.minimum(lo + CHUNK, tl.load(end_ptr + b))
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # a block of the R rows
+    row_live = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    dim_live = dims < D
+    q = tl.load(q_ptr + (bk.to(tl.int64) * R + rows[:, None]) * D + dims[None, :],
+                mask=row_live[:, None] & dim_live[None, :], other=0.0)
+    kv_base = (bk.to(tl.int64) * S) * D
+    row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for first in range(lo, hi, BLOCK_N):
+        cols = first + tl.arange(0, BLOCK_N)
+        live = cols < hi
+        offs = kv_base + cols[:, None] * D + dims[None, :]
+        mask = live[:, None] & dim_live[None, :]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+        scores = tl.where(live[None, :], scores, -float("inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))  # finite: every tile has a live key
+        p = tl.exp(scores - new_max[:, None])
+        alpha = tl.exp(row_max - new_max)
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    part = bk.to(tl.int64) * SPLITS + split
+    tl.store(part_ptr + (part * R + rows[:, None]) * D + dims[None, :], acc,
+             mask=row_live[:, None] & dim_live[None, :])
+    tl.store(stats_ptr + (part * 2) * R + rows, row_max, mask=row_live)  # -inf for an empty chunk
+    tl.store(stats_ptr + (part * 2 + 1) * R + rows, row_sum, mask=row_live)
+
+
+@triton.jit
+def cross_attention_decode_combine_kernel(part_ptr, stats_ptr, o_ptr, R, D, SPLITS,
+                                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (batch x K/V head, row block): the splits' partial outputs merged with their rows' max and
+    exp-sum into the softmax-normalized output (R, D); a row whose range is empty gets 0."""
+    bk = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_live = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    mask = row_live[:, None] & (dims < D)[None, :]
+    base = bk.to(tl.int64) * SPLITS
+    top = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    for split in range(0, SPLITS):
+        top = tl.maximum(top, tl.load(stats_ptr + ((base + split) * 2) * R + rows, mask=row_live,
+                                      other=-float("inf")))
+    safe = tl.where(top == -float("inf"), 0.0, top)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    out = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for split in range(0, SPLITS):
+        weight = tl.exp(tl.load(stats_ptr + ((base + split) * 2) * R + rows, mask=row_live, other=-float("inf"))
+                        - safe)  # 0 for an empty chunk
+        total += weight * tl.load(stats_ptr + ((base + split) * 2 + 1) * R + rows, mask=row_live, other=0.0)
+        part = tl.load(part_ptr + ((base + split) * R + rows[:, None]) * D + dims[None, :], mask=mask, other=0.0)
+        out += weight[:, None] * part
+    out = tl.where((total > 0)[:, None], out / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+    tl.store(o_ptr + (bk.to(tl.int64) * R + rows[:, None]) * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=mask)

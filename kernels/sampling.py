@@ -6,8 +6,9 @@ order: temperature; top-k (keep every token whose scaled logit is at least the k
 top-k tokens (keep a token when the probability of the tokens more likely than it, renormalized over the
 top-k set, is below top_p); min-p (keep a token whose probability is at least min_p times the largest).
 
-- top-k: the k-th largest scaled logit by bisection on its value: each step counts the tokens at or above the
-  midpoint in one pass; the interval shrinks to two adjacent floats, so the threshold is the k-th value itself.
+- top-k: the k-th largest scaled logit, from torch.topk for k <= 1024 (one pass), else by bisection on its value
+  in the kernel: each step counts the tokens at or above the midpoint in one pass; the interval shrinks to two
+  adjacent floats, so the threshold is the k-th value itself.
 - top-p by rejection, as FlashInfer does: draw a token from the candidates (top-k, min-p, and more likely than
   the pivot) by inverse CDF in one blocked scan; accept it when the top-k mass strictly above its probability
   is below top_p of the top-k mass (it is then in the nucleus); otherwise every candidate at most as likely is
@@ -38,9 +39,10 @@ def _scaled_block(base, offs, live, V, inv_temperature):
 
 
 @triton.jit
-def _sample_rows_kernel(logits_ptr, out_ptr, B, V, stride, inv_temperature, top_k, top_p, min_p, seed,
-                        SEED_IN_MEMORY: tl.constexpr, USE_TOP_K: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr, BISECTION_STEPS: tl.constexpr):
+def _sample_rows_kernel(logits_ptr, out_ptr, kth_ptr, B, V, stride, inv_temperature, top_k, top_p, min_p, seed,
+                        SEED_IN_MEMORY: tl.constexpr, USE_TOP_K: tl.constexpr, KTH_GIVEN: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr,
+                        BISECTION_STEPS: tl.constexpr):
     if SEED_IN_MEMORY:  # a (1,) int64 tensor on the GPU: the host never reads it (no synchronization)
         seed = tl.load(seed)
     # ROWS rows per program (1 on a GPU; many under the interpreter, where numpy then does the rows at once)
@@ -63,7 +65,9 @@ def _sample_rows_kernel(logits_ptr, out_ptr, B, V, stride, inv_temperature, top_
     bottom = tl.where(live, bottom, 0.0)
     # top-k threshold: the largest t with count(x >= t) >= k, i.e. the k-th largest value
     threshold = bottom
-    if USE_TOP_K:
+    if KTH_GIVEN:  # the k-th largest scaled logit of each row, found by the caller (torch.topk)
+        threshold = tl.load(kth_ptr + rows, mask=live, other=0.0)
+    elif USE_TOP_K:
         low = bottom
         high = top + 1.0  # count(x >= high) = 0 < k
         for _ in range(BISECTION_STEPS):
@@ -140,12 +144,15 @@ def _sample_rows_kernel(logits_ptr, out_ptr, B, V, stride, inv_temperature, top_
 def sample_logits_triton(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          min_p: float = 0.0, generator: torch.Generator | None = None, block: int | None = None,
                          rows_per_program: int = 1, out: torch.Tensor | None = None,
-                         seed_in_memory: bool | None = None) -> torch.Tensor:
+                         seed_in_memory: bool | None = None, top_k_by: str | None = None) -> torch.Tensor:
     """One token per row of logits (B, V), float32/bf16/fp16 on a GPU (or anywhere under TRITON_INTERPRET=1),
     with the reference's filters (module docstring); temperature 0 is argmax. Arguments are checked by the
     caller (`fastjudge.sampling.sample_logits`). rows_per_program > 1 (a power of two) suits the interpreter.
     seed_in_memory: the kernel reads the generator's seed from memory instead of the host passing its value
-    (None: when the generator is on logits' device; then no call waits on the GPU); both draw the same tokens."""
+    (None: when the generator is on logits' device; then no call waits on the GPU); both draw the same tokens.
+    top_k_by: how the k-th largest value is found: "topk" (torch.topk, then the kernel reads it) or "bisection"
+    (in the kernel: 64 passes over the row, no k limit); None: "topk" for k <= 1024. Both keep the same tokens
+    (every token at least the k-th value), so both draw the same tokens."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.contiguous()
@@ -160,9 +167,21 @@ def sample_logits_triton(logits: torch.Tensor, *, temperature: float = 1.0, top_
     else:
         seed = int(seed.item())
     use_top_k = 0 < top_k < vocab
+    if top_k_by is None:
+        top_k_by = "topk" if top_k <= 1024 else "bisection"
+    if top_k_by not in ("topk", "bisection"):
+        raise ValueError(f"top_k_by: expected 'topk' or 'bisection', got {top_k_by!r}")
+    inv_temperature = 1.0 / temperature
+    kth = out  # unused unless KTH_GIVEN
+    kth_given = use_top_k and top_k_by == "topk"
+    if kth_given:
+        # scaling by 1 / temperature keeps the order, so the k-th scaled value is the scaled k-th value; scaled as
+        # the kernel scales (float32 times a float32 scalar), it is the bisection's threshold exactly
+        kth = (torch.topk(logits, top_k, dim=-1).values[:, -1].float() * inv_temperature).contiguous()  # (B,)
     block = block or min(4096, triton.next_power_of_2(vocab))
     grid = (triton.cdiv(rows, rows_per_program),)
-    _sample_rows_kernel[grid](logits, out, rows, vocab, logits.stride(0), 1.0 / temperature, top_k, top_p, min_p,
-                              seed, SEED_IN_MEMORY=seed_in_memory, USE_TOP_K=use_top_k, ROWS=rows_per_program,
-                              BLOCK=block, MAX_ROUNDS=MAX_ROUNDS, BISECTION_STEPS=BISECTION_STEPS)
+    _sample_rows_kernel[grid](logits, out, kth, rows, vocab, logits.stride(0), inv_temperature, top_k, top_p, min_p,
+                              seed, SEED_IN_MEMORY=seed_in_memory, USE_TOP_K=use_top_k, KTH_GIVEN=kth_given,
+                              ROWS=rows_per_program, BLOCK=block, MAX_ROUNDS=MAX_ROUNDS,
+                              BISECTION_STEPS=BISECTION_STEPS)
     return out

@@ -1,8 +1,9 @@
 """The Triton token sampler (fastjudge.kernels.sampling), under the interpreter on a CPU machine (float32: the
-interpreter's bf16 arithmetic is not the GPU's): it must draw from exactly the distribution the plain-PyTorch
-filters define, computed here in float64."""
+interpreter's bf16 arithmetic is not the GPU's), compiled on a GPU machine: it must draw from exactly the
+distribution the plain-PyTorch filters define, computed here in float64."""
 
 import math
+import os
 import random
 
 import pytest
@@ -11,6 +12,17 @@ import torch
 from fastjudge.kernels.sampling import sample_logits_triton
 
 ROWS = 2048  # rows per program under the interpreter (numpy then does them at once)
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def sample(logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    """sample_logits_triton on DEVICE, tokens back on the CPU: many rows per program under the interpreter,
+    one compiled (the GPU's layout; thousands would not compile)."""
+    if DEVICE == "cuda":
+        kwargs["rows_per_program"] = 1
+    if kwargs.get("out") is not None:
+        kwargs["out"] = kwargs["out"].to(DEVICE)
+    return sample_logits_triton(logits.to(DEVICE), **kwargs).cpu()
 
 
 def exact_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float):
@@ -54,7 +66,7 @@ def test_draws_follow_the_reference_distribution(vocab, temperature, top_k, top_
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 2
     draws = 12_000
     out = torch.full((draws,), -7, dtype=torch.long)  # poisoned: every row must be written
-    tokens = sample_logits_triton(logits.expand(draws, vocab).contiguous(), temperature=temperature, top_k=top_k,
+    tokens = sample(logits.expand(draws, vocab).contiguous(), temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, generator=torch.Generator().manual_seed(seed),
                                   block=16, rows_per_program=ROWS, out=out)
     assert tokens.min() >= 0 and tokens.max() < vocab
@@ -66,9 +78,9 @@ def test_draws_follow_the_reference_distribution(vocab, temperature, top_k, top_
 
 def test_rows_differ_and_seeds_reproduce():
     logits = torch.randn(37, 23)
-    a = sample_logits_triton(logits, top_p=0.9, generator=torch.Generator().manual_seed(1), rows_per_program=64)
-    b = sample_logits_triton(logits, top_p=0.9, generator=torch.Generator().manual_seed(1), rows_per_program=64)
-    c = sample_logits_triton(logits, top_p=0.9, generator=torch.Generator().manual_seed(2), rows_per_program=64)
+    a = sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(1), rows_per_program=64)
+    b = sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(1), rows_per_program=64)
+    c = sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(2), rows_per_program=64)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -78,20 +90,34 @@ def test_seed_read_from_memory_draws_what_the_host_passed_seed_draws():
     logits = torch.randn(33, 29) * 2
 
     def draw(seed, in_memory):
-        return sample_logits_triton(logits, top_k=9, top_p=0.8, generator=torch.Generator().manual_seed(seed),
+        return sample(logits, top_k=9, top_p=0.8, generator=torch.Generator().manual_seed(seed),
                                     rows_per_program=64, seed_in_memory=in_memory)
 
     assert torch.equal(draw(5, True), draw(5, False))
     assert not torch.equal(draw(5, True), draw(6, True))
 
 
+def test_top_k_by_torch_topk_keeps_what_the_bisection_keeps():
+    """The k-th value from torch.topk (the default for k <= 1024) and from the kernel's bisection select the same
+    tokens, so the same seed draws the same tokens; ties at the k-th value and -inf entries included."""
+    logits = (torch.randn(70, 41, generator=torch.Generator().manual_seed(3)) * 2).round(decimals=1)  # many ties
+    logits[5, :30] = -float("inf")
+    for top_k, top_p, temperature in [(1, 1.0, 1.0), (7, 1.0, 0.6), (12, 0.8, 1.3), (40, 0.9, 1.0)]:
+        draws = [sample(logits, top_k=top_k, top_p=top_p, temperature=temperature, top_k_by=by,
+                        generator=torch.Generator().manual_seed(9), rows_per_program=128)
+                 for by in ("topk", "bisection")]
+        assert torch.equal(draws[0], draws[1]), (top_k, top_p, temperature)
+    with pytest.raises(ValueError, match="^top_k_by: "):
+        sample(logits, top_k=3, top_k_by="sort")
+
+
 def test_one_row_per_program_and_blocks_that_do_not_divide_the_vocabulary():
     """The GPU layout (one row per program) over a vocabulary of several blocks, the last one partial."""
     logits = torch.randn(3, 45) * 3
     logits[:, 44] = 20.0  # the last token, in the partial block, dominates
-    tokens = sample_logits_triton(logits, top_k=3, top_p=0.5, block=16, rows_per_program=1)
+    tokens = sample(logits, top_k=3, top_p=0.5, block=16, rows_per_program=1)
     assert tokens.tolist() == [44, 44, 44]
-    assert torch.equal(sample_logits_triton(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1))
 
 
 def test_rows_with_minus_infinity_keep_the_top_k():
@@ -100,9 +126,9 @@ def test_rows_with_minus_infinity_keep_the_top_k():
     logits = torch.arange(16, dtype=torch.float32).expand(400, 16).clone()
     logits[:, 0] = -float("inf")
     logits[:, 7] = -float("inf")
-    tokens = sample_logits_triton(logits, top_k=2, generator=torch.Generator().manual_seed(0), rows_per_program=512)
+    tokens = sample(logits, top_k=2, generator=torch.Generator().manual_seed(0), rows_per_program=512)
     assert set(tokens.tolist()) == {14, 15}
-    tokens = sample_logits_triton(logits, top_p=0.5, generator=torch.Generator().manual_seed(1), rows_per_program=512)
+    tokens = sample(logits, top_p=0.5, generator=torch.Generator().manual_seed(1), rows_per_program=512)
     assert set(tokens.tolist()) <= {14, 15} and not set(tokens.tolist()) & {0, 7}
 
 
