@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--tiles", default="1,4")
     parser.add_argument("--ns", default="1,16")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--decode-only", action="store_true", help="skip the training and prefill shapes")
+    parser.add_argument("--decode-splits", default="",
+                        help="also time cross_attention_decode with these key splits (comma-separated)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -129,11 +132,15 @@ def main() -> None:
         got = cross_attention_decode(q, k, v, start_b, end_b, backend="triton")
         error = ((got.float() - expected).norm() / expected.norm()).item()
         ours = timed(lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"), args.repeats, cuda)
-        results.append({"case": "decode", "n": n, "per_sample_ms": per_sample, "per_sample_gqa_ms": per_sample_gqa,
+        by_splits = {int(x): timed(lambda x=x: cross_attention_decode(q, k, v, start_b, end_b, backend="triton",
+                                                                       splits=int(x)), args.repeats, cuda)
+                     for x in args.decode_splits.split(",") if x}
+        results.append({"case": "decode", "n": n, "ours_ms_by_splits": by_splits,
+                        "per_sample_ms": per_sample, "per_sample_gqa_ms": per_sample_gqa,
                         "per_sample_repeat_kv_ms": per_sample_hf, "ours_ms": ours,
                         "ours_rows_ms": rows_ms, "speedup": per_sample / ours, "relative_error": error})
         print(results[-1], flush=True)
-    for rows in map(int, args.rows.split(",")):
+    for rows in [] if args.decode_only else map(int, args.rows.split(",")):
         for tiles in map(int, args.tiles.split(",")):
             q = torch.randn(args.batch, args.heads, rows, args.head_dim, device=args.device, dtype=dtype, generator=g)
             k = torch.randn(args.batch, args.kv_heads, keys, args.head_dim, device=args.device, dtype=dtype,
@@ -178,6 +185,8 @@ def main() -> None:
                   f"repeat_kv + SDPA {r['per_sample_repeat_kv_ms']:.3f}), ours {r['ours_ms']:.3f} ms: "
                   f"{r['speedup']:.2f}x (samples as rows of the training kernel: {r['ours_rows_ms']:.3f} ms; "
                   f"rel err {r['relative_error']:.1e})")
+            if r["ours_ms_by_splits"]:
+                print("    by key splits: " + ", ".join(f"{s_}: {ms:.3f} ms" for s_, ms in r["ours_ms_by_splits"].items()))
     result = {"bench": "cross_attention", "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "patches": args.patches, "dtype": str(dtype), "device": args.device,
               "results": results}

@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--ns", default="1,4,16")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-eager", action="store_true", help="on a GPU, skip timing ours without CUDA graphs")
+    parser.add_argument("--self-attention", default="",
+                        help="on a GPU, also time ours at the largest n with the decoding step's SDPA limited to each "
+                             "of these backends (comma-separated: efficient, cudnn, flash, math)")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="count the host synchronizations of one call of ours at the largest n, by code line")
     parser.add_argument("--profile", type=int, default=0,
                         help="after the timings, profile one call of ours at this n (GPU kernels, top 15 by time)")
     args = parser.parse_args()
@@ -112,7 +118,7 @@ def main() -> None:
         row = {"n": n, "tokens": tokens, "ours_s": t_ours, "transformers_s": t_theirs, "ours_one_token_s": t_first,
                "ours_step_ms": (t_ours - t_first) / max(1, args.new_tokens - 1) * 1e3,
                "ours_tok_s": tokens / t_ours, "transformers_tok_s": tokens / t_theirs, "speedup": t_theirs / t_ours}
-        if on_gpu:
+        if on_gpu and not args.no_eager:
             t_eager = timed(ours, n, graphs=False)
             t_eager_first = timed(ours, n, graphs=False, new_tokens=1)
             row.update(ours_eager_s=t_eager, ours_eager_tok_s=tokens / t_eager, speedup_eager=t_theirs / t_eager,
@@ -126,17 +132,71 @@ def main() -> None:
     for r in results:
         line = (f"{r['n']:>4}{r['ours_tok_s']:>12.1f}{r['transformers_tok_s']:>12.1f}{r['speedup']:>8.2f}x"
                 f"{r['ours_step_ms']:>9.2f}")
-        if on_gpu:
+        if "ours_eager_tok_s" in r:
             line += f"{r['ours_eager_tok_s']:>13.1f}{r['speedup_eager']:>8.2f}x{r['ours_eager_step_ms']:>9.2f}"
         print(line)
+    largest = results[-1]
+    backends = {}
+    for name in filter(None, args.self_attention.split(",")):
+        from torch.nn.attention import SDPBackend
+        mllama_decoding.STEP_SDPA_BACKENDS = [{"efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                               "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                                               "math": SDPBackend.MATH}[name]]
+        try:
+            seconds = timed(ours, largest["n"], graphs=on_gpu)
+            backends[name] = {"ours_s": seconds, "speedup": largest["transformers_s"] / seconds}
+        except Exception as failure:
+            backends[name] = {"failed": repr(failure)}
+        finally:
+            mllama_decoding.STEP_SDPA_BACKENDS = None
+        print(f"n={largest['n']}, the step's SDPA limited to {name}: {backends[name]}", flush=True)
+    syncs = None
+    if args.sync_check:
+        try:
+            syncs = sync_check(lambda: ours(largest["n"], graphs=on_gpu))
+        except Exception as failure:  # reported, not raised: the timings are already printed
+            print(f"sync check failed: {failure!r}")
+            syncs = {"failed": repr(failure)}
     profile = kernel_profile(lambda: ours(args.profile, graphs=on_gpu), args.new_tokens) if args.profile else None
     result = {"bench": "sampler", "preset": args.preset, "device": args.device, "cuda_graphs": on_gpu,
-              "profile_n": args.profile, "profile": profile,
+              "profile_n": args.profile, "profile": profile, "step_sdpa_backends": backends,
+              "host_synchronizations": syncs,
               "cuda_graphs_failure": graphs_failure,
               "prompts": args.prompts,
               "prompt_tokens": length, "new_tokens": args.new_tokens, "sampling": sampling,
               "preprocessing_s": preprocessing, "results": results}
     report(result, args.out)
+
+
+def sync_check(call) -> dict:
+    """Host synchronizations of one call (torch.cuda.set_sync_debug_mode), counted by the innermost line of
+    fastjudge's code that asked for them; prints them. The decoder means to synchronize only at its looks."""
+    import collections
+    import traceback
+    import warnings
+    places = collections.Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        original = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message).lower():
+                return original(message, category, filename, lineno, file, line)
+            ours = [f for f in traceback.extract_stack()[:-1]
+                    if ("/fastjudge/" in f.filename or "/kernels/" in f.filename)]
+            frame = ours[-1] if ours else None
+            places[f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+                   if frame else f"{filename}:{lineno}"] += 1
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"host synchronizations in one call: {sum(places.values())}")
+    for where, count in places.most_common(12):
+        print(f"{count:>6}  {where}")
+    return dict(places.most_common())
 
 
 def kernel_profile(call, steps: int) -> dict | None:

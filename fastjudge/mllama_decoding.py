@@ -40,6 +40,9 @@ from fastjudge.sampling import bad_rows
 CROSS_ATTENTION_KERNEL: bool | None = None
 # the decoding step as a CUDA graph: None = on a GPU (unless FASTJUDGE_CUDA_GRAPHS=0); False = never
 CUDA_GRAPHS: bool | None = None
+# the SDPA backends of a decoding step's attention layers (e.g. [SDPBackend.EFFICIENT_ATTENTION]); None: torch's
+# choice. bench/sampler.py --self-attention compares them.
+STEP_SDPA_BACKENDS: list | None = None
 # with graphs, the own-key columns read are bucketed: spans of 16, 32, 64, ... steps (one graph each), so a
 # decoding run of m tokens captures about log2(m / 16) + 1 graphs
 GRAPH_FIRST_SPAN = 16
@@ -202,6 +205,15 @@ class SharedMllamaDecoder:
         bias[..., :width].masked_fill_(sees[:, None, None], 0.0)
         self_bias = bias.view(batch, 1, group * self.n, -1)[..., :width]  # (B, 1, G * n, width)
         image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
+        if STEP_SDPA_BACKENDS is None:
+            return self._layers(h, cos, sin, rows, column, width, group, self_bias, image_mask)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(STEP_SDPA_BACKENDS):
+            return self._layers(h, cos, sin, rows, column, width, group, self_bias, image_mask)
+
+    def _layers(self, h, cos, sin, rows, column, width, group, self_bias, image_mask) -> torch.Tensor:
+        """The layers of `_step`, then the logits (B, n, V)."""
+        batch = h.shape[0]
         for layer_index, layer in enumerate(self.text.layers):
             if layer_index in self.cross_layers:
                 if layer_index not in self.image:
@@ -219,7 +231,7 @@ class SharedMllamaDecoder:
                 else:  # the n samples are n queries of one row: the image's keys are read once for them all
                     out = F.scaled_dot_product_attention(
                         q.reshape(batch, self.kv_heads, group * self.n, self.head_dim), k, v, attn_mask=image_mask,
-                        scale=self.scale).view(batch, self.heads, self.n, self.head_dim)
+                        scale=self.scale).reshape(batch, self.heads, self.n, self.head_dim)
                 x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
                 h = residual + layer.cross_attn_attn_gate.tanh() * x
                 residual = h
@@ -240,7 +252,7 @@ class SharedMllamaDecoder:
             out = F.scaled_dot_product_attention(
                 q.reshape(batch, self.kv_heads, group * self.n, self.head_dim), keys[:, :, :width],
                 values[:, :, :width], attn_mask=self_bias, scale=self.scale,
-            ).view(batch, self.heads, self.n, self.head_dim)  # (B, Hkv, G * n, d) -> (B, Hq, n, d)
+            ).reshape(batch, self.heads, self.n, self.head_dim)  # (B, Hkv, G * n, d) -> (B, Hq, n, d)
             x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
             h = residual + x
             h = h + layer.mlp(layer.post_attention_layernorm(h))

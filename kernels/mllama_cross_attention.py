@@ -165,13 +165,14 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start
 
 
 def _decode_splits(programs: int, keys: int, block: int, device: torch.device) -> int:
-    """Key splits per (prompt, K/V head) for decoding: enough programs for about two per multiprocessor, at
-    least one key tile each."""
+    """Key splits per (prompt, K/V head) for decoding: at most two programs per multiprocessor (a program of
+    64 rows holds about 100 KB of shared memory: two fit), so that they run in one wave (a second, partial wave
+    would double the time), at least one key tile each."""
     if device.type == "cuda":
         processors = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         processors = 4  # the interpreter: a few splits, so that the tests combine several
-    return max(1, min(-(-2 * processors // max(programs, 1)), -(-keys // block)))
+    return max(1, min(2 * processors // max(programs, 1), -(-keys // block)))
 
 
 def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor,
