@@ -5,6 +5,8 @@
     python bench/sampler.py --preset llama-3.2-11b --device cuda
 
 On a GPU ours runs its decoding steps as CUDA graphs (the default there) and, in a second column, eagerly.
+Every timing follows one untimed call at the same n (a new n compiles kernels and plans attention for its
+shapes); the median of --repeats calls is reported.
 Both start from the same PIL images and prompt texts (the image processor and the tokenizer run in both
 timings; their time alone is printed) and sample (temperature 0.6, top-k 50, top-p 0.9, the paper's) exactly
 --new-tokens tokens per sample: end
@@ -89,6 +91,8 @@ def main() -> None:
                        eos_token_id=None, pad_token_id=adapter.pad_id, **sampling)
 
     def timed(fn, n, **kwargs):
+        # one untimed call first at each n: new shapes compile kernels (Triton, cuDNN plans) on first use
+        fn(n, **kwargs)
         return median_ms(lambda: fn(n, **kwargs), args.repeats, args.device.startswith("cuda")) / 1e3
 
     # on a GPU our decoding steps run as CUDA graphs (the default) and, for comparison, eagerly

@@ -347,7 +347,8 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         ended = ends_here | (write & (length >= max_new_tokens))  # (B', S) samples that end with this step
         done_sample = torch.where(ended, sample, n)
         lengths[rows, done_sample] = length
-        finished[rows, done_sample] = True
+        # a device tensor, not the Python True: that would be copied from the host and wait for the GPU
+        finished[rows, done_sample] = torch.ones_like(ended)
         alive = alive & ~ended
         stopped = torch.zeros_like(groups, dtype=torch.bool)  # (B',) prompts that stop sampling
         if vote is not None:

@@ -134,3 +134,30 @@ def test_graphs_sample_what_the_eager_steps_sample(source, tiny_toy_dir, tmp_pat
     monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "worth_shrinking",
                         lambda self, going, batch: 2 * going <= batch)
     assert _runs(adapter, inputs, "cuda") == graphed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronizations are a GPU matter")
+def test_steps_between_looks_do_not_synchronize(tiny_toy_dir):
+    """The decoder waits for the GPU only at its looks: 16 more steps (2 more looks at sync_every 8) add at most
+    the looks' synchronizations, not one per step (a Python scalar written into a device tensor, an .item(), a
+    check of the logits would each add 16)."""
+    import warnings
+    adapter = ToyAdapter.load(tiny_toy_dir)
+    inputs = {k: v.to("cuda") for k, v in _inputs(adapter).items()}
+    adapter.model.to("cuda")
+
+    def synchronizations(tokens):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                decode_groups(adapter.model, dict(inputs), n=4, max_new_tokens=tokens, eos_ids=set(),
+                              temperature=1.0, top_k=20, generator=torch.Generator(device="cuda").manual_seed(0),
+                              sync_every=8)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    synchronizations(8)  # warm-up: compiles, captures
+    extra = synchronizations(24) - synchronizations(8)
+    assert extra <= 2 * 3, extra

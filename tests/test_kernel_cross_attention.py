@@ -370,6 +370,8 @@ def test_shared_decoder_cross_layers_through_the_kernel(tiny_mllama, monkeypatch
         calls.append(args[0].shape)
         return kernel_function(*args, **kwargs)
     monkeypatch.setattr(mllama_cross_attention, "cross_attention_decode", counted)
+    # eager steps: with CUDA graphs (on a GPU) the batch keeps a prompt that is done until half are done
+    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
 
     def run(eos, sampler=None):
         return decode_groups(tiny_mllama.model, dict(inputs), n=3, max_new_tokens=6, eos_ids=eos, temperature=1.0,
