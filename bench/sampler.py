@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--no-eager", action="store_true", help="on a GPU, skip timing ours without CUDA graphs")
     parser.add_argument("--self-attention", default="",
                         help="on a GPU, also time ours at the largest n with the decoding step's SDPA limited to each "
-                             "of these backends (comma-separated: efficient, cudnn, flash, math)")
+                             "of these backends (comma-separated: efficient, cudnn, flash, math), or 'kernel': the "
+                             "self layers through shared_prefix_decode_attention")
     parser.add_argument("--sync-check", action="store_true",
                         help="count the host synchronizations of one call of ours at the largest n, by code line")
     parser.add_argument("--profile", type=int, default=0,
@@ -143,9 +144,12 @@ def main() -> None:
     backends = {}
     for name in filter(None, args.self_attention.split(",")):
         from torch.nn.attention import SDPBackend
-        mllama_decoding.STEP_SDPA_BACKENDS = [{"efficient": SDPBackend.EFFICIENT_ATTENTION,
-                                               "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                                               "math": SDPBackend.MATH}[name]]
+        if name == "kernel":  # fastjudge.kernels.shared_prefix_decode_attention in the self layers
+            mllama_decoding.SELF_ATTENTION_KERNEL = True
+        else:
+            mllama_decoding.STEP_SDPA_BACKENDS = [{"efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                                   "cudnn": SDPBackend.CUDNN_ATTENTION,
+                                                   "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name]]
         try:
             seconds = timed(ours, largest["n"], graphs=on_gpu)
             backends[name] = {"ours_s": seconds, "speedup": largest["transformers_s"] / seconds}
@@ -153,6 +157,7 @@ def main() -> None:
             backends[name] = {"failed": repr(failure)}
         finally:
             mllama_decoding.STEP_SDPA_BACKENDS = None
+            mllama_decoding.SELF_ATTENTION_KERNEL = False
         print(f"n={largest['n']}, the step's SDPA limited to {name}: {backends[name]}", flush=True)
     syncs = None
     if args.sync_check:

@@ -40,6 +40,10 @@ from fastjudge.sampling import bad_rows
 CROSS_ATTENTION_KERNEL: bool | None = None
 # the decoding step as a CUDA graph: None = on a GPU (unless FASTJUDGE_CUDA_GRAPHS=0); False = never
 CUDA_GRAPHS: bool | None = None
+# the self-attention layers through fastjudge.kernels.shared_prefix_decode_attention (one split-K kernel over the
+# shared prompt and the samples' own keys): False = SDPA (the default until the kernel is timed on a GPU); None =
+# on a GPU; True = always (the Triton interpreter on the CPU, for tests)
+SELF_ATTENTION_KERNEL: bool | None = False
 # the SDPA backends of a decoding step's attention layers (e.g. [SDPBackend.EFFICIENT_ATTENTION]); None: torch's
 # choice. bench/sampler.py --self-attention compares them.
 STEP_SDPA_BACKENDS: list | None = None
@@ -104,6 +108,10 @@ class SharedMllamaDecoder:
             end = torch.where(self.image_keys_mask, keys + 1, 0).amax(dim=-1)
             if bool((self.image_keys_mask.sum(dim=-1) == end - start).all()):  # contiguous: one range each
                 self.key_range = (start.to(torch.int32), end.to(torch.int32))  # (B,) x 2
+        use_kernel = SELF_ATTENTION_KERNEL
+        if use_kernel is None:
+            use_kernel = prompt_mask.is_cuda and os.environ.get("FASTJUDGE_GPU_KERNELS") != "0"
+        self.self_attention_kernel = bool(use_kernel)
         self.graphs_on = graphs
         self.bucket_spans = graphs if bucket_spans is None else bucket_spans
         # read span -> (graph, its logits (B, n, V)); the graphs share one memory pool (never run at once) and
@@ -186,32 +194,40 @@ class SharedMllamaDecoder:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d)
         rows = torch.arange(batch, device=device)[:, None].expand(-1, self.n)  # (B, n)
         slots = torch.arange(self.n, device=device)
-        # where each slot's token goes in the key buffer, and what each slot sees there: the prompt, and its own
-        # run up to this token (the other slots' runs are masked), one mask for every layer of the step
-        column = self.prompt_length + index * self.n + slots  # (B, n)
+        column = self.prompt_length + index * self.n + slots  # (B, n) where each slot's token goes
         width = self.prompt_length + span * self.n  # the columns read
+        group = self.heads // self.kv_heads
+        # with the kernel, what each sample sees comes from prompt_mask and index; SDPA takes a mask (below)
+        self_bias = None if self.self_attention_kernel else self._self_bias(index, span, group, h.dtype)
+        image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
+        if STEP_SDPA_BACKENDS is None:
+            return self._layers(h, cos, sin, rows, column, index, width, group, self_bias, image_mask)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(STEP_SDPA_BACKENDS):
+            return self._layers(h, cos, sin, rows, column, index, width, group, self_bias, image_mask)
+
+    def _self_bias(self, index: torch.Tensor, span: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, G * n, width) additive mask of the self layers' SDPA: each sample sees the prompt and its own
+        run up to this token (the other slots' runs are masked), one mask for every layer of the step.
+
+        GQA without repeated keys: the G query heads of a K/V head and the n samples are its G * n query rows
+        (row j * n + s: head kv * G + j, sample s), so SDPA sees as many heads in q as in k and can use a fused
+        kernel (with a mask, it takes enable_gqa only on its slow math path). The mask is in the activations'
+        dtype, its rows padded to 16 columns (the kernels' alignment; SDPA would otherwise pad a copy in every
+        layer)."""
+        batch, device = index.shape[0], index.device
+        width = self.prompt_length + span * self.n
+        slots = torch.arange(self.n, device=device)
         own = torch.arange(span * self.n, device=device)
         sees_own = ((own % self.n)[None, None, :] == slots[None, :, None]) & \
             ((own // self.n)[None, None, :] <= index[..., None])  # (B, n, span * n)
         sees = torch.cat([self.prompt_mask[:, None, :].expand(-1, self.n, -1), sees_own], dim=-1)  # (B, n, width)
-        # GQA without repeated keys: the G query heads of a K/V head and the n samples are its G * n query rows
-        # (row j * n + s: head kv * G + j, sample s), so SDPA sees as many heads in q as in k and can use its
-        # memory-efficient kernel (with a mask, it takes enable_gqa only on its slow math path). The mask is
-        # additive, in h's dtype, built once per step, its rows padded to 16 columns (the kernel's alignment;
-        # SDPA would otherwise pad a copy in every layer).
-        group = self.heads // self.kv_heads
-        bias = torch.full((batch, 1, group, self.n, -(-width // 16) * 16), float("-inf"), dtype=h.dtype,
+        bias = torch.full((batch, 1, group, self.n, -(-width // 16) * 16), float("-inf"), dtype=dtype,
                           device=device)
         bias[..., :width].masked_fill_(sees[:, None, None], 0.0)
-        self_bias = bias.view(batch, 1, group * self.n, -1)[..., :width]  # (B, 1, G * n, width)
-        image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
-        if STEP_SDPA_BACKENDS is None:
-            return self._layers(h, cos, sin, rows, column, width, group, self_bias, image_mask)
-        from torch.nn.attention import sdpa_kernel
-        with sdpa_kernel(STEP_SDPA_BACKENDS):
-            return self._layers(h, cos, sin, rows, column, width, group, self_bias, image_mask)
+        return bias.view(batch, 1, group * self.n, -1)[..., :width]
 
-    def _layers(self, h, cos, sin, rows, column, width, group, self_bias, image_mask) -> torch.Tensor:
+    def _layers(self, h, cos, sin, rows, column, index, width, group, self_bias, image_mask) -> torch.Tensor:
         """The layers of `_step`, then the logits (B, n, V)."""
         batch = h.shape[0]
         for layer_index, layer in enumerate(self.text.layers):
@@ -249,10 +265,15 @@ class SharedMllamaDecoder:
             keys, values = self.kv[layer_index]
             keys[rows, :, column] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, column[b, s]]
             values[rows, :, column] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q.reshape(batch, self.kv_heads, group * self.n, self.head_dim), keys[:, :, :width],
-                values[:, :, :width], attn_mask=self_bias, scale=self.scale,
-            ).reshape(batch, self.heads, self.n, self.head_dim)  # (B, Hkv, G * n, d) -> (B, Hq, n, d)
+            if self.self_attention_kernel:
+                from fastjudge.kernels.decode_attention import shared_prefix_decode_attention
+                out = shared_prefix_decode_attention(q, keys, values, self.prompt_mask, index, width=width,
+                                                     scale=self.scale, backend="triton")  # (B, Hq, n, d)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q.reshape(batch, self.kv_heads, group * self.n, self.head_dim), keys[:, :, :width],
+                    values[:, :, :width], attn_mask=self_bias, scale=self.scale,
+                ).reshape(batch, self.heads, self.n, self.head_dim)  # (B, Hkv, G * n, d) -> (B, Hq, n, d)
             x = attn.o_proj(out.transpose(1, 2).reshape(batch, self.n, -1))
             h = residual + x
             h = h + layer.mlp(layer.post_attention_layernorm(h))
