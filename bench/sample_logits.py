@@ -67,6 +67,10 @@ def main() -> None:
     print(f"logits=({args.rows}, {args.vocab}) {args.dtype} on {args.device}, threads={threads} "
           f"repeats={args.repeats} (median ms)")
     print(f"{'logits':<8}{'setting':<22}{ours_name:>9}{'reference':>11}{'softmax+mult':>14}{'vs ref':>9}{'vs s+m':>9}")
+    def time_ms(fn):
+        fn()  # warm-up (Triton compiles)
+        return median_ms(fn, args.repeats, cuda)
+
     results = []
     for dist in args.dists.split(","):
         if dist not in DISTS:
@@ -80,9 +84,6 @@ def main() -> None:
                 if not (top == tokens[:, None]).any(-1).all():
                     raise SystemExit(f"{dist} {name}: a token outside the top-k")
             temperature = kwargs.get("temperature", 1.0)
-            def time_ms(fn):
-                fn()  # warm-up (Triton compiles)
-                return median_ms(fn, args.repeats, cuda)
             ours_ms = time_ms(lambda: sample_logits(logits, generator=generator, **kwargs))
             ref_ms = time_ms(lambda: sample_logits_reference(logits, generator=generator, **kwargs))
             plain_ms = time_ms(lambda: torch.multinomial((logits.float() / temperature).softmax(-1), 1,

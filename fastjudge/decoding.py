@@ -42,8 +42,8 @@ def prefill(model, inputs: dict[str, torch.Tensor]):
 
 
 def _sampler(temperature: float, top_k: int, top_p: float, min_p: float, check: bool = True) -> Callable:
-    """`sample_logits` with these filters, as a sampler(logits, generator); check=False leaves the check of bad
-    rows to the caller (`sample_logits`)."""
+    """`sample_logits` with these filters, as a sampler(logits, generator); check=False: on a GPU, bad rows are
+    not checked at each call (the caller checks them, as the shared Mllama decoder does at its looks)."""
     def sampler(logits, generator):
         return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              generator=generator, check=check)
@@ -69,10 +69,11 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
         sync_every = default_sync_every(inputs["attention_mask"].device)
     if getattr(model.config, "model_type", None) == "mllama" and SHARED_MLLAMA:
         from fastjudge.mllama_decoding import decode_mllama_shared
-        # our sampler's check of bad logits rows waits for the GPU: the decoder checks them at its looks instead
-        check_logits = sampler is None and temperature > 0
+        # on a GPU our sampler's check of bad logits rows waits for the GPU: the decoder checks them at its looks
+        # instead (on the CPU the C++ sampler checks every call at no such cost)
+        check_logits = sampler is None and temperature > 0 and inputs["attention_mask"].is_cuda
         if sampler is None:
-            sampler = _sampler(temperature, top_k, top_p, min_p, check=False)
+            sampler = _sampler(temperature, top_k, top_p, min_p, check=not check_logits)
         return decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                     sampler=sampler, generator=generator, stop=stop, slots=slots,
                                     early_stop=early_stop, sync_every=sync_every, check_logits=check_logits)

@@ -122,7 +122,7 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         (B,) int64 token ids, on logits' device.
     Raises:
         ValueError: a bad argument (the message names it), or, when temperature > 0, a row of
-            logits with NaN or +inf, or with only -inf.
+            logits with NaN or +inf, or with only -inf (on a GPU only with check=True).
     """
     _check_arguments(logits, temperature, top_k, top_p, min_p)
     if logits.device.type == "cuda":

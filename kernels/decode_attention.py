@@ -78,6 +78,9 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     prompt = prompt_mask.shape[1]
     if index.shape != (batch, samples):
         raise ValueError(f"index: expected ({batch}, {samples}), got {tuple(index.shape)}")
+    for name, tensor in (("prompt_mask", prompt_mask), ("index", index)):
+        if tensor.device != q.device:  # the kernel would be handed a pointer it cannot read
+            raise ValueError(f"{name}: expected on q's device {q.device}, got {tensor.device}")
     if not prompt <= width <= length:
         raise ValueError(f"width: expected in [T={prompt}, L={length}], got {width}")
     if backend not in BACKENDS:
@@ -94,7 +97,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     rows = (heads // kv_heads) * samples  # G * n rows per (prompt, K/V head)
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
     row_blocks = -(-rows // block_m)
-    splits = splits or _decode_splits(batch * kv_heads, width, block_n, q.device)
+    splits = splits or _decode_splits(batch * kv_heads * row_blocks, width, block_n, q.device)
     chunk = -(-width // splits)
     q = q.contiguous()  # (B, Hkv, G, n, D) in memory: row j * n + s of K/V head kv is query head kv * G + j
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or not keys.is_contiguous() or not values.is_contiguous():

@@ -165,9 +165,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start
 
 
 def _decode_splits(programs: int, keys: int, block: int, device: torch.device) -> int:
-    """Key splits per (prompt, K/V head) for decoding: at most two programs per multiprocessor (a program of
-    64 rows holds about 100 KB of shared memory: two fit), so that they run in one wave (a second, partial wave
-    would double the time), at least one key tile each."""
+    """Key splits per (prompt, K/V head, row block) for decoding (`programs` of them without splits): at most
+    two programs per multiprocessor (a program of 64 rows holds about 100 KB of shared memory: two fit), so
+    that they run in one wave (a second, partial wave would double the time), at least one key tile each."""
     if device.type == "cuda":
         processors = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -204,6 +204,8 @@ def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     for name, tensor in (("key_start", key_start), ("key_end", key_end)):
         if tensor.shape != (batch,):
             raise ValueError(f"{name}: expected ({batch},), got {tuple(tensor.shape)}")
+        if tensor.device != q.device:  # the kernel would be handed a pointer it cannot read
+            raise ValueError(f"{name}: expected on q's device {q.device}, got {tensor.device}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if splits is not None and splits < 1:
@@ -219,7 +221,7 @@ def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     rows = (heads // kv_heads) * samples  # G * n rows per (prompt, K/V head)
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # more rows: several row blocks
     row_blocks = -(-rows // block_m)
-    splits = splits or _decode_splits(batch * kv_heads, keys, block_n, q.device)
+    splits = splits or _decode_splits(batch * kv_heads * row_blocks, keys, block_n, q.device)
     chunk = -(-max(keys, 1) // splits)
     q = q.contiguous()  # (B, Hkv, G, n, D) in memory: row j * n + s of K/V head kv is query head kv * G + j
     k, v = k.contiguous(), v.contiguous()

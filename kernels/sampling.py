@@ -153,6 +153,8 @@ def sample_logits_triton(logits: torch.Tensor, *, temperature: float = 1.0, top_
     top_k_by: how the k-th largest value is found: "topk" (torch.topk, then the kernel reads it) or "bisection"
     (in the kernel: 64 passes over the row, no k limit); None: "topk" for k <= 1024. Both keep the same tokens
     (every token at least the k-th value), so both draw the same tokens."""
+    if top_k_by not in (None, "topk", "bisection"):
+        raise ValueError(f"top_k_by: expected 'topk' or 'bisection', got {top_k_by!r}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.contiguous()
@@ -169,8 +171,6 @@ def sample_logits_triton(logits: torch.Tensor, *, temperature: float = 1.0, top_
     use_top_k = 0 < top_k < vocab
     if top_k_by is None:
         top_k_by = "topk" if top_k <= 1024 else "bisection"
-    if top_k_by not in ("topk", "bisection"):
-        raise ValueError(f"top_k_by: expected 'topk' or 'bisection', got {top_k_by!r}")
     inv_temperature = 1.0 / temperature
     kth = out  # unused unless KTH_GIVEN
     kth_given = use_top_k and top_k_by == "topk"

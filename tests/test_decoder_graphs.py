@@ -41,14 +41,20 @@ def _force_buckets(monkeypatch, reads):
     monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "read_span", recorded_read_span)
 
 
-def _runs(adapter, inputs, device="cpu"):
+def _runs(adapter, inputs, device="cpu", eos=frozenset({3, 5, 7})):
     """Sampled with refilled slots, and greedy with end tokens (prompts leave the batch)."""
     model = adapter.model
     sampled = decode_groups(model, dict(inputs), n=4, slots=2, max_new_tokens=9, eos_ids=set(), temperature=1.0,
                             top_k=20, generator=torch.Generator(device=device).manual_seed(5), sync_every=3)
-    greedy = decode_groups(model, dict(inputs), n=1, max_new_tokens=12, eos_ids={3, 5, 7}, temperature=0.0,
+    greedy = decode_groups(model, dict(inputs), n=1, max_new_tokens=12, eos_ids=set(eos), temperature=0.0,
                            sync_every=2)
     return sampled, greedy
+
+
+def _early_end(adapter, inputs):
+    """An end token that prompt 1's greedy text reaches but prompt 0's does not: prompt 1 leaves early."""
+    free = decode_groups(adapter.model, dict(inputs), n=1, max_new_tokens=12, eos_ids=set(), temperature=0.0)
+    return {next(t for t in free[1][0] if t not in free[0][0])}
 
 
 @pytest.mark.parametrize("source", ["toy", "mllama"])
@@ -109,15 +115,42 @@ def test_bad_logits_raise_at_the_next_look(tiny_toy_dir):
             model.lm_head.weight[5, 0] = 0.0
 
 
+@pytest.mark.parametrize("source", ["toy", "mllama"])
+def test_keeping_done_prompts_decodes_what_dropping_them_decodes(source, tiny_toy_dir, tmp_path, monkeypatch):
+    """With graphs the batch keeps the prompts that are done until at most half are going: their slots must stay
+    inert (no token written, no sample started). Greedy, so that the draws do not depend on the rows' order."""
+    adapter = _adapter(source, tiny_toy_dir, tmp_path)
+    inputs = _inputs(adapter)
+    eos = _early_end(adapter, inputs)
+
+    def run():
+        return [decode_groups(adapter.model, dict(inputs), n=n, slots=slots, max_new_tokens=12, eos_ids=eos,
+                              temperature=0.0, sync_every=sync) for n, slots, sync in [(1, 1, 1), (3, 2, 2)]]
+    dropped = run()
+    kept_calls = []
+
+    def never(self, going, batch):
+        kept_calls.append(going)
+        return False
+    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "worth_shrinking", never)
+    assert run() == dropped
+    assert any(going < 3 for going in kept_calls)  # a done prompt was kept
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("source", ["toy", "mllama"])
 def test_graphs_sample_what_the_eager_steps_sample(source, tiny_toy_dir, tmp_path, monkeypatch):
     """On a GPU: the steps replayed as CUDA graphs give the tokens of the same steps run eagerly (both reading
-    bucketed spans), with refilled slots and prompts leaving the batch (which captures new graphs)."""
+    bucketed spans), with refilled slots and a prompt leaving the batch, which captures new graphs for the
+    smaller batch (both runs drop a done prompt at once, so that their batches match)."""
     adapter = _adapter(source, tiny_toy_dir, tmp_path)
     inputs = {k: v.to("cuda") for k, v in _inputs(adapter).items()}
     adapter.model.to("cuda")
+    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
+    eos = _early_end(adapter, inputs)
     monkeypatch.setattr(mllama_decoding, "GRAPH_FIRST_SPAN", 2)
+    # a GEMM over other rows may round differently on a GPU: both runs drop done prompts at once
+    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "worth_shrinking", lambda self, going, batch: True)
     captures = []
     capture = mllama_decoding.SharedMllamaDecoder._capture
 
@@ -126,14 +159,12 @@ def test_graphs_sample_what_the_eager_steps_sample(source, tiny_toy_dir, tmp_pat
         return capture(self, span)
     monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "_capture", counted)
     monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", True)
-    graphed = _runs(adapter, inputs, "cuda")
+    graphed = _runs(adapter, inputs, "cuda", eos)
     assert len({span for _, span in captures}) >= 3
+    assert len({batch for batch, _ in captures}) >= 2  # captured again after the batch shrank
     monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
     _force_buckets(monkeypatch, [])
-    # the same batches as the graphs' (a GEMM over other rows may round differently on a GPU)
-    monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "worth_shrinking",
-                        lambda self, going, batch: 2 * going <= batch)
-    assert _runs(adapter, inputs, "cuda") == graphed
+    assert _runs(adapter, inputs, "cuda", eos) == graphed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronizations are a GPU matter")

@@ -119,7 +119,8 @@ def test_triton_bf16_on_the_gpu_against_float64(rows):
 DECODE_CASES = [  # (batch, heads, kv heads, samples n, keys, head size, splits)
     (3, 6, 2, 5, 77, 12, None),  # G 3: 15 rows of one block; the default splits
     (2, 4, 4, 1, 45, 16, 1),  # no GQA, one sample, one split
-    (2, 8, 2, 9, 130, 8, 7),  # 36 rows (several row blocks under the interpreter's 16), chunks that end mid-tile
+    (2, 8, 2, 9, 130, 8, 7),  # 36 rows in one block of 64, chunks that end mid-tile
+    (1, 8, 2, 20, 70, 8, 3),  # 80 rows: two row blocks of 64 (the 11B at n >= 17)
 ]
 
 

@@ -17,7 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 CASES = [  # (batch, heads, kv heads, samples n, prompt T, own steps in the buffer, steps read, splits)
     (3, 6, 2, 5, 11, 7, 5, None),  # G 3: 15 rows; a width past the columns written
     (2, 4, 4, 1, 16, 9, 9, 1),  # no GQA, one sample, one split: the whole buffer
-    (2, 8, 2, 9, 5, 4, 3, 6),  # 36 rows (several row blocks under the interpreter's 16), a short prompt
+    (2, 8, 2, 9, 5, 4, 3, 6),  # 36 rows in one block of 64, a short prompt
+    (2, 8, 2, 20, 9, 4, 3, 5),  # 80 rows: two row blocks of 64 (the 11B at n >= 17)
 ]
 
 

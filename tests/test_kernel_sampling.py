@@ -67,8 +67,8 @@ def test_draws_follow_the_reference_distribution(vocab, temperature, top_k, top_
     draws = 12_000
     out = torch.full((draws,), -7, dtype=torch.long)  # poisoned: every row must be written
     tokens = sample(logits.expand(draws, vocab).contiguous(), temperature=temperature, top_k=top_k,
-                                  top_p=top_p, min_p=min_p, generator=torch.Generator().manual_seed(seed),
-                                  block=16, rows_per_program=ROWS, out=out)
+                    top_p=top_p, min_p=min_p, generator=torch.Generator().manual_seed(seed),
+                    block=16, rows_per_program=ROWS, out=out)
     assert tokens.min() >= 0 and tokens.max() < vocab
     expected = exact_distribution(logits, temperature, top_k, top_p, min_p)
     observed = torch.bincount(tokens, minlength=vocab).double()
@@ -91,7 +91,7 @@ def test_seed_read_from_memory_draws_what_the_host_passed_seed_draws():
 
     def draw(seed, in_memory):
         return sample(logits, top_k=9, top_p=0.8, generator=torch.Generator().manual_seed(seed),
-                                    rows_per_program=64, seed_in_memory=in_memory)
+                      rows_per_program=64, seed_in_memory=in_memory)
 
     assert torch.equal(draw(5, True), draw(5, False))
     assert not torch.equal(draw(5, True), draw(6, True))
