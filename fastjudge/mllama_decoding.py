@@ -73,6 +73,7 @@ class SharedMllamaDecoder:
         self.scale = self.head_dim ** -0.5
         self.cross_layers = set(config.cross_attention_layers)
         self.prompt_mask = prompt_mask.bool()  # (B, T)
+        self.prompt_mask_int8 = self.prompt_mask.to(torch.int8)  # the self-attention kernel's
         batch = prompt_mask.shape[0]
         self.prompt_length, self.max_new = prompt_mask.shape[1], max_new_tokens
         self.image: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # cross layer -> (B, Hkv, S, d) x 2
@@ -137,6 +138,7 @@ class SharedMllamaDecoder:
     def keep(self, groups: torch.Tensor) -> None:
         """Keep only these prompts (indices into the current B)."""
         self.prompt_mask = self.prompt_mask[groups]
+        self.prompt_mask_int8 = self.prompt_mask_int8[groups]
         self.image_keys_mask = self.image_keys_mask[groups]
         self.sees_image = self.sees_image[groups]
         if self.key_range is not None:
@@ -173,7 +175,8 @@ class SharedMllamaDecoder:
         """Capture the step reading `span` own-key steps, on the current graph inputs. Before the first capture
         of a batch, one eager run on a side stream does the lazy set-ups (Triton compiles, library handles) that
         a capture must not record; it writes the same keys as the replay that follows, so both leave the
-        buffers as one step does. Later spans run the same kernels on wider reads: no warm-up."""
+        buffers as one step does. Later spans run the same kernels on wider reads: no warm-up (the decode
+        kernels leave their span-dependent arguments unspecialized, so no new Triton variant is compiled)."""
         if not self.graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -199,6 +202,8 @@ class SharedMllamaDecoder:
         group = self.heads // self.kv_heads
         # with the kernel, what each sample sees comes from prompt_mask and index; SDPA takes a mask (below)
         self_bias = None if self.self_attention_kernel else self._self_bias(index, span, group, h.dtype)
+        if self.self_attention_kernel:
+            index = index.to(torch.int32)  # once per step, not in every layer
         image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
         if STEP_SDPA_BACKENDS is None:
             return self._layers(h, cos, sin, rows, column, index, width, group, self_bias, image_mask)
@@ -267,7 +272,7 @@ class SharedMllamaDecoder:
             values[rows, :, column] = v.transpose(1, 2)
             if self.self_attention_kernel:
                 from fastjudge.kernels.decode_attention import shared_prefix_decode_attention
-                out = shared_prefix_decode_attention(q, keys, values, self.prompt_mask, index, width=width,
+                out = shared_prefix_decode_attention(q, keys, values, self.prompt_mask_int8, index, width=width,
                                                      scale=self.scale, backend="triton")  # (B, Hq, n, d)
             else:
                 out = F.scaled_dot_product_attention(

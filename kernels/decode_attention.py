@@ -52,7 +52,8 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     Args:
         q: (B, Hq, n, D): one query per sample.
         keys, values: (B, Hkv, L, D), Hq a multiple of Hkv: the prompt's T keys, then the own keys step-major.
-        prompt_mask: (B, T) bool or integer: the prompt keys the samples see (left padding excluded).
+        prompt_mask: (B, T) bool or integer (nonzero: seen): the prompt keys the samples see (left padding
+            excluded).
         index: (B, n) integer: sample s sees its own steps 0..index[b, s] (its current token's key included).
         width: the columns read, T <= width <= L (T + steps written so far x n, or more). Columns a sample
             does not see get no weight but are read: they must hold finite values (the decoder's buffers start
@@ -61,9 +62,10 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
         backend: "auto" (Triton on CUDA, the reference elsewhere), "triton", "torch" (the reference).
         splits: column chunks per (prompt, K/V head) (default: enough programs to fill the GPU in one wave).
     Returns:
-        (B, Hq, n, D) in q's dtype.
+        (B, Hq, n, D) in q's dtype; 0 for a row that sees no column (the reference, as SDPA, gives NaN; in the
+        decoder every sample sees at least its current token).
     Raises:
-        ValueError: a bad shape or option (the message names the argument).
+        ValueError: a bad shape, device, dtype or option (the message names the argument).
     """
     if q.dim() != 4 or keys.dim() != 4 or keys.shape[0] != q.shape[0] or keys.shape[3] != q.shape[3] \
             or q.shape[1] % max(keys.shape[1], 1):
@@ -78,9 +80,11 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     prompt = prompt_mask.shape[1]
     if index.shape != (batch, samples):
         raise ValueError(f"index: expected ({batch}, {samples}), got {tuple(index.shape)}")
-    for name, tensor in (("prompt_mask", prompt_mask), ("index", index)):
+    for name, tensor in (("keys", keys), ("values", values), ("prompt_mask", prompt_mask), ("index", index)):
         if tensor.device != q.device:  # the kernel would be handed a pointer it cannot read
             raise ValueError(f"{name}: expected on q's device {q.device}, got {tensor.device}")
+    if keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise ValueError(f"keys, values: expected q's dtype {q.dtype}, got {keys.dtype} and {values.dtype}")
     if not prompt <= width <= length:
         raise ValueError(f"width: expected in [T={prompt}, L={length}], got {width}")
     if backend not in BACKENDS:
@@ -100,9 +104,11 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     splits = splits or _decode_splits(batch * kv_heads * row_blocks, width, block_n, q.device)
     chunk = -(-width // splits)
     q = q.contiguous()  # (B, Hkv, G, n, D) in memory: row j * n + s of K/V head kv is query head kv * G + j
-    if keys.stride(-1) != 1 or values.stride(-1) != 1 or not keys.is_contiguous() or not values.is_contiguous():
+    if not keys.is_contiguous() or not values.is_contiguous():
         raise ValueError("keys, values: expected contiguous buffers (B, Hkv, L, D)")
-    mask = prompt_mask.to(torch.int8).contiguous()
+    # the decoder passes an int8 mask and int32 indices made once per step: no conversion in every layer
+    mask = prompt_mask if prompt_mask.dtype == torch.int8 else (prompt_mask != 0).to(torch.int8)
+    mask = mask.contiguous()
     index = index.to(torch.int32).contiguous()
     parts = torch.empty(batch * kv_heads, splits, rows, size, dtype=torch.float32, device=q.device)
     stats = torch.empty(batch * kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)

@@ -6,7 +6,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# WIDTH, SPLITS and CHUNK change with the span read: unspecialized, so that a CUDA graph captured for a wider span
+# runs the variant already compiled (a compile inside a capture fails)
+@triton.jit(do_not_specialize=["WIDTH", "SPLITS", "CHUNK"])
 def shared_prefix_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, prompt_mask_ptr, index_ptr,
                                 R, L, D, HKV, T, N, WIDTH, SPLITS, CHUNK, scale,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

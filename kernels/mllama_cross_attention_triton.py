@@ -148,7 +148,7 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS", "CHUNK"])  # see the combine kernel
 def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, start_ptr, end_ptr,
                                   R, S, D, HKV, SPLITS, CHUNK, scale,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -194,7 +194,9 @@ def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, star
     tl.store(stats_ptr + (part * 2 + 1) * R + rows, row_sum, mask=row_live)
 
 
-@triton.jit
+# SPLITS follows the keys read, which change with the span in the self-attention decoder: unspecialized, so that
+# a CUDA graph captured for another span runs the variant already compiled (a compile inside a capture fails)
+@triton.jit(do_not_specialize=["SPLITS"])
 def cross_attention_decode_combine_kernel(part_ptr, stats_ptr, o_ptr, R, D, SPLITS,
                                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (batch x K/V head, row block): the splits' partial outputs merged with their rows' max and

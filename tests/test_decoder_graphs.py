@@ -138,11 +138,15 @@ def test_keeping_done_prompts_decodes_what_dropping_them_decodes(source, tiny_to
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("self_kernel", [False, True])
 @pytest.mark.parametrize("source", ["toy", "mllama"])
-def test_graphs_sample_what_the_eager_steps_sample(source, tiny_toy_dir, tmp_path, monkeypatch):
+def test_graphs_sample_what_the_eager_steps_sample(source, self_kernel, tiny_toy_dir, tmp_path, monkeypatch):
     """On a GPU: the steps replayed as CUDA graphs give the tokens of the same steps run eagerly (both reading
     bucketed spans), with refilled slots and a prompt leaving the batch, which captures new graphs for the
-    smaller batch (both runs drop a done prompt at once, so that their batches match)."""
+    smaller batch (both runs drop a done prompt at once, so that their batches match); with the self layers
+    through SDPA and through the self-attention kernel (whose splits change with the span: a capture must not
+    compile a new variant)."""
+    monkeypatch.setattr(mllama_decoding, "SELF_ATTENTION_KERNEL", self_kernel)
     adapter = _adapter(source, tiny_toy_dir, tmp_path)
     inputs = {k: v.to("cuda") for k, v in _inputs(adapter).items()}
     adapter.model.to("cuda")

@@ -140,7 +140,7 @@ def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp
     from fastjudge.decoding import decode_groups
     from fastjudge.models import ToyAdapter, load_adapter
     adapter = ToyAdapter.load(tiny_toy_dir) if source == "toy" else \
-        load_adapter(str(tiny.build_checkpoint("mllama", tmp_path / "mllama")), device=DEVICE)
+        load_adapter(str(tiny.build_checkpoint("mllama", tmp_path / "mllama")), device=DEVICE, dtype=torch.float32)
     if source == "toy":
         adapter.model.to(DEVICE)  # the adapter's device is its model's
     rs = np.random.RandomState(2)
@@ -154,13 +154,22 @@ def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp
     kernel = decode_attention.shared_prefix_decode_attention
 
     def counted(*args, **kwargs):
-        calls.append(kwargs["width"])
+        index = args[4]
+        calls.append((kwargs["width"], bool((index != index[:, :1]).any())))
         return kernel(*args, **kwargs)
     monkeypatch.setattr(decode_attention, "shared_prefix_decode_attention", counted)
 
+    def sample(eos):
+        return decode_groups(adapter.model, dict(inputs), n=4, slots=2, max_new_tokens=7, eos_ids=eos,
+                             temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5), sync_every=2)
+    # an end token in prompt 0's first sample but not in its second: the two slots end and restart at different
+    # steps (their indices differ)
+    monkeypatch.setattr(mllama_decoding, "SELF_ATTENTION_KERNEL", False)
+    free = sample(set())
+    eos = {next(t for t in free[0][0][1:] if t not in free[0][1])}
+
     def runs():
-        sampled = decode_groups(adapter.model, dict(inputs), n=4, slots=2, max_new_tokens=7, eos_ids=set(),
-                                temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5), sync_every=2)
+        sampled = sample(eos)
         greedy = decode_groups(adapter.model, dict(inputs), n=1, max_new_tokens=10, eos_ids={3, 5, 7},
                                temperature=0.0)
         return sampled, greedy
@@ -169,4 +178,5 @@ def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp
         monkeypatch.setattr(mllama_decoding, "SELF_ATTENTION_KERNEL", use_kernel)
         results.append(runs())
     assert results[0] == results[1]
-    assert calls and len(set(calls)) > 3  # the kernel ran, over widths that grew
+    assert len({width for width, _ in calls}) > 3  # the kernel ran, over widths that grew
+    assert any(differ for _, differ in calls)  # slots of a prompt at different steps
