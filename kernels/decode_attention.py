@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastjudge.kernels.mllama_cross_attention import BACKENDS, _config, _decode_splits
+from fastjudge.kernels.mllama_cross_attention import _check_decode_arguments, _split_decode
 
 
 def _seen(prompt_mask: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
@@ -67,12 +67,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     Raises:
         ValueError: a bad shape, device, dtype or option (the message names the argument).
     """
-    if q.dim() != 4 or keys.dim() != 4 or keys.shape[0] != q.shape[0] or keys.shape[3] != q.shape[3] \
-            or q.shape[1] % max(keys.shape[1], 1):
-        raise ValueError(f"q, keys: expected (B, Hq, n, D) and (B, Hkv dividing Hq, L, D), got {tuple(q.shape)} "
-                         f"and {tuple(keys.shape)}")
-    if values.shape != keys.shape:
-        raise ValueError(f"values: expected keys' shape {tuple(keys.shape)}, got {tuple(values.shape)}")
+    _check_decode_arguments(q, keys, values, ("keys", "values"), backend, splits)
     batch, heads, samples, size = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     if prompt_mask.dim() != 2 or prompt_mask.shape[0] != batch:
@@ -87,22 +82,10 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
         raise ValueError(f"keys, values: expected q's dtype {q.dtype}, got {keys.dtype} and {values.dtype}")
     if not prompt <= width <= length:
         raise ValueError(f"width: expected in [T={prompt}, L={length}], got {width}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if splits is not None and splits < 1:
-        raise ValueError(f"splits: expected >= 1, got {splits}")
     scale = size ** -0.5 if scale is None else float(scale)
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
         return shared_prefix_decode_attention_reference(q, keys, values, prompt_mask, index, width=width, scale=scale)
     from fastjudge.kernels import decode_attention_triton as kernels
-    from fastjudge.kernels import mllama_cross_attention_triton as cross_kernels
-    config = _config(q)
-    block_n = config["BLOCK_N"]
-    rows = (heads // kv_heads) * samples  # G * n rows per (prompt, K/V head)
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    row_blocks = -(-rows // block_m)
-    splits = splits or _decode_splits(batch * kv_heads * row_blocks, width, block_n, q.device)
-    chunk = -(-width // splits)
     q = q.contiguous()  # (B, Hkv, G, n, D) in memory: row j * n + s of K/V head kv is query head kv * G + j
     if not keys.is_contiguous() or not values.is_contiguous():
         raise ValueError("keys, values: expected contiguous buffers (B, Hkv, L, D)")
@@ -110,12 +93,8 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     mask = prompt_mask if prompt_mask.dtype == torch.int8 else (prompt_mask != 0).to(torch.int8)
     mask = mask.contiguous()
     index = index.to(torch.int32).contiguous()
-    parts = torch.empty(batch * kv_heads, splits, rows, size, dtype=torch.float32, device=q.device)
-    stats = torch.empty(batch * kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
-    kernels.shared_prefix_decode_kernel[(splits, batch * kv_heads, row_blocks)](
-        q, keys, values, parts, stats, mask, index, rows, length, size, kv_heads, prompt, samples, width, splits,
-        chunk, scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config["BLOCK_D"], PRECISION=config["PRECISION"])
-    cross_kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
-        parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
-    return out
+
+    def launch(grid, parts, stats, rows, splits, chunk, blocks):
+        kernels.shared_prefix_decode_kernel[grid](q, keys, values, parts, stats, mask, index, rows, length, size,
+                                                  kv_heads, prompt, samples, width, splits, chunk, scale, **blocks)
+    return _split_decode(q, kv_heads, width, splits, launch)

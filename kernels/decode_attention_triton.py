@@ -5,6 +5,9 @@ Shapes: R = G * n query rows per (prompt, K/V head): row j * n + s is query head
 import triton
 import triton.language as tl
 
+from fastjudge.kernels.mllama_cross_attention_triton import (_decode_queries, _key_tile, _online_softmax_update,
+                                                             _store_decode_chunk)
+
 
 # WIDTH, SPLITS and CHUNK change with the span read: unspecialized, so that a CUDA graph captured for a wider span
 # runs the variant already compiled (a compile inside a capture fails)
@@ -22,12 +25,7 @@ def shared_prefix_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, prompt
     b = bk // HKV
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, WIDTH)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_live = rows < R
-    dims = tl.arange(0, BLOCK_D)
-    dim_live = dims < D
-    q = tl.load(q_ptr + (bk.to(tl.int64) * R + rows[:, None]) * D + dims[None, :],
-                mask=row_live[:, None] & dim_live[None, :], other=0.0)
+    rows, row_live, dims, dim_live, q = _decode_queries(q_ptr, bk, R, D, BLOCK_M, BLOCK_D)
     sample = rows % N  # (BLOCK_M,)
     last_step = tl.load(index_ptr + b * N + sample, mask=row_live, other=-1)  # the sample's own steps 0..index
     kv_base = (bk.to(tl.int64) * L) * D
@@ -35,12 +33,8 @@ def shared_prefix_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, prompt
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range(lo, hi, BLOCK_N):
-        cols = first + tl.arange(0, BLOCK_N)
+        cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, hi, D, dims, dim_live, BLOCK_N)  # columns past hi: 0
         live = cols < hi
-        offs = kv_base + cols[:, None] * D + dims[None, :]
-        mask = live[:, None] & dim_live[None, :]
-        k = tl.load(k_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         in_prompt = cols < T
         kept = tl.load(prompt_mask_ptr + b * T + cols, mask=live & in_prompt, other=0) != 0  # (BLOCK_N,)
         own = cols - T
@@ -48,16 +42,6 @@ def shared_prefix_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, prompt
             ((~in_prompt & live)[None, :] & ((own % N)[None, :] == sample[:, None])
              & ((own // N)[None, :] <= last_step[:, None]))  # (BLOCK_M, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        scores = tl.where(seen, scores, -float("inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that have seen nothing yet
-        p = tl.where(seen, tl.exp(scores - safe[:, None]), 0.0)
-        alpha = tl.exp(row_max - safe)
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        row_max = new_max
-    part = bk.to(tl.int64) * SPLITS + split
-    tl.store(part_ptr + (part * R + rows[:, None]) * D + dims[None, :], acc,
-             mask=row_live[:, None] & dim_live[None, :])
-    tl.store(stats_ptr + (part * 2) * R + rows, row_max, mask=row_live)
-    tl.store(stats_ptr + (part * 2 + 1) * R + rows, row_sum, mask=row_live)
+        row_max, row_sum, acc = _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION)
+    _store_decode_chunk(part_ptr, stats_ptr, bk, split, SPLITS, R, D, rows, row_live, dims, dim_live, acc, row_max,
+                        row_sum)

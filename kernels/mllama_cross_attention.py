@@ -175,6 +175,46 @@ def _decode_splits(programs: int, keys: int, block: int, device: torch.device) -
     return max(1, min(2 * processors // max(programs, 1), -(-keys // block)))
 
 
+def _check_decode_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str],
+                             backend: str, splits: int | None) -> None:
+    """The checks both decoding functions make (names: what they call k and v), ValueError naming the argument."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] \
+            or q.shape[1] % max(k.shape[1], 1):
+        raise ValueError(f"q, {names[0]}: expected (B, Hq, n, D) and (B, Hkv dividing Hq, S, D), got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{names[1]}: expected the shape of {names[0]}, {tuple(k.shape)}, got {tuple(v.shape)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits: expected >= 1, got {splits}")
+
+
+def _split_decode(q: torch.Tensor, kv_heads: int, columns: int, splits: int | None, launch) -> torch.Tensor:
+    """The frame both decoding kernels share (flash-decoding): q (B, Hq, n, D) contiguous, whose G query heads
+    of a K/V head and n samples are the R = G * n rows of (prompt, K/V head), split into row blocks; `columns`
+    keys split in chunks over programs. `launch(grid, parts, stats, rows, splits, chunk, blocks)` runs the split
+    kernel, which writes each chunk's partial output and row statistics; the combine kernel then merges them.
+    Returns (B, Hq, n, D) in q's dtype."""
+    from fastjudge.kernels import mllama_cross_attention_triton as kernels
+    batch, heads, samples, size = q.shape
+    config = _config(q)
+    rows = (heads // kv_heads) * samples
+    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # more rows: several row blocks
+    row_blocks = -(-rows // block_m)
+    splits = splits or _decode_splits(batch * kv_heads * row_blocks, columns, config["BLOCK_N"], q.device)
+    chunk = -(-max(columns, 1) // splits)
+    parts = torch.empty(batch * kv_heads, splits, rows, size, dtype=torch.float32, device=q.device)
+    stats = torch.empty(batch * kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    launch((splits, batch * kv_heads, row_blocks), parts, stats, rows, splits, chunk,
+           dict(BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"],
+                PRECISION=config["PRECISION"]))
+    kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
+        parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
+    return out
+
+
 def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor,
                            key_end: torch.Tensor, *, scale: float | None = None, backend: str = "auto",
                            splits: int | None = None) -> torch.Tensor:
@@ -193,12 +233,7 @@ def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     Returns:
         (B, Hq, n, D) in q's dtype.
     """
-    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] \
-            or q.shape[1] % max(k.shape[1], 1):
-        raise ValueError(f"q, k: expected (B, Hq, n, D) and (B, Hkv dividing Hq, S, D), got {tuple(q.shape)} and "
-                         f"{tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _check_decode_arguments(q, k, v, ("k", "v"), backend, splits)
     batch, heads, samples, size = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     for name, tensor in (("key_start", key_start), ("key_end", key_end)):
@@ -206,36 +241,21 @@ def cross_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
             raise ValueError(f"{name}: expected ({batch},), got {tuple(tensor.shape)}")
         if tensor.device != q.device:  # the kernel would be handed a pointer it cannot read
             raise ValueError(f"{name}: expected on q's device {q.device}, got {tensor.device}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if splits is not None and splits < 1:
-        raise ValueError(f"splits: expected >= 1, got {splits}")
     scale = size ** -0.5 if scale is None else float(scale)
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
         rows = (batch, samples)
         return cross_attention_reference(q, k, v, key_start[:, None].expand(rows), key_end[:, None].expand(rows),
                                          scale=scale, masked_rows="zero")
     from fastjudge.kernels import mllama_cross_attention_triton as kernels
-    config = _config(q)
-    block_n = config["BLOCK_N"]
-    rows = (heads // kv_heads) * samples  # G * n rows per (prompt, K/V head)
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # more rows: several row blocks
-    row_blocks = -(-rows // block_m)
-    splits = splits or _decode_splits(batch * kv_heads * row_blocks, keys, block_n, q.device)
-    chunk = -(-max(keys, 1) // splits)
     q = q.contiguous()  # (B, Hkv, G, n, D) in memory: row j * n + s of K/V head kv is query head kv * G + j
     k, v = k.contiguous(), v.contiguous()
     start = key_start.to(torch.int32).contiguous()
     end = torch.minimum(key_end.to(torch.int32), torch.full_like(start, keys)).contiguous()
-    parts = torch.empty(batch * kv_heads, splits, rows, size, dtype=torch.float32, device=q.device)
-    stats = torch.empty(batch * kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
-    kernels.cross_attention_decode_kernel[(splits, batch * kv_heads, row_blocks)](
-        q, k, v, parts, stats, start, end, rows, keys, size, kv_heads, splits, chunk, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config["BLOCK_D"], PRECISION=config["PRECISION"])
-    kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
-        parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
-    return out
+
+    def launch(grid, parts, stats, rows, splits, chunk, blocks):
+        kernels.cross_attention_decode_kernel[grid](q, k, v, parts, stats, start, end, rows, keys, size, kv_heads,
+                                                    splits, chunk, scale, **blocks)
+    return _split_decode(q, kv_heads, keys, splits, launch)
 
 
 # ---- transformers' Mllama, patched

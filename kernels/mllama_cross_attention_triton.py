@@ -24,7 +24,8 @@ def _query_block(start_ptr, end_ptr, lo_ptr, hi_ptr, block, b, T, D, BLOCKS_T,
 
 @triton.jit
 def _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N: tl.constexpr):
-    """Keys [first, first + BLOCK_N) of one K/V head: (cols, K, V), zeros past S and D."""
+    """Keys [first, first + BLOCK_N) of one K/V head: (cols, K, V), zeros at and past S (the keys' end, or a
+    decoding chunk's) and past D."""
     cols = first + tl.arange(0, BLOCK_N)
     offs = kv_base + cols[:, None] * D + dims[None, :]
     mask = (cols < S)[:, None] & dim_live[None, :]
@@ -37,6 +38,57 @@ def _scores(q, k, cols, start, end, scale, PRECISION: tl.constexpr):
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     seen = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
     return scores, seen
+
+
+@triton.jit
+def _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION: tl.constexpr):
+    """Fold one tile of scores (BLOCK_M, BLOCK_N), of which each row sees `seen`, and its values V into the rows'
+    running max, exp-sum and unnormalized output (flash attention's online softmax)."""
+    scores = tl.where(seen, scores, -float("inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that have seen no key yet
+    p = tl.where(seen, tl.exp(scores - safe[:, None]), 0.0)
+    alpha = tl.exp(row_max - safe)
+    row_sum = row_sum * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return new_max, row_sum, acc
+
+
+@triton.jit
+def _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, rows, row_live, dims, dim_live):
+    """The backward passes' loads for one query block of query head bh: (offsets, mask) of its (BLOCK_M,
+    BLOCK_D) tiles, Q, dO, and each row's log-sum-exp and delta."""
+    offs = (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :]
+    mask = row_live[:, None] & dim_live[None, :]
+    q = tl.load(q_ptr + offs, mask=mask, other=0.0)
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0)
+    lse = tl.load(lse_ptr + bh * T + rows, mask=row_live, other=0.0)
+    delta = tl.load(delta_ptr + bh * T + rows, mask=row_live, other=0.0)
+    return offs, mask, q, do, lse, delta
+
+
+@triton.jit
+def _decode_queries(q_ptr, bk, R, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Decoding: the program's block of the R query rows of (prompt, K/V head) bk, and their queries."""
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_live = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    dim_live = dims < D
+    q = tl.load(q_ptr + (bk.to(tl.int64) * R + rows[:, None]) * D + dims[None, :],
+                mask=row_live[:, None] & dim_live[None, :], other=0.0)
+    return rows, row_live, dims, dim_live, q
+
+
+@triton.jit
+def _store_decode_chunk(part_ptr, stats_ptr, bk, split, SPLITS, R, D, rows, row_live, dims, dim_live, acc, row_max,
+                        row_sum):
+    """Decoding: one chunk's unnormalized output (R, D) and its rows' max (-inf where the chunk holds nothing the
+    row sees) and exp-sum, for the combine kernel."""
+    part = bk.to(tl.int64) * SPLITS + split
+    tl.store(part_ptr + (part * R + rows[:, None]) * D + dims[None, :], acc,
+             mask=row_live[:, None] & dim_live[None, :])
+    tl.store(stats_ptr + (part * 2) * R + rows, row_max, mask=row_live)
+    tl.store(stats_ptr + (part * 2 + 1) * R + rows, row_sum, mask=row_live)
 
 
 @triton.jit
@@ -60,14 +112,7 @@ def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_pt
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N)
         scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)  # (BLOCK_M, BLOCK_N)
-        scores = tl.where(seen, scores, -float("inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that have seen no key yet
-        p = tl.where(seen, tl.exp(scores - safe[:, None]), 0.0)
-        alpha = tl.exp(row_max - safe)
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        row_max = new_max
+        row_max, row_sum, acc = _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION)
     some = row_sum > 0  # rows with no key ("zero" rows): output 0
     out = tl.where(some[:, None], acc / tl.where(some, row_sum, 1.0)[:, None], 0.0)
     tl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
@@ -87,12 +132,8 @@ def cross_attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     kv = b * (HQ // GROUP) + h // GROUP
     rows, row_live, dims, dim_live, start, end, lo, hi = _query_block(start_ptr, end_ptr, lo_ptr, hi_ptr, block, b,
                                                                       T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
-    offs = (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :]
-    mask = row_live[:, None] & dim_live[None, :]
-    q = tl.load(q_ptr + offs, mask=mask, other=0.0)
-    do = tl.load(do_ptr + offs, mask=mask, other=0.0)
-    lse = tl.load(lse_ptr + bh * T + rows, mask=row_live, other=0.0)
-    delta = tl.load(delta_ptr + bh * T + rows, mask=row_live, other=0.0)
+    offs, mask, q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, rows, row_live, dims,
+                                               dim_live)
     kv_base = (kv.to(tl.int64) * S) * D
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
@@ -132,12 +173,8 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
             if (lo < first_col + BLOCK_N) & (hi > first_col):
                 rows, row_live, _, _, start, end, _, _ = _query_block(
                     start_ptr, end_ptr, lo_ptr, hi_ptr, qb, b, T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
-                offs = (bh.to(tl.int64) * T) * D + rows[:, None] * D + dims[None, :]
-                mask = row_live[:, None] & dim_live[None, :]
-                q = tl.load(q_ptr + offs, mask=mask, other=0.0)
-                do = tl.load(do_ptr + offs, mask=mask, other=0.0)
-                lse = tl.load(lse_ptr + bh * T + rows, mask=row_live, other=0.0)
-                delta = tl.load(delta_ptr + bh * T + rows, mask=row_live, other=0.0)
+                _, _, q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, rows, row_live,
+                                                     dims, dim_live)
                 scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)  # (BLOCK_M, BLOCK_N)
                 p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
@@ -162,36 +199,18 @@ def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, star
     b = bk // HKV
     lo = tl.load(start_ptr + b) + split * CHUNK
     hi = tl.minimum(lo + CHUNK, tl.load(end_ptr + b))
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # a block of the R rows
-    row_live = rows < R
-    dims = tl.arange(0, BLOCK_D)
-    dim_live = dims < D
-    q = tl.load(q_ptr + (bk.to(tl.int64) * R + rows[:, None]) * D + dims[None, :],
-                mask=row_live[:, None] & dim_live[None, :], other=0.0)
+    rows, row_live, dims, dim_live, q = _decode_queries(q_ptr, bk, R, D, BLOCK_M, BLOCK_D)
     kv_base = (bk.to(tl.int64) * S) * D
     row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range(lo, hi, BLOCK_N):
-        cols = first + tl.arange(0, BLOCK_N)
-        live = cols < hi
-        offs = kv_base + cols[:, None] * D + dims[None, :]
-        mask = live[:, None] & dim_live[None, :]
-        k = tl.load(k_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, hi, D, dims, dim_live, BLOCK_N)  # keys past hi: 0
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-        scores = tl.where(live[None, :], scores, -float("inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))  # finite: every tile has a live key
-        p = tl.exp(scores - new_max[:, None])
-        alpha = tl.exp(row_max - new_max)
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        row_max = new_max
-    part = bk.to(tl.int64) * SPLITS + split
-    tl.store(part_ptr + (part * R + rows[:, None]) * D + dims[None, :], acc,
-             mask=row_live[:, None] & dim_live[None, :])
-    tl.store(stats_ptr + (part * 2) * R + rows, row_max, mask=row_live)  # -inf for an empty chunk
-    tl.store(stats_ptr + (part * 2 + 1) * R + rows, row_sum, mask=row_live)
+        row_max, row_sum, acc = _online_softmax_update(scores, (cols < hi)[None, :], v, row_max, row_sum, acc,
+                                                       PRECISION)
+    _store_decode_chunk(part_ptr, stats_ptr, bk, split, SPLITS, R, D, rows, row_live, dims, dim_live, acc, row_max,
+                        row_sum)
 
 
 # SPLITS follows the keys read, which change with the span in the self-attention decoder: unspecialized, so that
