@@ -70,6 +70,38 @@ def median_ms(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, repeats: int, calls: int = 20) -> float:
+    """Median milliseconds of one fn() on CUDA, replayed from a CUDA graph of `calls` back-to-back calls and timed
+    by CUDA events around each replay: the device's time without the host's launch overhead, as a decoder that
+    captures its step runs it. fn must be capturable (no host synchronization) and compiled already (a Triton
+    compile inside a capture fails): call it once before."""
+    import statistics
+
+    import torch
+    side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs asks before a capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
 def report(result: dict, out: str | Path | None = None) -> None:
     """The benchmark's last line: its result with the environment as one JSON line; also a file with --out."""
     print(json.dumps(result | {"environment": environment()}))

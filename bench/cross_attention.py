@@ -17,6 +17,12 @@ Decoding: B prompts x n samples, one query each, over the prompt's image: "per-s
 B * n rows and what transformers runs (K/V repeated to the query heads in the call, then SDPA);
 "ours" `cross_attention_decode` (the G query heads of a K/V head times the n samples as the rows of one product
 over the prompt's keys, split over programs, flash-decoding), and the training kernel with each sample a row.
+Decoding is timed twice on CUDA: each call synchronized (the host's launch overhead included: about 0.1 ms for a
+Python wrapper and two kernels, as much as the kernels take) and replayed from a CUDA graph of 20 calls (the
+device's time alone, as the sampler's captured decoding step runs it); SDPA with GQA and ours both ways, the
+repeated-K/V path (many milliseconds, device-bound) only the first.
+--tile-presets times the training kernels with each of mllama_cross_attention.TILE_PRESETS (tiles, warps and
+stages per kernel), as providers "ours:<preset>".
 TFLOP/s count the valid keys only (4 T S_valid D per head forward, 2.5 times that forward + backward).
 Prints a table, then one JSON line; --out also writes it.
 """
@@ -31,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import median_ms, report  # noqa: E402
+from _env import graph_ms, median_ms, report  # noqa: E402
 
+from fastjudge.kernels import mllama_cross_attention  # noqa: E402
 from fastjudge.kernels.mllama_cross_attention import (cross_attention, cross_attention_decode,  # noqa: E402
                                                       cross_attention_reference)
 
@@ -41,6 +48,23 @@ def timed(fn, repeats: int, cuda: bool) -> float:
     """Median milliseconds of fn() after one warm-up (compilation)."""
     fn()
     return median_ms(fn, repeats, cuda)
+
+
+def graph_timed(fn, repeats: int) -> float | None:
+    """graph_ms, or None (reported) where the capture fails: the synchronized times still stand."""
+    try:
+        return graph_ms(fn, repeats)
+    except Exception as failure:
+        print(f"CUDA graph timing failed: {failure!r}", flush=True)
+        return None
+
+
+def ours_with_tiles(preset: str):
+    """cross_attention with the training kernels' tiles of TILE_PRESETS[preset] (read by forward and backward)."""
+    def run(q, k, v, start, end, mask):
+        mllama_cross_attention.GPU_TILES = mllama_cross_attention.TILE_PRESETS[preset]
+        return cross_attention(q, k, v, start, end, backend="triton")
+    return run
 
 
 def dense_mask(start, end, keys, dtype):
@@ -92,20 +116,35 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help="skip the training and prefill shapes")
     parser.add_argument("--decode-splits", default="",
                         help="also time cross_attention_decode with these key splits (comma-separated)")
+    parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compiles take long)")
+    parser.add_argument("--tile-presets", default="base",
+                        help="training tiles to time (comma-separated names of TILE_PRESETS, or 'all')")
+    parser.add_argument("--decode-tiles", default="",
+                        help="also time cross_attention_decode with these DECODE_TILE_PRESETS (comma-separated, 'all')")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     keys = 4 * args.patches
-    providers = {"sdpa": lambda q, k, v, s, e, mask: sdpa(q, k, v, mask),
-                 "ours": lambda q, k, v, s, e, mask: cross_attention(q, k, v, s, e, backend="triton")}
-    flex = flex_provider() if cuda else None
+    presets = list(mllama_cross_attention.TILE_PRESETS) if args.tile_presets == "all" else args.tile_presets.split(",")
+    for preset in presets:
+        if preset not in mllama_cross_attention.TILE_PRESETS:
+            parser.error(f"--tile-presets: {preset!r} is not one of {list(mllama_cross_attention.TILE_PRESETS)}")
+    decode_tiles = list(mllama_cross_attention.DECODE_TILE_PRESETS) if args.decode_tiles == "all" else \
+        [x for x in args.decode_tiles.split(",") if x]
+    for preset in decode_tiles:
+        if preset not in mllama_cross_attention.DECODE_TILE_PRESETS:
+            parser.error(f"--decode-tiles: {preset!r} is not one of {list(mllama_cross_attention.DECODE_TILE_PRESETS)}")
+    providers = {"sdpa": lambda q, k, v, s, e, mask: sdpa(q, k, v, mask)}
+    for preset in presets:
+        providers["ours" if presets == ["base"] else f"ours:{preset}"] = ours_with_tiles(preset)
+    flex = flex_provider() if cuda and not args.no_flex else None
     if flex is not None:
         providers["flex"] = flex
     g = torch.Generator(device=args.device).manual_seed(0)
     results = []
     # decoding first: it is quick, and flex's compiler (training) may take long
-    for n in map(int, args.ns.split(",")):
+    for n in [int(x) for x in args.ns.split(",") if x]:  # --ns "": no decoding
         tiles = 4
         q = torch.randn(args.batch, args.heads, n, args.head_dim, device=args.device, dtype=dtype, generator=g)
         k = torch.randn(args.batch, args.kv_heads, keys, args.head_dim, device=args.device, dtype=dtype, generator=g)
@@ -135,7 +174,34 @@ def main() -> None:
         by_splits = {int(x): timed(lambda x=x: cross_attention_decode(q, k, v, start_b, end_b, backend="triton",
                                                                        splits=int(x)), args.repeats, cuda)
                      for x in args.decode_splits.split(",") if x}
-        results.append({"case": "decode", "n": n, "ours_ms_by_splits": by_splits,
+        by_tiles, graph_by_tiles = {}, {}
+        for preset in decode_tiles:  # each with its default splits (as many programs as fit at once)
+            mllama_cross_attention.DECODE_TILES = mllama_cross_attention.DECODE_TILE_PRESETS[preset]
+            try:
+                by_tiles[preset] = timed(lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"),
+                                         args.repeats, cuda)
+                if cuda:
+                    graph_by_tiles[preset] = graph_timed(
+                        lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"), args.repeats)
+            except Exception as failure:  # out of shared memory on this card, say: reported, not fatal
+                print(f"decode n={n} tiles {preset}: failed: {failure!r}", flush=True)
+                by_tiles[preset] = None
+            finally:
+                mllama_cross_attention.DECODE_TILES = mllama_cross_attention.DECODE_TILE_PRESETS["base"]
+        graph = {}
+        if cuda:  # the device's time alone (a captured decoding step pays no launch overhead)
+            graph = {"per_sample_gqa_ms": graph_timed(lambda: F.scaled_dot_product_attention(
+                         q_rows, k_rows, v_rows, attn_mask=mask, enable_gqa=True), args.repeats),
+                     "ours_ms": graph_timed(lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"),
+                                            args.repeats),
+                     "ours_ms_by_splits": {int(x): graph_timed(lambda x=x: cross_attention_decode(
+                         q, k, v, start_b, end_b, backend="triton", splits=int(x)), args.repeats)
+                         for x in args.decode_splits.split(",") if x},
+                     "ours_ms_by_tiles": graph_by_tiles}
+            if graph["per_sample_gqa_ms"] and graph["ours_ms"]:
+                graph["speedup"] = graph["per_sample_gqa_ms"] / graph["ours_ms"]  # both in graphs
+        results.append({"case": "decode", "n": n, "ours_ms_by_splits": by_splits, "ours_ms_by_tiles": by_tiles,
+                        "graph": graph,
                         "per_sample_ms": per_sample, "per_sample_gqa_ms": per_sample_gqa,
                         "per_sample_repeat_kv_ms": per_sample_hf, "ours_ms": ours,
                         "ours_rows_ms": rows_ms, "speedup": per_sample / ours, "relative_error": error})
@@ -170,13 +236,13 @@ def main() -> None:
                 print(results[-1], flush=True)  # as it goes: a run cut short keeps what it measured
     print(f"B {args.batch}, heads {args.heads}/{args.kv_heads}, D {args.head_dim}, 4 tiles x {args.patches} keys, "
           f"{dtype}, {args.device}")
-    print(f"{'T':>6}{'tiles':>6} {'provider':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+    print(f"{'T':>6}{'tiles':>6} {'provider':<20}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd TF/s':>10}{'f+b TF/s':>10}"
           f"{'rel err':>10}")
     for r in results:
         if r["case"] == "train" and "failed" in r:
-            print(f"{r['rows']:>6}{r['tiles']:>6} {r['provider']:<8} failed")
+            print(f"{r['rows']:>6}{r['tiles']:>6} {r['provider']:<20} failed")
         elif r["case"] == "train":
-            print(f"{r['rows']:>6}{r['tiles']:>6} {r['provider']:<8}{r['forward_ms']:>9.3f}"
+            print(f"{r['rows']:>6}{r['tiles']:>6} {r['provider']:<20}{r['forward_ms']:>9.3f}"
                   f"{r['forward_backward_ms']:>12.3f}{r['forward_tflops']:>10.1f}{r['forward_backward_tflops']:>10.1f}"
                   f"{r['relative_error']:>10.1e}")
     for r in results:
@@ -187,6 +253,19 @@ def main() -> None:
                   f"rel err {r['relative_error']:.1e})")
             if r["ours_ms_by_splits"]:
                 print("    by key splits: " + ", ".join(f"{s_}: {ms:.3f} ms" for s_, ms in r["ours_ms_by_splits"].items()))
+            if r["ours_ms_by_tiles"]:
+                print("    by decode tiles: " + ", ".join(f"{s_}: {ms:.3f} ms" if ms else f"{s_}: failed"
+                                                        for s_, ms in r["ours_ms_by_tiles"].items()))
+            graph = r["graph"]
+            if graph.get("speedup"):
+                print(f"    in a CUDA graph: per-sample SDPA GQA {graph['per_sample_gqa_ms']:.3f} ms, ours "
+                      f"{graph['ours_ms']:.3f} ms: {graph['speedup']:.2f}x")
+            if graph.get("ours_ms_by_splits"):
+                print("    in a CUDA graph, by key splits: " + ", ".join(
+                    f"{s_}: {ms:.3f} ms" if ms else f"{s_}: failed" for s_, ms in graph["ours_ms_by_splits"].items()))
+            if graph.get("ours_ms_by_tiles"):
+                print("    in a CUDA graph, by decode tiles: " + ", ".join(
+                    f"{s_}: {ms:.3f} ms" if ms else f"{s_}: failed" for s_, ms in graph["ours_ms_by_tiles"].items()))
     result = {"bench": "cross_attention", "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "patches": args.patches, "dtype": str(dtype), "device": args.device,
               "results": results}

@@ -5,8 +5,8 @@ Shapes: R = G * n query rows per (prompt, K/V head): row j * n + s is query head
 import triton
 import triton.language as tl
 
-from fastjudge.kernels.mllama_cross_attention_triton import (_decode_queries, _key_tile, _online_softmax_update,
-                                                             _store_decode_chunk)
+from fastjudge.kernels.mllama_cross_attention_triton import (LOG2E, _decode_queries, _key_tile,
+                                                             _online_softmax_update, _store_decode_chunk)
 
 
 # WIDTH, SPLITS and CHUNK change with the span read: unspecialized, so that a CUDA graph captured for a wider span
@@ -41,7 +41,7 @@ def shared_prefix_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, prompt
         seen = (in_prompt & kept)[None, :] | \
             ((~in_prompt & live)[None, :] & ((own % N)[None, :] == sample[:, None])
              & ((own // N)[None, :] <= last_step[:, None]))  # (BLOCK_M, BLOCK_N)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # base 2, as the update takes
         row_max, row_sum, acc = _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION)
     _store_decode_chunk(part_ptr, stats_ptr, bk, split, SPLITS, R, D, rows, row_live, dims, dim_live, acc, row_max,
                         row_sum)

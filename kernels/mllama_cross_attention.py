@@ -14,7 +14,8 @@ are skipped rather than masked; no dense (B, 1, T, S) mask is built. Rows that s
 `cross_attention_reference` is the plain-PyTorch reference (a dense mask, softmax in float32 or float64): the
 CPU path, the test oracle and the benchmark baseline. `cross_attention` runs the Triton kernels
 (mllama_cross_attention_triton.py): a forward pass that keeps each row's log-sum-exp, and a backward pass as flash
-attention's (dQ per query block; dK, dV per key block summed over the G heads that share them). Decoding needs
+attention's (rowsum(dO * O) by a small kernel; dQ per query block; dK, dV per key block summed over the G heads
+that share them), each kernel with its own tiles on a GPU (GPU_TILES). Decoding needs
 nothing special: the n samples of an image are n query rows with the same range, so each query block reads the
 image's keys once for all of them.
 """
@@ -74,13 +75,47 @@ def _block_ranges(start: torch.Tensor, end: torch.Tensor, block: int):
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), blocks
 
 
-def _config(q: torch.Tensor) -> dict:
+# The training kernels' tiles on a GPU, per kernel: (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages).
+# "base" is what the H200 runs of 2026-11-26 timed (Triton's default warps and stages). The others are candidates
+# from Hopper flash-attention practice (128-row forward blocks over 8 warps; dK/dV over 128-key blocks with short
+# query steps, dQ over 128-row blocks, as in Triton's fused-attention tutorial) that `bench/cross_attention.py
+# --tile-presets` times beside "base" in one run; GPU_TILES is the one used. The interpreter takes 16 x 16 tiles.
+TILE_PRESETS = {
+    "base": {"forward": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkv": (64, 64, 4, 3)},
+    "forward-128": {"forward": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkv": (64, 64, 4, 3)},
+    "backward-wide": {"forward": (64, 64, 4, 3), "dq": (128, 64, 8, 2), "dkv": (32, 128, 8, 2)},
+    "wide": {"forward": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (32, 128, 8, 2)},
+    "stages-4": {"forward": (64, 64, 4, 4), "dq": (64, 64, 4, 4), "dkv": (64, 64, 4, 4)},
+}
+GPU_TILES = TILE_PRESETS["base"]
+# The decoding kernels' (cross_attention_decode's and shared_prefix_decode_attention's) key tile, warps and stages
+# on a GPU for 16-bit inputs: "base" timed on the H200 on 2026-11-26, the others untimed candidates
+# (`bench/cross_attention.py --decode-tiles`). Their query rows are the G x n rows of a K/V head (at most 64 a block).
+DECODE_TILE_PRESETS = {"base": (64, 4, 3), "keys-128": (128, 4, 3), "warps-8": (64, 8, 3), "stages-4": (64, 4, 4)}
+DECODE_TILES = DECODE_TILE_PRESETS["base"]
+
+
+def _on_gpu(q: torch.Tensor) -> bool:
     import os
+    return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _config(q: torch.Tensor) -> dict:
+    """The decoding kernels' tiles, and the head-size block and dot precision every kernel takes."""
     size = q.shape[-1]
-    on_gpu = q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     block_d = max(16, 1 << (size - 1).bit_length())
-    blocks = dict(BLOCK_M=64, BLOCK_N=64) if on_gpu else dict(BLOCK_M=16, BLOCK_N=16)
+    blocks = dict(BLOCK_M=64, BLOCK_N=64) if _on_gpu(q) else dict(BLOCK_M=16, BLOCK_N=16)
     return dict(blocks, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _training_tiles(q: torch.Tensor, kernel: str) -> dict:
+    """Launch arguments of training kernel `kernel` ("forward", "dq", "dkv"): _config's, with GPU_TILES' tiles,
+    warps and stages for 16-bit inputs on a GPU (float32 tiles take twice the shared memory: they keep _config's)."""
+    config = _config(q)
+    if _on_gpu(q) and q.element_size() == 2:
+        block_m, block_n, warps, stages = GPU_TILES[kernel]
+        config.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return config
 
 
 class _CrossAttention(torch.autograd.Function):
@@ -90,7 +125,7 @@ class _CrossAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         batch, heads, rows, size = q.shape
         keys, group = k.shape[2], heads // k.shape[1]
-        config = _config(q)
+        config = _training_tiles(q, "forward")
         lo, hi, blocks = _block_ranges(start, end, config["BLOCK_M"])
         out = torch.empty_like(q)
         lse = torch.empty(batch, heads, rows, dtype=torch.float32, device=q.device)
@@ -100,26 +135,41 @@ class _CrossAttention(torch.autograd.Function):
         else:
             out.zero_()
         ctx.save_for_backward(q, k, v, out, lse, start, end, lo, hi)
-        ctx.settings = (scale, config, blocks)
+        ctx.scale, ctx.block_m = scale, config["BLOCK_M"]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from fastjudge.kernels import mllama_cross_attention_triton as kernels
         q, k, v, out, lse, start, end, lo, hi = ctx.saved_tensors
-        scale, config, blocks = ctx.settings
+        scale = ctx.scale
+        ranges = {ctx.block_m: (lo, hi, -(-q.shape[2] // ctx.block_m))}  # (lo, hi, blocks) per BLOCK_M
+
+        def block_ranges(block_m):  # the forward's where the kernel's query blocks are the same (all of "base")
+            if block_m not in ranges:
+                ranges[block_m] = _block_ranges(start, end, block_m)
+            return ranges[block_m]
         batch, heads, rows, size = q.shape
         keys, group = k.shape[2], heads // k.shape[1]
+        if not (rows and keys):
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)  # (B, Hq, T): rowsum(dO * O)
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        if rows and keys:
-            kernels.cross_attention_dq_kernel[(blocks, batch * heads)](
-                q, k, v, grad_out, lse, delta, dq, start, end, lo, hi, rows, keys, size, heads, group, blocks,
-                scale, **config)
-            kernels.cross_attention_dkv_kernel[(-(-keys // config["BLOCK_N"]), batch * k.shape[1])](
-                q, k, v, grad_out, lse, delta, dk, dv, start, end, lo, hi, rows, keys, size, heads, group, blocks,
-                scale, **config)
+        config = _config(q)
+        delta = torch.empty(batch, heads, rows, dtype=torch.float32, device=q.device)  # rowsum(dO * O)
+        kernels.cross_attention_delta_kernel[(-(-batch * heads * rows // config["BLOCK_M"]),)](
+            out, grad_out, delta, batch * heads * rows, size, BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"])
+        # every query block writes its rows of dQ and every key block its keys of dK and dV: no zero fill
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        config = _training_tiles(q, "dq")
+        lo, hi, blocks = block_ranges(config["BLOCK_M"])
+        kernels.cross_attention_dq_kernel[(blocks, batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, start, end, lo, hi, rows, keys, size, heads, group, blocks, scale,
+            **config)
+        config = _training_tiles(q, "dkv")
+        lo, hi, blocks = block_ranges(config["BLOCK_M"])
+        kernels.cross_attention_dkv_kernel[(-(-keys // config["BLOCK_N"]), batch * k.shape[1])](
+            q, k, v, grad_out, lse, delta, dk, dv, start, end, lo, hi, rows, keys, size, heads, group, blocks, scale,
+            **config)
         return dq, dk, dv, None, None, None
 
 
@@ -164,15 +214,17 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start
     return _CrossAttention.apply(q, k, v, start, end, scale)
 
 
-def _decode_splits(programs: int, keys: int, block: int, device: torch.device) -> int:
-    """Key splits per (prompt, K/V head, row block) for decoding (`programs` of them without splits): at most
-    two programs per multiprocessor (a program of 64 rows holds about 100 KB of shared memory: two fit), so
-    that they run in one wave (a second, partial wave would double the time), at least one key tile each."""
+def _decode_splits(programs: int, keys: int, block: int, device: torch.device, program_bytes: int) -> int:
+    """Key splits per (prompt, K/V head, row block) for decoding (`programs` of them without splits): as many
+    programs as the multiprocessors' shared memory holds at once (`program_bytes` each), so that they run in one
+    wave (a second, partial wave would double the time), at least one key tile each."""
     if device.type == "cuda":
-        processors = torch.cuda.get_device_properties(device).multi_processor_count
+        properties = torch.cuda.get_device_properties(device)
+        per_processor = getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024)  # Hopper's 228 KB
+        slots = properties.multi_processor_count * max(1, per_processor // max(program_bytes, 1))
     else:
-        processors = 4  # the interpreter: a few splits, so that the tests combine several
-    return max(1, min(2 * processors // max(programs, 1), -(-keys // block)))
+        slots = 8  # the interpreter: a few splits, so that the tests combine several
+    return max(1, min(slots // max(programs, 1), -(-keys // block)))
 
 
 def _check_decode_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str],
@@ -199,17 +251,25 @@ def _split_decode(q: torch.Tensor, kv_heads: int, columns: int, splits: int | No
     from fastjudge.kernels import mllama_cross_attention_triton as kernels
     batch, heads, samples, size = q.shape
     config = _config(q)
+    launch_options = {}
+    if _on_gpu(q) and q.element_size() == 2:
+        config["BLOCK_N"], warps, stages = DECODE_TILES
+        launch_options = dict(num_warps=warps, num_stages=stages)
     rows = (heads // kv_heads) * samples
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))  # more rows: several row blocks
     row_blocks = -(-rows // block_m)
-    splits = splits or _decode_splits(batch * kv_heads * row_blocks, columns, config["BLOCK_N"], q.device)
+    # shared memory of a program: its queries, and K and V tiles for each pipeline stage (Triton's default 3)
+    stages = launch_options.get("num_stages", 3)
+    program_bytes = q.element_size() * config["BLOCK_D"] * (block_m + 2 * stages * config["BLOCK_N"])
+    splits = splits or _decode_splits(batch * kv_heads * row_blocks, columns, config["BLOCK_N"], q.device,
+                                      program_bytes)
     chunk = -(-max(columns, 1) // splits)
     parts = torch.empty(batch * kv_heads, splits, rows, size, dtype=torch.float32, device=q.device)
     stats = torch.empty(batch * kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     launch((splits, batch * kv_heads, row_blocks), parts, stats, rows, splits, chunk,
            dict(BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"],
-                PRECISION=config["PRECISION"]))
+                PRECISION=config["PRECISION"], **launch_options))
     kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
         parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
     return out

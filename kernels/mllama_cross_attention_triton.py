@@ -1,10 +1,15 @@
 """The Triton kernels of `cross_attention` (kept apart so that importing fastjudge.kernels imports no Triton).
 Shapes: B batch, Hq query heads in Hkv groups of G, T query rows, S keys, D head size; each query row t of
 batch b sees the keys [start[b, t], end[b, t]) (empty: none). Flash-attention style: online softmax, no score
-matrix in memory; a query block visits only the key tiles of its rows' union range [lo, hi)."""
+matrix in memory; a query block visits only the key tiles of its rows' union range [lo, hi).
+
+Scores are kept in base-2 units (scaled by scale * log2(e)), so that each softmax weight is one exp2: the running
+maxima, the forward pass's saved log-sum-exp and the decoding chunks' statistics are all base-2."""
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E); a constexpr, as kernels may read no other global
 
 
 @triton.jit
@@ -33,22 +38,23 @@ def _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N: tl.co
 
 
 @triton.jit
-def _scores(q, k, cols, start, end, scale, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) scaled scores, and which of them each row's range lets it see."""
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+def _scores(q, k, cols, start, end, scale2, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scores in base-2 units (scale2 = scale * LOG2E), and which of them each row's range lets
+    it see."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
     seen = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
     return scores, seen
 
 
 @triton.jit
 def _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION: tl.constexpr):
-    """Fold one tile of scores (BLOCK_M, BLOCK_N), of which each row sees `seen`, and its values V into the rows'
-    running max, exp-sum and unnormalized output (flash attention's online softmax)."""
+    """Fold one tile of base-2 scores (BLOCK_M, BLOCK_N), of which each row sees `seen`, and its values V into the
+    rows' running max (base 2), exp-sum and unnormalized output (flash attention's online softmax)."""
     scores = tl.where(seen, scores, -float("inf"))
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     safe = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that have seen no key yet
-    p = tl.where(seen, tl.exp(scores - safe[:, None]), 0.0)
-    alpha = tl.exp(row_max - safe)
+    p = tl.where(seen, tl.exp2(scores - safe[:, None]), 0.0)
+    alpha = tl.exp2(row_max - safe)
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return new_max, row_sum, acc
@@ -82,8 +88,8 @@ def _decode_queries(q_ptr, bk, R, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexp
 @triton.jit
 def _store_decode_chunk(part_ptr, stats_ptr, bk, split, SPLITS, R, D, rows, row_live, dims, dim_live, acc, row_max,
                         row_sum):
-    """Decoding: one chunk's unnormalized output (R, D) and its rows' max (-inf where the chunk holds nothing the
-    row sees) and exp-sum, for the combine kernel."""
+    """Decoding: one chunk's unnormalized output (R, D) and its rows' base-2 score max (-inf where the chunk holds
+    nothing the row sees) and exp-sum, for the combine kernel."""
     part = bk.to(tl.int64) * SPLITS + split
     tl.store(part_ptr + (part * R + rows[:, None]) * D + dims[None, :], acc,
              mask=row_live[:, None] & dim_live[None, :])
@@ -96,7 +102,8 @@ def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_pt
                                    T, S, D, HQ, GROUP, BLOCKS_T, scale,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                    PRECISION: tl.constexpr):
-    """Program (query block, batch x query head): O (BLOCK_M, D) and each row's log-sum-exp of its scores."""
+    """Program (query block, batch x query head): O (BLOCK_M, D) and each row's log-sum-exp of its scores, base 2
+    (log2 of the sum of exp2 of the base-2 scores)."""
     block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HQ, bh % HQ
     kv = b * (HQ // GROUP) + h // GROUP  # the key/value head of this query head (GQA: no repeated K/V)
@@ -111,13 +118,26 @@ def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_pt
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N)
-        scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)  # (BLOCK_M, BLOCK_N)
+        scores, seen = _scores(q, k, cols, start, end, scale * LOG2E, PRECISION)  # (BLOCK_M, BLOCK_N)
         row_max, row_sum, acc = _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION)
     some = row_sum > 0  # rows with no key ("zero" rows): output 0
     out = tl.where(some[:, None], acc / tl.where(some, row_sum, 1.0)[:, None], 0.0)
     tl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
-    lse = tl.where(some, row_max + tl.log(tl.where(some, row_sum, 1.0)), 0.0)
+    lse = tl.where(some, row_max + tl.log2(tl.where(some, row_sum, 1.0)), 0.0)
     tl.store(lse_ptr + bh * T + rows, lse, mask=row_live)
+
+
+@triton.jit
+def cross_attention_delta_kernel(o_ptr, do_ptr, delta_ptr, ROWS, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (block of the B * Hq * T rows): delta = rowsum(dO * O) in float32, the backward passes' softmax
+    correction (one read of O and dO; torch's float casts, product and sum would write three float32 copies)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < ROWS)[:, None] & (dims < D)[None, :]
+    offs = rows[:, None] * D + dims[None, :]
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=rows < ROWS)
 
 
 @triton.jit
@@ -126,7 +146,7 @@ def cross_attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               PRECISION: tl.constexpr):
     """Program (query block, batch x query head): dQ = sum over its keys of dS K * scale, with
-    dS = P (dP - delta), dP = dO V^T, P recomputed from the saved log-sum-exp."""
+    dS = P (dP - delta), dP = dO V^T, P recomputed from the saved (base-2) log-sum-exp."""
     block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // HQ, bh % HQ
     kv = b * (HQ // GROUP) + h // GROUP
@@ -138,8 +158,8 @@ def cross_attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N)
-        scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)
-        p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
+        scores, seen = _scores(q, k, cols, start, end, scale * LOG2E, PRECISION)
+        p = tl.where(seen, tl.exp2(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -175,8 +195,8 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
                     start_ptr, end_ptr, lo_ptr, hi_ptr, qb, b, T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
                 _, _, q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, rows, row_live,
                                                      dims, dim_live)
-                scores, seen = _scores(q, k, cols, start, end, scale, PRECISION)  # (BLOCK_M, BLOCK_N)
-                p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
+                scores, seen = _scores(q, k, cols, start, end, scale * LOG2E, PRECISION)  # (BLOCK_M, BLOCK_N)
+                p = tl.where(seen, tl.exp2(scores - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
@@ -193,8 +213,8 @@ def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, star
     """Decoding, program (split, batch x K/V head, row block): the R = G * n query rows that share one K/V head (its G
     query heads times the prompt's n samples) against one chunk of the prompt's key range, [start + split *
     CHUNK, start + (split + 1) * CHUNK) cut at end. Writes the chunk's unnormalized output (R, D) and each row's
-    score max and exp-sum, float32, for the combine kernel (flash-decoding: the splits fill the GPU when B * Hkv
-    programs alone would not)."""
+    score max (base 2) and exp-sum, float32, for the combine kernel (flash-decoding: the splits fill the GPU when
+    B * Hkv programs alone would not)."""
     split, bk = tl.program_id(0), tl.program_id(1)
     b = bk // HKV
     lo = tl.load(start_ptr + b) + split * CHUNK
@@ -206,7 +226,7 @@ def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, star
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for first in range(lo, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, hi, D, dims, dim_live, BLOCK_N)  # keys past hi: 0
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # (BLOCK_M, BLOCK_N), base 2
         row_max, row_sum, acc = _online_softmax_update(scores, (cols < hi)[None, :], v, row_max, row_sum, acc,
                                                        PRECISION)
     _store_decode_chunk(part_ptr, stats_ptr, bk, split, SPLITS, R, D, rows, row_live, dims, dim_live, acc, row_max,
@@ -218,8 +238,8 @@ def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, star
 @triton.jit(do_not_specialize=["SPLITS"])
 def cross_attention_decode_combine_kernel(part_ptr, stats_ptr, o_ptr, R, D, SPLITS,
                                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (batch x K/V head, row block): the splits' partial outputs merged with their rows' max and
-    exp-sum into the softmax-normalized output (R, D); a row whose range is empty gets 0."""
+    """Program (batch x K/V head, row block): the splits' partial outputs merged with their rows' max (base 2)
+    and exp-sum into the softmax-normalized output (R, D); a row whose range is empty gets 0."""
     bk = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_live = rows < R
@@ -234,7 +254,7 @@ def cross_attention_decode_combine_kernel(part_ptr, stats_ptr, o_ptr, R, D, SPLI
     total = tl.zeros((BLOCK_M,), tl.float32)
     out = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for split in range(0, SPLITS):
-        weight = tl.exp(tl.load(stats_ptr + ((base + split) * 2) * R + rows, mask=row_live, other=-float("inf"))
+        weight = tl.exp2(tl.load(stats_ptr + ((base + split) * 2) * R + rows, mask=row_live, other=-float("inf"))
                         - safe)  # 0 for an empty chunk
         total += weight * tl.load(stats_ptr + ((base + split) * 2 + 1) * R + rows, mask=row_live, other=0.0)
         part = tl.load(part_ptr + ((base + split) * R + rows[:, None]) * D + dims[None, :], mask=mask, other=0.0)

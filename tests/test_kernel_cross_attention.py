@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from fastjudge import tiny
-from fastjudge.kernels.mllama_cross_attention import (cross_attention, cross_attention_decode, cross_attention_reference,
-                                                      key_ranges, patch_mllama)
+from fastjudge.kernels.mllama_cross_attention import (DECODE_TILE_PRESETS, TILE_PRESETS, cross_attention,
+                                                      cross_attention_decode, cross_attention_reference, key_ranges,
+                                                      patch_mllama)
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -59,6 +60,19 @@ def test_reference_is_the_row_by_row_definition(masked_rows):
     torch.testing.assert_close(ours, _meta_reference(q, k, v, start, end, 12 ** -0.5, masked_rows))
 
 
+def _assert_matches_float64(out, leaves, inputs, start, end, go, masked_rows):
+    """The kernels' output and the gradients of their float32 leaves (q, k, v; after out.backward) against the
+    reference in float64 on the float64 inputs, within 1e-5; NaN or inf anywhere fails."""
+    copies = [x.clone().requires_grad_() for x in inputs]
+    ref = cross_attention_reference(*copies, start, end, masked_rows=masked_rows)
+    ref.backward(go)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), [out] + [x.grad for x in leaves],
+                          [ref] + [x.grad for x in copies]):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.detach().double().cpu(), b, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 CASES = [  # (batch, heads, kv heads, rows, keys, head size)
     (2, 4, 2, 37, 45, 12),  # GQA, rows over three query blocks, keys over three key blocks, D padded to 16
     (1, 3, 3, 16, 16, 16),  # one block each way, no GQA
@@ -76,14 +90,7 @@ def test_triton_matches_float64(case, masked_rows):
     qq, kk, vv = (x.float().to(DEVICE).requires_grad_() for x in (q, k, v))
     out = cross_attention(qq, kk, vv, start.to(DEVICE), end.to(DEVICE), masked_rows=masked_rows, backend="triton")
     out.backward(go.float().to(DEVICE))
-    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
-    ref = cross_attention_reference(q2, k2, v2, start, end, masked_rows=masked_rows)
-    ref.backward(go)
-    for name, a, b in (("out", out, ref), ("dq", qq.grad, q2.grad), ("dk", kk.grad, k2.grad),
-                       ("dv", vv.grad, v2.grad)):
-        assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.detach().double().cpu(), b, rtol=1e-5, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    _assert_matches_float64(out, (qq, kk, vv), (q, k, v), start, end, go, masked_rows)
     if masked_rows == "zero":  # rows that see nothing give 0 and get no gradient
         assert torch.equal(out[:, :, :3].detach().cpu(), torch.zeros_like(out[:, :, :3]).cpu())
         assert torch.equal(qq.grad[:, :, :3].cpu(), torch.zeros_like(qq.grad[:, :, :3]).cpu())
@@ -114,6 +121,28 @@ def test_triton_bf16_on_the_gpu_against_float64(rows):
     torch_path = errors(lambda *args: cross_attention_reference(*args))  # bf16 inputs, float32 softmax
     for name, error, baseline in zip(("out", "dq", "dk", "dv"), ours, torch_path):
         assert error < 1e-2 and error <= 2 * baseline + 1e-3, (name, error, baseline)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the tile presets apply to compiled kernels on a GPU")
+@pytest.mark.parametrize("preset", [name for name in TILE_PRESETS if name != "base"])
+def test_tile_presets_on_the_gpu_against_float64(monkeypatch, preset):
+    """Every GPU tile preset (base: the test above) compiles within the card's shared memory and gives the
+    output and gradients within 1e-2 of float64 in bf16 (11B head size and GQA group, a partial last key block)."""
+    from fastjudge.kernels import mllama_cross_attention as module
+    monkeypatch.setattr(module, "GPU_TILES", module.TILE_PRESETS[preset])
+    q, k, v, start, end = _inputs(12, batch=2, heads=8, kv_heads=2, rows=300, keys=1601 * 2 - 7, size=128,
+                                  empty_rows=3)
+    go = torch.randn_like(q)
+    ref_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = cross_attention_reference(*ref_inputs, start, end)
+    ref.backward(go)
+    inputs = [x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    out = cross_attention(*inputs, start.to(DEVICE), end.to(DEVICE), backend="triton")
+    out.backward(go.to(DEVICE, torch.bfloat16))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), [out.detach()] + [x.grad for x in inputs],
+                          [ref.detach()] + [x.grad for x in ref_inputs]):
+        error = float((a.double().cpu() - b).norm() / b.norm())
+        assert error < 1e-2, (preset, name, error)
 
 
 DECODE_CASES = [  # (batch, heads, kv heads, samples n, keys, head size, splits)
@@ -194,9 +223,13 @@ def test_decode_bad_arguments_name_the_argument():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 arithmetic is wrong in the Triton interpreter")
 @pytest.mark.parametrize("samples", [1, 16])
-def test_decode_bf16_on_the_gpu_against_float64(samples):
-    """bf16 at the 11B's decoding shapes (32 query heads over 8 K/V heads, D 128, 4 tiles of 1,601 keys): norm-
-    relative error within 1e-2, and within twice that of the torch reference path in bf16."""
+@pytest.mark.parametrize("tiles", list(DECODE_TILE_PRESETS))
+def test_decode_bf16_on_the_gpu_against_float64(monkeypatch, samples, tiles):
+    """bf16 at the 11B's decoding shapes (32 query heads over 8 K/V heads, D 128, 4 tiles of 1,601 keys), with
+    each of the decoding tile presets: norm-relative error within 1e-2, and within twice that of the torch
+    reference path in bf16."""
+    from fastjudge.kernels import mllama_cross_attention as module
+    monkeypatch.setattr(module, "DECODE_TILES", module.DECODE_TILE_PRESETS[tiles])
     q, k, v, start, end = _decode_inputs((2, 32, 8, samples, 6404, 128, None), 5)
     expected = cross_attention_decode(q, k, v, start, end, backend="torch")
 
@@ -225,6 +258,33 @@ def test_forward_kernel_writes_every_output_element():
         q, k, v, out, lse, start, end, lo, hi, rows, k.shape[2], size, heads, heads // k.shape[1], blocks,
         size ** -0.5, **config)
     assert not out.isnan().any() and not lse.isnan().any()
+
+
+@pytest.mark.parametrize("masked_rows", ["hf", "zero"])
+def test_backward_with_other_tiles_per_kernel_writes_every_gradient(monkeypatch, masked_rows):
+    """Each training kernel with its own tiles (as GPU_TILES' presets give them: the forward, dQ and dK/dV kernels
+    each over their own query blocks), and the backward's buffers (delta, dQ, dK, dV, allocated without a zero
+    fill) poisoned with NaN: the output and the gradients still match float64."""
+    from fastjudge.kernels import mllama_cross_attention as module
+    tiles = {"forward": (32, 16), "dq": (16, 32), "dkv": (32, 16)}
+
+    def training_tiles(q, kernel):
+        return dict(module._config(q), BLOCK_M=tiles[kernel][0], BLOCK_N=tiles[kernel][1])
+    monkeypatch.setattr(module, "_training_tiles", training_tiles)
+    q, k, v, start, end = _inputs(5, rows=45, keys=70)
+    # banded ranges (row t sees keys [t, t + 9)): each query block meets few key blocks, so a kernel that skipped
+    # by another kernel's block ranges would drop some
+    start[1, 3:] = torch.arange(3, 45)
+    end[1, 3:] = start[1, 3:] + 9
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    qq, kk, vv = (x.float().to(DEVICE).requires_grad_() for x in (q, k, v))
+    out = cross_attention(qq, kk, vv, start.to(DEVICE), end.to(DEVICE), masked_rows=masked_rows, backend="triton")
+    empty, empty_like = torch.empty, torch.empty_like
+    with monkeypatch.context() as poisoned:  # the backward only: its allocations start as NaN
+        poisoned.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+        poisoned.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+        out.backward(go.float().to(DEVICE))
+    _assert_matches_float64(out, (qq, kk, vv), (q, k, v), start, end, go, masked_rows)
 
 
 def test_key_ranges_from_transformers_mask():
