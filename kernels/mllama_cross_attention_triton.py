@@ -172,7 +172,8 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                PRECISION: tl.constexpr):
     """Program (key block, batch x key/value head): dK and dV of its keys, summed over the GROUP query heads
-    that share them and over the query blocks whose range meets the key block (the others are skipped)."""
+    that share them and over the query blocks from the first to the last whose range meets the key block (the
+    others are skipped; one between them that does not meet it adds 0: its rows see none of these keys)."""
     block, bkv = tl.program_id(0), tl.program_id(1)
     hkv = HQ // GROUP
     b, kv_head = bkv // hkv, bkv % hkv
@@ -183,24 +184,30 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first_col, S, D, dims, dim_live, BLOCK_N)
     kv_offs = kv_base + cols[:, None] * D + dims[None, :]
     kv_mask = (cols < S)[:, None] & dim_live[None, :]
+    q_first = BLOCKS_T + 0  # the first and last query block that meets the key block (none: q_last < q_first)
+    q_last = BLOCKS_T * 0 - 1
+    for qb in range(0, BLOCKS_T):
+        meets = (tl.load(lo_ptr + b * BLOCKS_T + qb) < first_col + BLOCK_N) & \
+            (tl.load(hi_ptr + b * BLOCKS_T + qb) > first_col)
+        q_first = tl.where(meets & (qb < q_first), qb, q_first)
+        q_last = tl.where(meets, qb, q_last)
+    count = tl.maximum(q_last - q_first + 1, 0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for g in range(0, GROUP):
-        bh = b * HQ + kv_head * GROUP + g
-        for qb in range(0, BLOCKS_T):
-            lo = tl.load(lo_ptr + b * BLOCKS_T + qb)
-            hi = tl.load(hi_ptr + b * BLOCKS_T + qb)
-            if (lo < first_col + BLOCK_N) & (hi > first_col):
-                rows, row_live, _, _, start, end, _, _ = _query_block(
-                    start_ptr, end_ptr, lo_ptr, hi_ptr, qb, b, T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
-                _, _, q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, rows, row_live,
-                                                     dims, dim_live)
-                scores, seen = _scores(q, k, cols, start, end, scale * LOG2E, PRECISION)  # (BLOCK_M, BLOCK_N)
-                p = tl.where(seen, tl.exp2(scores - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    # one loop over (query head of the group, query block) without branches, so that Triton can pipeline its loads
+    for step in range(0, GROUP * count):
+        qb = q_first + step % count
+        bh = b * HQ + kv_head * GROUP + step // count
+        rows, row_live, _, _, start, end, _, _ = _query_block(
+            start_ptr, end_ptr, lo_ptr, hi_ptr, qb, b, T, D, BLOCKS_T, BLOCK_M, BLOCK_D)
+        _, _, q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, rows, row_live, dims,
+                                             dim_live)
+        scores, seen = _scores(q, k, cols, start, end, scale * LOG2E, PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.where(seen, tl.exp2(scores - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(dk_ptr + kv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 

@@ -263,10 +263,11 @@ def test_forward_kernel_writes_every_output_element():
 @pytest.mark.parametrize("masked_rows", ["hf", "zero"])
 def test_backward_with_other_tiles_per_kernel_writes_every_gradient(monkeypatch, masked_rows):
     """Each training kernel with its own tiles (as GPU_TILES' presets give them: the forward, dQ and dK/dV kernels
-    each over their own query blocks), and the backward's buffers (delta, dQ, dK, dV, allocated without a zero
+    over query blocks of their own), on banded ranges and ranges with a gap between query blocks, and the
+    backward's buffers (delta, dQ, dK, dV, allocated without a zero
     fill) poisoned with NaN: the output and the gradients still match float64."""
     from fastjudge.kernels import mllama_cross_attention as module
-    tiles = {"forward": (32, 16), "dq": (16, 32), "dkv": (32, 16)}
+    tiles = {"forward": (32, 16), "dq": (16, 32), "dkv": (16, 16)}
 
     def training_tiles(q, kernel):
         return dict(module._config(q), BLOCK_M=tiles[kernel][0], BLOCK_N=tiles[kernel][1])
@@ -276,6 +277,10 @@ def test_backward_with_other_tiles_per_kernel_writes_every_gradient(monkeypatch,
     # by another kernel's block ranges would drop some
     start[1, 3:] = torch.arange(3, 45)
     end[1, 3:] = start[1, 3:] + 9
+    # and a gap: query blocks 0 and 2 (16 rows each) see keys [0, 10), block 1 [50, 60), so key block 0 meets
+    # blocks 0 and 2 but not 1, which the dK/dV kernel loops over and must add nothing from
+    start[0, 3:], end[0, 3:] = 0, 10
+    start[0, 16:32], end[0, 16:32] = 50, 60
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     qq, kk, vv = (x.float().to(DEVICE).requires_grad_() for x in (q, k, v))
     out = cross_attention(qq, kk, vv, start.to(DEVICE), end.to(DEVICE), masked_rows=masked_rows, backend="triton")
