@@ -86,6 +86,7 @@ TILE_PRESETS = {
     "backward-wide": {"forward": (64, 64, 4, 3), "dq": (128, 64, 8, 2), "dkv": (32, 128, 8, 2)},
     "wide": {"forward": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (32, 128, 8, 2)},
     "stages-4": {"forward": (64, 64, 4, 4), "dq": (64, 64, 4, 4), "dkv": (64, 64, 4, 4)},
+    "dq-32": {"forward": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkv": (64, 64, 4, 3)},  # two dQ programs a processor
 }
 GPU_TILES = TILE_PRESETS["base"]
 # The decoding kernels' (cross_attention_decode's and shared_prefix_decode_attention's) key tile, warps and stages

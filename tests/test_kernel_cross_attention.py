@@ -6,6 +6,7 @@ Tolerances: float32 online softmax against float64: outputs and gradients agree 
 1e-5 relative + 1e-5 absolute. The patched model against transformers (both float32): 1e-4."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -290,6 +291,41 @@ def test_backward_with_other_tiles_per_kernel_writes_every_gradient(monkeypatch,
         poisoned.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
         out.backward(go.float().to(DEVICE))
     _assert_matches_float64(out, (qq, kk, vv), (q, k, v), start, end, go, masked_rows)
+
+
+COMPILE_FOR_SM90 = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kernel_resources import compile_resources
+from fastjudge.kernels import mllama_cross_attention_triton as kernels
+bf16, f32, i32 = "*bf16", "*fp32", "*i32"
+pointers = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, do_ptr=bf16, lse_ptr=f32, delta_ptr=f32, dk_ptr=bf16,
+                dv_ptr=bf16, start_ptr=i32, end_ptr=i32, lo_ptr=i32, hi_ptr=i32)
+tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+print(json.dumps([compile_resources(kernels.cross_attention_dkv_kernel, pointers, tiles, 4, stages, 90)[2]
+                  for stages in (2, 3)]))
+"""
+
+
+def test_dkv_kernel_loads_are_pipelined_when_compiled_for_sm90():
+    """The dK/dV kernel compiled for sm_90 (H100/H200) by Triton's own compiler, no GPU needed: its shared memory
+    grows with num_stages, i.e. Triton pipelines the loads of its loop (a branch inside the loop stopped that).
+    Runs in a subprocess: under TRITON_INTERPRET the kernels are not compilable objects."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA backend tools")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, str(bench)], capture_output=True, text=True,
+                          env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two_stages, three_stages = json.loads(done.stdout.strip().splitlines()[-1])
+    assert three_stages > two_stages, (two_stages, three_stages)
 
 
 def test_key_ranges_from_transformers_mask():
