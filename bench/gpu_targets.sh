@@ -5,7 +5,7 @@
 # shapes, synchronized and in a CUDA graph, by key splits and decode tiles; the training kernels with every tile
 # preset at T 512 and 2048, one valid tile; the self-attention decode kernel against SDPA; the sampler bench at the
 # 11B shapes at n=16, with the decoding step's SDPA limited to each backend and with the self-attention kernel, and
-# the host synchronizations of one call counted by code line. Each part has its own time limit (520 s in all, plus
+# the host synchronizations of one call counted by code line. Each part has its own time limit (530 s in all, plus
 # the build; 5 to 6 minutes expected): run it with the device's 600 s. Each bench writes its log to OUT as it goes
 # (rows as they are measured, the result's JSON line last), so a part cut short keeps what it measured; 5 files.
 export PYTHONUNBUFFERED=1
@@ -18,12 +18,12 @@ grep -E "^(FAILED|ERROR)|Error" $OUT/pytest.log | head -8
 timeout 70 python3 bench/cross_attention.py --device cuda --decode-only --decode-splits 2,4,8 --decode-tiles all \
   --repeats 20 > $OUT/cross-decode.log 2>&1; echo "cross-attention decode rc $?"
 grep "^decode\|by key splits\|by decode tiles\|CUDA graph" $OUT/cross-decode.log
-timeout 130 python3 bench/cross_attention.py --device cuda --ns "" --tiles 1 --no-flex --tile-presets all \
+timeout 150 python3 bench/cross_attention.py --device cuda --ns "" --tiles 1 --no-flex --tile-presets all \
   --repeats 10 > $OUT/cross-train.log 2>&1; echo "cross-attention train rc $?"
 grep -v "^{" $OUT/cross-train.log | tail -14
 timeout 40 python3 bench/decode_attention.py --device cuda > $OUT/decode-attention.log 2>&1
 echo "decode attention rc $?"; grep -v "^{" $OUT/decode-attention.log | tail -6
-timeout 170 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
+timeout 160 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
   --new-tokens 64 --ns 16 --repeats 2 --no-eager --self-attention cudnn,efficient,kernel --sync-check \
   > $OUT/sampler.log 2>&1; echo "sampler rc $?"
 grep -v "Loading\|Writing\|^{\|Warning\|forward_call\|USDT\|profiler\|warn" $OUT/sampler.log | tail -20

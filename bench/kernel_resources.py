@@ -4,9 +4,10 @@ GPU: what each tile preset asks of a multiprocessor, before any device time is s
     python bench/kernel_resources.py                  # sm_90 (H100/H200), bf16, head size 128
 
 Triton compiles each kernel for the target (its pointers and head size specialized as a real launch of the 11B's
-shapes would: 16-byte aligned, D divisible by 16), and the cubin's resource usage is read with the cuobjdump that
+shapes would: 16-byte aligned, D, T and HQ divisible by 16), and the cubin's resource usage is read with the cuobjdump that
 Triton ships. A kernel whose shared memory does not change with num_stages has no pipelined loads. Programs per
-multiprocessor: the fewer of what the shared memory (228 KB on sm_90) and the registers (65,536) allow. These
+multiprocessor: the fewest of what the shared memory allows (228 KB on sm_90, of which the driver reserves 1 KB a
+program), the registers (65,536, allocated 256 a warp: a thread's count rounded up to 8) and the warps (64). These
 are compile-time facts of this machine's Triton; a GPU machine's (another version) may compile differently.
 Prints a table, then one JSON line; --out also writes it.
 """
@@ -25,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import report  # noqa: E402
 
 SHARED_PER_PROCESSOR = {90: 228 * 1024, 80: 164 * 1024, 89: 100 * 1024}
+SHARED_RESERVED_PER_PROGRAM = 1024  # the driver's, per resident block
 REGISTERS_PER_PROCESSOR = 65536
+WARPS_PER_PROCESSOR = 64
 
 
 def compile_resources(kernel, pointers: dict[str, str], constants: dict, warps: int, stages: int, capability: int):
@@ -37,7 +40,8 @@ def compile_resources(kernel, pointers: dict[str, str], constants: dict, warps: 
     names = kernel.arg_names
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scale" else "i32")
                  for name in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers or name == "D"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+               if name in pointers or name in ("D", "T", "HQ")}
     source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                        constexprs={(names.index(name),): value for name, value in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
@@ -96,10 +100,10 @@ def main() -> None:
             results.append(row | {"failed": repr(failure)[:300]})
             print(f"{preset} {name}: failed: {failure!r}"[:300], flush=True)
             continue
-        by_registers = REGISTERS_PER_PROCESSOR // (registers * 32 * warps)
-        by_shared = shared_limit // max(shared, 1)
+        by_registers = REGISTERS_PER_PROCESSOR // (-(-registers // 8) * 8 * 32 * warps)
+        by_shared = shared_limit // (shared + SHARED_RESERVED_PER_PROGRAM)
         results.append(row | {"registers": registers, "local_bytes": local, "shared_bytes": shared,
-                              "programs_per_processor": min(by_registers, by_shared)})
+                              "programs_per_processor": min(by_registers, by_shared, WARPS_PER_PROCESSOR // warps)})
     print(f"sm_{args.capability}, bf16, head size {args.head_dim}; decoding rows per block {args.decode_rows}")
     print(f"{'preset':<15}{'kernel':<22}{'tiles (M x N, warps, stages)':>30}{'regs':>6}{'local B':>9}"
           f"{'shared B':>10}{'per SM':>8}")

@@ -184,13 +184,16 @@ def cross_attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first_col, S, D, dims, dim_live, BLOCK_N)
     kv_offs = kv_base + cols[:, None] * D + dims[None, :]
     kv_mask = (cols < S)[:, None] & dim_live[None, :]
-    q_first = BLOCKS_T + 0  # the first and last query block that meets the key block (none: q_last < q_first)
+    # the first and last query block that meets the key block (none: q_last < q_first), 16 blocks a load
+    q_first = BLOCKS_T + 0
     q_last = BLOCKS_T * 0 - 1
-    for qb in range(0, BLOCKS_T):
-        meets = (tl.load(lo_ptr + b * BLOCKS_T + qb) < first_col + BLOCK_N) & \
-            (tl.load(hi_ptr + b * BLOCKS_T + qb) > first_col)
-        q_first = tl.where(meets & (qb < q_first), qb, q_first)
-        q_last = tl.where(meets, qb, q_last)
+    for first_block in range(0, BLOCKS_T, 16):
+        blocks = first_block + tl.arange(0, 16)
+        live = blocks < BLOCKS_T
+        meets = live & (tl.load(lo_ptr + b * BLOCKS_T + blocks, mask=live, other=0) < first_col + BLOCK_N) & \
+            (tl.load(hi_ptr + b * BLOCKS_T + blocks, mask=live, other=0) > first_col)
+        q_first = tl.minimum(q_first, tl.min(tl.where(meets, blocks, BLOCKS_T), axis=0))
+        q_last = tl.maximum(q_last, tl.max(tl.where(meets, blocks, -1), axis=0))
     count = tl.maximum(q_last - q_first + 1, 0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)

@@ -303,29 +303,33 @@ pointers = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, do_ptr=bf16, lse_ptr=f32, de
                 dv_ptr=bf16, start_ptr=i32, end_ptr=i32, lo_ptr=i32, hi_ptr=i32)
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
 print(json.dumps([compile_resources(kernels.cross_attention_dkv_kernel, pointers, tiles, 4, stages, 90)[2]
-                  for stages in (2, 3)]))
+                  for stages in (1, 2)]))
 """
 
 
-def test_dkv_kernel_loads_are_pipelined_when_compiled_for_sm90():
+def test_dkv_kernel_loads_are_pipelined_when_compiled_for_sm90(tmp_path):
     """The dK/dV kernel compiled for sm_90 (H100/H200) by Triton's own compiler, no GPU needed: its shared memory
-    grows with num_stages, i.e. Triton pipelines the loads of its loop (a branch inside the loop stopped that).
-    Runs in a subprocess: under TRITON_INTERPRET the kernels are not compilable objects."""
+    at 2 stages exceeds that at 1 (no pipelining), i.e. Triton pipelines the loads of its loop (a branch inside
+    the loop stopped that). Runs in a subprocess: under TRITON_INTERPRET the kernels are not compilable objects.
+    Checked with Triton 3.9; older compilers are skipped (their pipeliner may differ)."""
     import subprocess
     import sys
     from pathlib import Path
 
     import triton
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((tools / "cuobjdump").exists() and (tools / "ptxas").exists()):
         pytest.skip("this Triton has no NVIDIA backend tools")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"checked with Triton 3.9; this is {triton.__version__}")
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
+    environment.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))  # a fresh compile, no home dir
     bench = Path(__file__).resolve().parent.parent / "bench"
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, str(bench)], capture_output=True, text=True,
                           env=environment, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    two_stages, three_stages = json.loads(done.stdout.strip().splitlines()[-1])
-    assert three_stages > two_stages, (two_stages, three_stages)
+    one_stage, two_stages = json.loads(done.stdout.strip().splitlines()[-1])
+    assert two_stages > one_stage, (one_stage, two_stages)
 
 
 def test_key_ranges_from_transformers_mask():
