@@ -130,6 +130,7 @@ def main() -> None:
     for preset in presets:
         if preset not in mllama_cross_attention.TILE_PRESETS:
             parser.error(f"--tile-presets: {preset!r} is not one of {list(mllama_cross_attention.TILE_PRESETS)}")
+    decode_splits = [int(x) for x in args.decode_splits.split(",") if x]
     decode_tiles = list(mllama_cross_attention.DECODE_TILE_PRESETS) if args.decode_tiles == "all" else \
         [x for x in args.decode_tiles.split(",") if x]
     for preset in decode_tiles:
@@ -168,21 +169,20 @@ def main() -> None:
         rows_ms = timed(lambda: cross_attention(q, k, v, start, end, backend="triton"), args.repeats, cuda)
         start_b, end_b = start[:, 0].contiguous(), end[:, 0].contiguous()
         expected = cross_attention_reference(q.float(), k.float(), v.float(), start, end)
-        got = cross_attention_decode(q, k, v, start_b, end_b, backend="triton")
+
+        def decode(**options):  # ours on this n's inputs (options: splits)
+            return cross_attention_decode(q, k, v, start_b, end_b, backend="triton", **options)
+        got = decode()
         error = ((got.float() - expected).norm() / expected.norm()).item()
-        ours = timed(lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"), args.repeats, cuda)
-        by_splits = {int(x): timed(lambda x=x: cross_attention_decode(q, k, v, start_b, end_b, backend="triton",
-                                                                       splits=int(x)), args.repeats, cuda)
-                     for x in args.decode_splits.split(",") if x}
+        ours = timed(decode, args.repeats, cuda)
+        by_splits = {x: timed(lambda x=x: decode(splits=x), args.repeats, cuda) for x in decode_splits}
         by_tiles, graph_by_tiles = {}, {}
         for preset in decode_tiles:  # each with its default splits (as many programs as fit at once)
             mllama_cross_attention.DECODE_TILES = mllama_cross_attention.DECODE_TILE_PRESETS[preset]
             try:
-                by_tiles[preset] = timed(lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"),
-                                         args.repeats, cuda)
+                by_tiles[preset] = timed(decode, args.repeats, cuda)
                 if cuda:
-                    graph_by_tiles[preset] = graph_timed(
-                        lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"), args.repeats)
+                    graph_by_tiles[preset] = graph_timed(decode, args.repeats)
             except Exception as failure:  # out of shared memory on this card, say: reported, not fatal
                 print(f"decode n={n} tiles {preset}: failed: {failure!r}", flush=True)
                 by_tiles[preset] = None
@@ -192,11 +192,9 @@ def main() -> None:
         if cuda:  # the device's time alone (a captured decoding step pays no launch overhead)
             graph = {"per_sample_gqa_ms": graph_timed(lambda: F.scaled_dot_product_attention(
                          q_rows, k_rows, v_rows, attn_mask=mask, enable_gqa=True), args.repeats),
-                     "ours_ms": graph_timed(lambda: cross_attention_decode(q, k, v, start_b, end_b, backend="triton"),
-                                            args.repeats),
-                     "ours_ms_by_splits": {int(x): graph_timed(lambda x=x: cross_attention_decode(
-                         q, k, v, start_b, end_b, backend="triton", splits=int(x)), args.repeats)
-                         for x in args.decode_splits.split(",") if x},
+                     "ours_ms": graph_timed(decode, args.repeats),
+                     "ours_ms_by_splits": {x: graph_timed(lambda x=x: decode(splits=x), args.repeats)
+                                           for x in decode_splits},
                      "ours_ms_by_tiles": graph_by_tiles}
             if graph["per_sample_gqa_ms"] and graph["ours_ms"]:
                 graph["speedup"] = graph["per_sample_gqa_ms"] / graph["ours_ms"]  # both in graphs

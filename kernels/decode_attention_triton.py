@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 from fastjudge.kernels.mllama_cross_attention_triton import (LOG2E, _decode_queries, _key_tile,
-                                                             _online_softmax_update, _store_decode_chunk)
+                                                             _online_softmax_start, _online_softmax_update,
+                                                             _store_decode_chunk)
 
 
 # WIDTH, SPLITS and CHUNK change with the span read: unspecialized, so that a CUDA graph captured for a wider span
@@ -29,9 +30,7 @@ def shared_prefix_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, prompt
     sample = rows % N  # (BLOCK_M,)
     last_step = tl.load(index_ptr + b * N + sample, mask=row_live, other=-1)  # the sample's own steps 0..index
     kv_base = (bk.to(tl.int64) * L) * D
-    row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row_max, row_sum, acc = _online_softmax_start(BLOCK_M, BLOCK_D)
     for first in range(lo, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, hi, D, dims, dim_live, BLOCK_N)  # columns past hi: 0
         live = cols < hi

@@ -104,6 +104,12 @@ def _on_gpu(q: torch.Tensor) -> bool:
     return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+def _gpu_tiles_apply(q: torch.Tensor) -> bool:
+    """Whether the GPU presets (GPU_TILES, DECODE_TILES) apply: compiled kernels, 16-bit inputs (float32 tiles
+    take twice the shared memory: they keep _config's)."""
+    return _on_gpu(q) and q.element_size() == 2
+
+
 def _config(q: torch.Tensor) -> dict:
     """The decoding kernels' tiles, and the head-size block and dot precision every kernel takes."""
     size = q.shape[-1]
@@ -114,9 +120,9 @@ def _config(q: torch.Tensor) -> dict:
 
 def _training_tiles(q: torch.Tensor, kernel: str) -> dict:
     """Launch arguments of training kernel `kernel` ("forward", "dq", "dkv"): _config's, with GPU_TILES' tiles,
-    warps and stages for 16-bit inputs on a GPU (float32 tiles take twice the shared memory: they keep _config's)."""
+    warps and stages where they apply (_gpu_tiles_apply)."""
     config = _config(q)
-    if _on_gpu(q) and q.element_size() == 2:
+    if _gpu_tiles_apply(q):
         block_m, block_n, warps, stages = GPU_TILES[kernel]
         config.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return config
@@ -257,7 +263,7 @@ def _split_decode(q: torch.Tensor, kv_heads: int, columns: int, splits: int | No
     batch, heads, samples, size = q.shape
     config = _config(q)
     launch_options = {}
-    if _on_gpu(q) and q.element_size() == 2:
+    if _gpu_tiles_apply(q):
         config["BLOCK_N"], warps, stages = DECODE_TILES
         launch_options = dict(num_warps=warps, num_stages=stages)
     rows = (heads // kv_heads) * samples

@@ -47,6 +47,14 @@ def _scores(q, k, cols, start, end, scale2, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_start(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The online softmax's state before any key: each row's running max (-inf), exp-sum (0) and unnormalized
+    output (BLOCK_M, BLOCK_D) (0), float32."""
+    return (tl.full((BLOCK_M,), -float("inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
+            tl.zeros((BLOCK_M, BLOCK_D), tl.float32))
+
+
+@triton.jit
 def _online_softmax_update(scores, seen, v, row_max, row_sum, acc, PRECISION: tl.constexpr):
     """Fold one tile of base-2 scores (BLOCK_M, BLOCK_N), of which each row sees `seen`, and its values V into the
     rows' running max (base 2), exp-sum and unnormalized output (flash attention's online softmax)."""
@@ -113,9 +121,7 @@ def cross_attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_pt
     mask = row_live[:, None] & dim_live[None, :]
     q = tl.load(q_ptr + offs, mask=mask, other=0.0)
     kv_base = (kv.to(tl.int64) * S) * D
-    row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row_max, row_sum, acc = _online_softmax_start(BLOCK_M, BLOCK_D)
     for first in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, S, D, dims, dim_live, BLOCK_N)
         scores, seen = _scores(q, k, cols, start, end, scale * LOG2E, PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -231,9 +237,7 @@ def cross_attention_decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, star
     hi = tl.minimum(lo + CHUNK, tl.load(end_ptr + b))
     rows, row_live, dims, dim_live, q = _decode_queries(q_ptr, bk, R, D, BLOCK_M, BLOCK_D)
     kv_base = (bk.to(tl.int64) * S) * D
-    row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row_max, row_sum, acc = _online_softmax_start(BLOCK_M, BLOCK_D)
     for first in range(lo, hi, BLOCK_N):
         cols, k, v = _key_tile(k_ptr, v_ptr, kv_base, first, hi, D, dims, dim_live, BLOCK_N)  # keys past hi: 0
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # (BLOCK_M, BLOCK_N), base 2
