@@ -6,9 +6,9 @@ GPU: what each tile preset asks of a multiprocessor, before any device time is s
 Triton compiles each kernel for the target (its pointers and head size specialized as a real launch of the
 11B's shapes would: 16-byte aligned, D, T and HQ divisible by 16), and the cubin's resource usage is read with
 the cuobjdump that Triton ships. A kernel whose shared memory does not change with num_stages has no pipelined
-loads. Programs per multiprocessor: the fewest of what the shared memory allows (228 KB on sm_90, of which the driver reserves 1 KB a
-program), the registers (65,536, allocated 256 a warp: a thread's count rounded up to 8) and the warps (64). These
-are compile-time facts of this machine's Triton; a GPU machine's (another version) may compile differently.
+loads. Programs per multiprocessor: the fewest of what the shared memory allows (228 KB on sm_90, of which the
+driver reserves 1 KB a program), the registers (65,536, allocated 256 a warp: a thread's count rounded up to 8)
+and the warps (64). These are compile-time facts of this machine's Triton; a GPU machine's (another version) may compile differently.
 Prints a table, then one JSON line; --out also writes it.
 """
 
