@@ -8,7 +8,8 @@ Triton compiles each kernel for the target (its pointers and head size specializ
 the cuobjdump that Triton ships. A kernel whose shared memory does not change with num_stages has no pipelined
 loads. Programs per multiprocessor: the fewest of what the shared memory allows (228 KB on sm_90, of which the
 driver reserves 1 KB a program), the registers (65,536, allocated 256 a warp: a thread's count rounded up to 8)
-and the warps (64). These are compile-time facts of this machine's Triton; a GPU machine's (another version) may compile differently.
+and the warps (64). These are compile-time facts of this machine's Triton; a GPU machine's (another version)
+may compile differently.
 Prints a table, then one JSON line; --out also writes it.
 """
 
