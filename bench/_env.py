@@ -38,8 +38,9 @@ def _cpu_name() -> str:
 
 def _git_revision() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        # "-dirty" when tracked files differ from the commit: the numbers then measured uncommitted code
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

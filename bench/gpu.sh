@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The bench's one GPU entry point: the standing measurement of the code as it is, in one lent-GPU call.
+#
+#   bash bench/gpu.sh            # needs OUT (a folder for logs and result files)
+#
+# Parts, each with its own time limit (about 7 minutes in all, so that a 15-minute lease leaves time to rerun):
+#   1. build (the compiled core) and print versions and the git revision the results will carry;
+#   2. the tests that only a GPU runs: bf16 kernels against float64, tile presets, CUDA-graph decoding, host
+#      synchronizations, the fused loss on the GPU;
+#   3. the sampler at Llama-3.2-11B-Vision's shapes (random bf16 weights), n 16: ours against transformers'
+#      generate, and ours with the decoding step's SDPA limited to cuDNN and with the self-attention kernel;
+#   4. the Mllama cross-attention kernels at the 11B shapes: forward + backward at T 512 and 2048 with one valid
+#      tile for every tile preset, and decoding at n 1 and 16 for every decode tile preset;
+#   5. the fused linear cross-entropy at 4,096 and 8,192 rows (V 128,256, H 4,096, bf16) against Liger's, when
+#      liger-kernel is carried as a wheel in .whl/ (the device machine has none): see README, "GPU measurements".
+# Each bench prints its rows as it goes into its log under OUT, the result's JSON line last, and writes its JSON
+# file under OUT; a part cut short keeps what it measured. 8 files at most come back.
+export PYTHONUNBUFFERED=1
+: "${OUT:?set OUT to a folder for the logs and results}"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
+python3 - <<'EOF' | tee $OUT/versions.txt
+import sys; sys.path.insert(0, "bench")
+import json, _env, transformers, triton
+try:
+    import liger_kernel, importlib.metadata as md; liger = md.version("liger-kernel")
+except ImportError:
+    liger = None
+print(json.dumps(_env.environment() | {"transformers": transformers.__version__, "triton": triton.__version__,
+                                        "liger_kernel": liger}))
+EOF
+
+timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_decoder_graphs.py tests/test_kernel_cross_attention.py \
+  tests/test_kernel_decode_attention.py tests/test_kernel_flce.py \
+  -k "gpu or synchron or graph or tiles or bf16" > $OUT/pytest.log 2>&1
+echo "GPU tests rc $?: $(tail -1 $OUT/pytest.log)"
+grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head -8
+
+timeout 150 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
+  --new-tokens 64 --ns 16 --repeats 2 --no-eager --self-attention cudnn,kernel \
+  --out $OUT/sampler.json > $OUT/sampler.log 2>&1; echo "sampler rc $?"
+grep -v "Loading\|Writing\|^{\|Warning\|forward_call\|USDT\|profiler\|warn" $OUT/sampler.log | tail -12
+
+timeout 110 python3 bench/cross_attention.py --device cuda --tiles 1 --no-flex --tile-presets all \
+  --decode-tiles all --repeats 10 --out $OUT/cross-attention.json > $OUT/cross-attention.log 2>&1
+echo "cross-attention rc $?"; grep -v "^{" $OUT/cross-attention.log | tail -24
+
+if python3 -c "import liger_kernel" 2> /dev/null; then
+  timeout 60 python3 bench/flce.py --device cuda --rows 4096,8192 --repeats 5 --skip torch-chunked \
+    --out $OUT/flce.json > $OUT/flce.log 2>&1; echo "fused loss rc $?"; grep -v "^{" $OUT/flce.log | tail -12
+else
+  echo "fused loss: skipped (no liger-kernel; carry its wheel in .whl/)"
+fi
