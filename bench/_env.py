@@ -20,6 +20,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "git": _git_revision(),
+        "git_tree": _git_tree(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -43,6 +44,22 @@ def _git_revision() -> str:
                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _git_tree() -> str:
+    """The tree hash of the working tree as it is (tracked and untracked-not-ignored files), through a scratch
+    index: equal to `git rev-parse COMMIT^{tree}` of the commit whose files ran, even where the checkout's own
+    history is stale (a device machine gets a copy of the working tree beside an older .git)."""
+    import tempfile
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as scratch:
+        env = os.environ | {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        try:
+            subprocess.run(["git", "add", "-A", "."], cwd=root, env=env, check=True, capture_output=True)
+            return subprocess.run(["git", "write-tree"], cwd=root, env=env, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
 
 
 def save(path: str | Path, result: dict) -> None:

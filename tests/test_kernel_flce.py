@@ -273,7 +273,7 @@ def test_reference_keeps_one_chunk_of_logits():
 def test_liger_kernels_patch_the_mllama_text_model(tmp_path):
     """On CUDA fine-tuning applies liger-kernel's RMSNorm, SwiGLU and RoPE with its fused loss off. Its Triton
     RMSNorm cannot run under the interpreter (it calls .to on a Python float), so here: which modules change,
-    once; their numbers are checked on the GPU (bench/gpu_session.sh). Liger also swaps the classes and the
+    once; their numbers are checked on the GPU (bench/gpu.sh). Liger also swaps the classes and the
     rotary function module-wide; they are put back after the test."""
     from transformers.models.mllama import modeling_mllama
 
