@@ -1,22 +1,38 @@
 # Two commands do everything on a fresh machine: `make demo` (the main job) and `make test`.
+#   make test            the locked versions of constraints.txt, in .venv
+#   make test LATEST=1   the newest versions pyproject.toml allows, in .venv-latest (torch stays at TORCH_SPEC)
+#   make lock            refresh constraints.txt from a fresh environment of the newest allowed versions
 PYTHON ?= python3
-VENV ?= .venv
-# torch is installed only when the environment has none (the venv sees system packages); override the spec
-# for another build, e.g. `make test TORCH_SPEC="torch==2.11.0"`.
+# torch for LATEST=1 and `make lock`: PyPI's newer torch releases are CUDA builds of several GB; the CPU build
+# named here is the newest this project's machines hold. The locked install takes torch from constraints.txt.
 TORCH_SPEC ?= torch==2.13.0
+LOCK := constraints.txt
+KEY_PACKAGES := torch transformers triton liger-kernel numpy pillow tokenizers peft pybind11 scikit-build-core kernels
+
+ifeq ($(LATEST),1)
+VENV ?= .venv-latest
+PIN = -c $(VENV)/torch-constraint.txt
+UPGRADE := --upgrade --upgrade-strategy eager
+else
+VENV ?= .venv
+PIN = -c $(LOCK)
+UPGRADE :=
+endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastjudge-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench versions lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*)
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+# an isolated environment (no system packages), so that what runs is what the lock names
+$(STAMP): pyproject.toml CMakeLists.txt $(LOCK) $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q $(PIN) --upgrade pip
+	$(PY) -m pip install -q $(PIN) $(UPGRADE) torch
+	$(PY) -m pip install -q $(PIN) $(UPGRADE) "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
+	$(PY) -m pip install -q $(PIN) $(UPGRADE) --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 demo: setup
@@ -29,5 +45,18 @@ test: setup
 bench: setup
 	$(PY) bench/vote.py
 
+# the resolved versions of the packages that matter (CI prints them first)
+versions: setup
+	@$(PY) -c "import sys, importlib.metadata as m; print('python', sys.version.split()[0]); \
+	[print(n, m.version(n)) for n in sys.argv[1:]]" $(KEY_PACKAGES)
+
+lock:
+	rm -rf .venv-lock
+	$(MAKE) setup LATEST=1 VENV=.venv-lock
+	grep '^#' $(LOCK) > .venv-lock/lock.txt
+	.venv-lock/bin/python -m pip freeze --all --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/' >> .venv-lock/lock.txt
+	mv .venv-lock/lock.txt $(LOCK)
+	@echo "constraints.txt refreshed: run make test, then commit it"
+
 clean:
-	rm -rf build runs $(VENV)
+	rm -rf build runs .venv .venv-latest .venv-lock

@@ -36,3 +36,8 @@ def rng():
 # ../shared beside the checkout (data and notes for the project); FASTJUDGE_SHARED points elsewhere (a copy
 # carried to another machine)
 SHARED = Path(os.environ.get("FASTJUDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+# VL-RewardBench's text: the full file where ../shared has it, and the sample of real lines that ships with the
+# tests (tests/fixtures/vlrewardbench/README.md says which and why), so that the suite runs on a bare clone
+VLRB_FULL = SHARED / "vlrewardbench" / "data.jsonl"
+VLRB_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "vlrewardbench" / "data.jsonl"

@@ -1,4 +1,5 @@
-"""The real benchmarks end to end: VL-RewardBench's text (shared/vlrewardbench/data.jsonl) and a Multimodal
+"""The real benchmarks end to end: VL-RewardBench's text (the sample of real lines in tests/fixtures, and the full
+file of ../shared/vlrewardbench/data.jsonl where it is found) and a Multimodal
 RewardBench fixture loaded with `load_bench`, scored with `scoring.score` and with `fastjudge score`; the
 benchmarks' own judge prompts; the verdict parser on every judge format; the strict predictions reader.
 
@@ -16,13 +17,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import SHARED
+from conftest import VLRB_FIXTURE, VLRB_FULL
 from fastjudge import cli, scoring
 from fastjudge.data import Skip, load_bench, load_predictions
 from fastjudge.prompts import MMRB_JUDGE, VLRB_JUDGE, benchmark_prompt, parse_verdict
 
-VLRB = SHARED / "vlrewardbench" / "data.jsonl"
-VLRB_LINES = 1250
+# What each file holds, counted by hand from its lines (the full file's figures are its README's):
+# lines, items per group, ids on two lines, and the two lines of the repeated id mmmu_pro_test_Marketing_150
+VLRB_FACTS = {
+    "fixture": {"lines": 29, "groups": {"hallucination": 9, "reasoning": 13, "general": 7}, "repeated_ids": 3,
+                "marketing_150": (20, 26)},
+    "full": {"lines": 1250, "groups": {"hallucination": 749, "reasoning": 318, "general": 183}, "repeated_ids": 18,
+             "marketing_150": (938, 1166)},
+}
 
 
 @pytest.fixture
@@ -82,7 +89,7 @@ def verdict_for(ranking, shown_first: int, outcome: str) -> str | None:
 
 def reference_vlrb(items: list[dict], outcomes: dict[int, list[str]]) -> dict:
     """VL-RewardBench's metrics from each predicted item's sample outcomes (strict majority; ties and unparsed
-    majorities excluded; macro over the groups that have a scored item)."""
+    majorities excluded; macro the mean of the three groups, undefined while one of them has no scored item)."""
     agree = defaultdict(int)
     reject = defaultdict(int)
     excluded = unanimous = 0
@@ -108,7 +115,7 @@ def reference_vlrb(items: list[dict], outcomes: dict[int, list[str]]) -> dict:
     predicted = sum(1 for item in items if outcomes.get(item["index"]))
     return {
         "overall": total_agree / (total_agree + total_reject) if total_agree + total_reject else None,
-        "macro": sum(accs) / len(accs) if accs else None,
+        "macro": sum(accs) / 3 if len(accs) == 3 else None,
         "groups": groups,
         "items": {"agree": total_agree, "reject": total_reject, "excluded": excluded,
                   "unpredicted": len(items) - predicted},
@@ -126,37 +133,56 @@ def assert_vlrb_metrics(result: dict, expected: dict) -> None:
         assert result[key] == (None if expected[key] is None else pytest.approx(expected[key])), key
 
 
-@pytest.fixture(scope="module")
-def vlrb_items() -> list[dict]:
-    items, skips = load_bench("vlrewardbench", VLRB, check_images=False)
+@pytest.fixture(scope="module", params=["fixture", "full"])
+def vlrb(request):
+    """(name, path, items) of a VL-RewardBench text file: the shipped sample, and the full file where found."""
+    path = VLRB_FIXTURE if request.param == "fixture" else VLRB_FULL
+    if not path.is_file():
+        pytest.skip(f"the full VL-RewardBench text is not at {path} (it is not part of the repository; the "
+                    f"sample in tests/fixtures runs the same tests)")
+    items, skips = load_bench("vlrewardbench", path, check_images=False)
     assert skips == []
-    return items
+    return request.param, path, items
 
 
-def test_vlrb_real_file_loads_one_item_per_line(vlrb_items):
-    with VLRB.open() as f:
+@pytest.fixture(scope="module")
+def vlrb_items(vlrb) -> list[dict]:
+    return vlrb[2]
+
+
+def at(items: list[dict], item_id: str) -> int:
+    """The line index of the one item with this id."""
+    found = [it["index"] for it in items if it["id"] == item_id]
+    assert len(found) == 1, (item_id, found)
+    return found[0]
+
+
+def test_vlrb_real_file_loads_one_item_per_line(vlrb):
+    name, path, vlrb_items = vlrb
+    facts = VLRB_FACTS[name]
+    with path.open() as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    assert len(rows) == len(vlrb_items) == VLRB_LINES
-    assert [it["index"] for it in vlrb_items] == list(range(VLRB_LINES))
+    assert len(rows) == len(vlrb_items) == facts["lines"]
+    assert [it["index"] for it in vlrb_items] == list(range(facts["lines"]))
     for row, it in zip(rows, vlrb_items):
         assert it["id"] == row["id"] and it["query"] == row["query"]
         assert it["response"] == row["response"] and it["human_ranking"] == row["human_ranking"]
-        assert it["image"] == str((VLRB.parent / row["image_path"]).resolve())
-    assert Counter(hand_group(it["id"]) for it in vlrb_items) == {"hallucination": 749, "reasoning": 318,
-                                                                   "general": 183}
-    # the README: 5 items list the preferred response second, 18 ids occur twice
+        assert it["image"] == str((path.parent / row["image_path"]).resolve())
+    assert Counter(hand_group(it["id"]) for it in vlrb_items) == facts["groups"]
+    # the README: 5 items list the preferred response second (the sample holds all five), some ids occur twice
     assert sum(it["human_ranking"] == [1, 0] for it in vlrb_items) == 5
-    assert sum(n == 2 for n in Counter(it["id"] for it in vlrb_items).values()) == 18
+    assert sum(n == 2 for n in Counter(it["id"] for it in vlrb_items).values()) == facts["repeated_ids"]
 
 
 def test_vlrb_output_keys(vlrb_items):
+    assert at(vlrb_items, "RLAIF-V-14") == 1
     result = scoring.score("vlrewardbench", vlrb_items, [pred(1, 0, "A")])
     assert set(result) == {"overall", "macro", "groups", "items", "strict"}
     assert set(result["groups"]) == {"general", "hallucination", "reasoning"}
     assert set(result["items"]) == {"agree", "reject", "excluded", "unpredicted"}
     # item 1 (RLAIF-V-14, ranking [0, 1]) shown in order, verdict A: the preferred response
     assert result["groups"] == {"general": None, "hallucination": 1.0, "reasoning": None}
-    assert result["items"] == {"agree": 1, "reject": 0, "excluded": 0, "unpredicted": VLRB_LINES - 1}
+    assert result["items"] == {"agree": 1, "reject": 0, "excluded": 0, "unpredicted": len(vlrb_items) - 1}
     # macro is the mean of the three groups: undefined while two of them have no scored item
     assert result["overall"] == 1.0 and result["macro"] is None and result["strict"] == 1.0
 
@@ -175,38 +201,44 @@ def test_vlrb_reversed_ranking_item(vlrb_items, shown_first, verdict, agrees):
     assert result["groups"]["general"] == (1.0 if agrees else 0.0)
 
 
-# Hand-built scenario on the real file: index -> (expected group, sample outcomes). Shown order alternates.
+# Hand-built scenario on the real items: id -> (expected group, sample outcomes). Shown order alternates.
+# (The comments give each item's line in the full file.)
 HAND_SCENARIO = {
     # hallucination: agree 1, 2; reject 3; excluded 4, 5, 6  -> 2 / 3
-    1: ("hallucination", ["agree", "agree", "agree"]),  # unanimous
-    2: ("hallucination", ["agree", "reject", "agree"]),  # 2-1 split: agree, not unanimous
-    3: ("hallucination", ["reject", "agree", "reject"]),  # reject
-    4: ("hallucination", ["agree", "reject"]),  # k=2 tie: excluded
-    5: ("hallucination", ["agree", "unparsed", "reject"]),  # tie with one unparsed: excluded
-    6: ("hallucination", ["unparsed", "unparsed", "unparsed"]),  # all unparsed: excluded
+    "RLAIF-V-14": ("hallucination", ["agree", "agree", "agree"]),  # 1: unanimous
+    "RLAIF-V-276": ("hallucination", ["agree", "reject", "agree"]),  # 2: 2-1 split: agree, not unanimous
+    "RLAIF-V-743": ("hallucination", ["reject", "agree", "reject"]),  # 3: reject
+    "RLAIF-V-1158": ("hallucination", ["agree", "reject"]),  # 4: k=2 tie: excluded
+    "RLAIF-V-1169": ("hallucination", ["agree", "unparsed", "reject"]),  # 5: tie with one unparsed: excluded
+    "RLAIF-V-1549": ("hallucination", ["unparsed", "unparsed", "unparsed"]),  # 6: all unparsed: excluded
     # general (0, 752, 754 have human_ranking [1, 0]): agree 0, 750, 754; reject 752  -> 3 / 4
-    0: ("general", ["agree", "agree", "agree"]),  # unanimous
-    752: ("general", ["reject", "reject", "reject"]),
-    750: ("general", ["agree", "unparsed", "agree"]),  # agree by 2 of 3, not unanimous
-    754: ("general", ["agree"]),  # unanimous
+    "LRVInstruction-000000007746": ("general", ["agree", "agree", "agree"]),  # 0: unanimous
+    "jailbreak-typo-HateSpeech-70": ("general", ["reject", "reject", "reject"]),  # 752
+    "jailbreak-Fraud-29": ("general", ["agree", "unparsed", "agree"]),  # 750: agree by 2 of 3, not unanimous
+    "jailbreak-typo-Illegal_Activitiy-8": ("general", ["agree"]),  # 754: unanimous
     # reasoning: agree 932; reject 933, 934; excluded 935  -> 1 / 3
-    932: ("reasoning", ["agree"]),  # unanimous
-    933: ("reasoning", ["reject"]),
-    934: ("reasoning", ["reject", "agree", "reject"]),
-    935: ("reasoning", ["agree", "unparsed", "unparsed"]),  # unparsed majority: excluded
+    "mathverse_1294": ("reasoning", ["agree"]),  # 932: unanimous
+    "mathverse_3324": ("reasoning", ["reject"]),  # 933
+    "mathverse_3823": ("reasoning", ["reject", "agree", "reject"]),  # 934
+    "mathverse_1303": ("reasoning", ["agree", "unparsed", "unparsed"]),  # 935: unparsed majority: excluded
 }
-HAND_EXPECTED = {
-    "overall": 6 / 10,  # pooled: (2 + 3 + 1) / (3 + 4 + 3)
-    "macro": (2 / 3 + 3 / 4 + 1 / 3) / 3,  # = 7 / 12
-    "groups": {"hallucination": 2 / 3, "general": 3 / 4, "reasoning": 1 / 3},
-    "items": {"agree": 6, "reject": 4, "excluded": 4, "unpredicted": VLRB_LINES - 14},
-    "strict": 4 / 14,  # unanimous agreement: 1, 0, 754, 932 among 14 predicted items
-}
+REVERSED_IDS = ("LRVInstruction-000000007746", "jailbreak-typo-HateSpeech-70", "jailbreak-typo-Illegal_Activitiy-8")
+
+
+def hand_expected(items: list[dict]) -> dict:
+    return {
+        "overall": 6 / 10,  # pooled: (2 + 3 + 1) / (3 + 4 + 3)
+        "macro": (2 / 3 + 3 / 4 + 1 / 3) / 3,  # = 7 / 12
+        "groups": {"hallucination": 2 / 3, "general": 3 / 4, "reasoning": 1 / 3},
+        "items": {"agree": 6, "reject": 4, "excluded": 4, "unpredicted": len(items) - 14},
+        "strict": 4 / 14,  # unanimous agreement: lines 1, 0, 754, 932 among 14 predicted items
+    }
 
 
 def hand_predictions(items: list[dict]) -> list[dict]:
     out = []
-    for index, (_, outcomes) in HAND_SCENARIO.items():
+    for item_id, (_, outcomes) in HAND_SCENARIO.items():
+        index = at(items, item_id)
         ranking = items[index]["human_ranking"]
         for j, outcome in enumerate(outcomes):
             first = (index + j) % 2
@@ -215,22 +247,23 @@ def hand_predictions(items: list[dict]) -> list[dict]:
 
 
 def test_vlrb_hand_scenario(vlrb_items):
-    for index, (group, _) in HAND_SCENARIO.items():
-        assert hand_group(vlrb_items[index]["id"]) == group, (index, vlrb_items[index]["id"])
-    assert [vlrb_items[i]["human_ranking"] for i in (0, 752, 754)] == [[1, 0]] * 3
-    assert HAND_EXPECTED["macro"] == pytest.approx(7 / 12)
+    for item_id, (group, _) in HAND_SCENARIO.items():
+        assert hand_group(item_id) == group, item_id
+    assert [vlrb_items[at(vlrb_items, i)]["human_ranking"] for i in REVERSED_IDS] == [[1, 0]] * 3
+    expected = hand_expected(vlrb_items)
+    assert expected["macro"] == pytest.approx(7 / 12)
     predictions = hand_predictions(vlrb_items)
     result = scoring.score("vlrewardbench", vlrb_items, predictions)
-    assert_vlrb_metrics(result, HAND_EXPECTED)
+    assert_vlrb_metrics(result, expected)
     # the reference implementation agrees with the hand figures
-    outcomes = {index: samples for index, (_, samples) in HAND_SCENARIO.items()}
+    outcomes = {at(vlrb_items, item_id): samples for item_id, (_, samples) in HAND_SCENARIO.items()}
     assert_vlrb_metrics(result, reference_vlrb(vlrb_items, outcomes))
     # and the order of the predictions does not matter
     assert scoring.score("vlrewardbench", vlrb_items, predictions[::-1]) == result
 
 
 def test_vlrb_random_predictions_match_reference(vlrb_items, rng):
-    chosen = rng.sample(range(VLRB_LINES), rng.randint(200, 600))
+    chosen = rng.sample(range(len(vlrb_items)), rng.randint(len(vlrb_items) // 6, len(vlrb_items) // 2))
     outcomes: dict[int, list[str]] = {}
     predictions = []
     for index in chosen:
@@ -245,14 +278,15 @@ def test_vlrb_random_predictions_match_reference(vlrb_items, rng):
     assert_vlrb_metrics(result, reference_vlrb(vlrb_items, outcomes))
 
 
-def test_vlrb_repeated_ids_are_distinct_items(vlrb_items):
+def test_vlrb_repeated_ids_are_distinct_items(vlrb):
+    name, _, vlrb_items = vlrb
     lines_of = defaultdict(list)
     for it in vlrb_items:
         lines_of[it["id"]].append(it["index"])
     pairs = [lines for lines in lines_of.values() if len(lines) == 2]
-    assert len(pairs) == 18
+    assert len(pairs) == VLRB_FACTS[name]["repeated_ids"]
     first, second = lines_of["mmmu_pro_test_Marketing_150"]
-    assert (first, second) == (938, 1166)
+    assert (first, second) == VLRB_FACTS[name]["marketing_150"]
     # the two lines of a repeated id share query and image but hold different response pairs (the README says
     # the queries differ too; in this file they do not, so neither id nor (id, query) names an item)
     for a, b in pairs:
@@ -265,7 +299,7 @@ def test_vlrb_repeated_ids_are_distinct_items(vlrb_items):
     predictions = [pred(first, 0, verdict_for(ranking, 0, "agree")), pred(first, 1, verdict_for(ranking, 1, "agree")),
                    pred(second, 0, verdict_for(vlrb_items[second]["human_ranking"], 0, "reject"))]
     result = scoring.score("vlrewardbench", vlrb_items, predictions)
-    assert result["items"] == {"agree": 1, "reject": 1, "excluded": 0, "unpredicted": VLRB_LINES - 2}
+    assert result["items"] == {"agree": 1, "reject": 1, "excluded": 0, "unpredicted": len(vlrb_items) - 2}
     assert result["groups"]["reasoning"] == 0.5 and result["strict"] == 0.5
 
     # every repeated id: its first line agrees, its second rejects
@@ -274,7 +308,9 @@ def test_vlrb_repeated_ids_are_distinct_items(vlrb_items):
         predictions.append(pred(a, 1, verdict_for(vlrb_items[a]["human_ranking"], 1, "agree")))
         predictions.append(pred(b, 1, verdict_for(vlrb_items[b]["human_ranking"], 1, "reject")))
     result = scoring.score("vlrewardbench", vlrb_items, predictions)
-    assert result["items"] == {"agree": 18, "reject": 18, "excluded": 0, "unpredicted": VLRB_LINES - 36}
+    count = len(pairs)
+    assert result["items"] == {"agree": count, "reject": count, "excluded": 0,
+                               "unpredicted": len(vlrb_items) - 2 * count}
     assert result["overall"] == 0.5 and result["strict"] == 0.5
 
 
@@ -282,18 +318,20 @@ def test_vlrb_repeated_ids_are_distinct_items(vlrb_items):
 # `fastjudge score`
 
 
-def test_cli_score_vlrewardbench(vlrb_items, tmp_path, capsys, rng):
+def test_cli_score_vlrewardbench(vlrb, tmp_path, capsys, rng):
+    _, data_path, vlrb_items = vlrb
+    expected = hand_expected(vlrb_items)
     predictions = hand_predictions(vlrb_items)
     rng.shuffle(predictions)  # file order does not matter for VL-RewardBench
     path = write_predictions(tmp_path / "predictions.jsonl", predictions)
-    code, out, err = run_cli(capsys, ["score", "--format", "vlrewardbench", "--data", str(VLRB),
+    code, out, err = run_cli(capsys, ["score", "--format", "vlrewardbench", "--data", str(data_path),
                                       "--predictions", str(path)])
     assert code == 0, err
     result = last_json(out)
-    assert result["items"] == HAND_EXPECTED["items"]
-    assert result["groups"] == pytest.approx(HAND_EXPECTED["groups"])
+    assert result["items"] == expected["items"]
+    assert result["groups"] == pytest.approx(expected["groups"])
     for key in ("overall", "macro", "strict"):
-        assert result[key] == pytest.approx(HAND_EXPECTED[key]), key
+        assert result[key] == pytest.approx(expected[key]), key
 
 
 BAD_PREDICTION_LINES = [
@@ -308,7 +346,7 @@ BAD_PREDICTION_LINES = [
 @pytest.mark.parametrize("bad", BAD_PREDICTION_LINES)
 @pytest.mark.parametrize("fmt", ["vlrewardbench", "mmrb"])
 def test_cli_score_bad_predictions_line(tmp_path, capsys, bad, fmt, mmrb_file):
-    data = VLRB if fmt == "vlrewardbench" else mmrb_file[0]
+    data = VLRB_FIXTURE if fmt == "vlrewardbench" else mmrb_file[0]
     # line 1 good, line 2 blank, line 3 good, line 4 bad, line 5 good: the error names physical line 4
     good = json.dumps(pred(0, 0, "A"))
     path = tmp_path / "preds.jsonl"
@@ -331,10 +369,11 @@ def test_cli_score_prediction_for_a_skipped_mmrb_entry(tmp_path, capsys, mmrb_fi
 
 
 def test_cli_score_prediction_for_a_missing_item(tmp_path, capsys):
-    path = write_predictions(tmp_path / "p.jsonl", [pred(0, 0, "A"), pred(VLRB_LINES, 0, "A")])
-    code, _, err = run_cli(capsys, ["score", "--format", "vlrewardbench", "--data", str(VLRB),
+    lines = VLRB_FACTS["fixture"]["lines"]
+    path = write_predictions(tmp_path / "p.jsonl", [pred(0, 0, "A"), pred(lines, 0, "A")])
+    code, _, err = run_cli(capsys, ["score", "--format", "vlrewardbench", "--data", str(VLRB_FIXTURE),
                                     "--predictions", str(path)])
-    assert code == 2 and str(VLRB_LINES) in err
+    assert code == 2 and str(lines) in err
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from conftest import SHARED
+from conftest import VLRB_FIXTURE
 from fastjudge import data, tiny
 from fastjudge.config import LoopConfig
 from fastjudge.models import FeatureCache, ImageFeatures, load_adapter, mrope_positions
@@ -262,9 +262,9 @@ def test_training_stage_on_traces_lowers_the_loss(checkpoint):
 
 
 def _vlrb_subset(folder, count=4):
-    """The first `count` lines of the real VL-RewardBench text, with random images where its paths point."""
-    source = SHARED / "vlrewardbench" / "data.jsonl"
-    lines = source.read_text().splitlines()[:count]
+    """The first `count` lines of the real VL-RewardBench text (the sample in tests/fixtures), with random images
+    where its paths point."""
+    lines = VLRB_FIXTURE.read_text().splitlines()[:count]
     for i, line in enumerate(lines):
         target = folder / "images" / json.loads(line)["image_path"]
         target.parent.mkdir(parents=True, exist_ok=True)

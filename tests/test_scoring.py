@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import VLRB_FIXTURE, VLRB_FULL
 from fastjudge.scoring import VLRB_GROUPS, item_class, sample_outcome, score_pairwise, vlrb_group
 
-VLRB = SHARED / "vlrewardbench" / "data.jsonl"
 
 
 def item(index: int, ranking=(0, 1), group: str = "general") -> dict:
@@ -178,10 +177,16 @@ def test_vlrb_group(item_id, group):
     assert vlrb_group(item_id) == group
 
 
-def test_real_vlrewardbench_text():
-    if not VLRB.is_file():
-        pytest.skip(f"VL-RewardBench text not found at {VLRB}")
-    with VLRB.open() as f:
+@pytest.mark.parametrize("which", ["fixture", "full"])
+def test_real_vlrewardbench_text(which):
+    # the sample of real lines that ships with the tests, and the full file where ../shared has it
+    path = VLRB_FIXTURE if which == "fixture" else VLRB_FULL
+    lines, groups = {"fixture": (29, {"hallucination": 9, "reasoning": 13, "general": 7}),
+                     "full": (1250, {"hallucination": 749, "reasoning": 318, "general": 183})}[which]
+    if not path.is_file():
+        pytest.skip(f"the full VL-RewardBench text is not at {path} (not part of the repository; the sample in "
+                    f"tests/fixtures runs this test too)")
+    with path.open() as f:
         rows = [json.loads(line) for line in f if line.strip()]
     items = [dict(row, index=i) for i, row in enumerate(rows)]
 
@@ -206,15 +211,15 @@ def test_real_vlrewardbench_text():
     for it in items:
         counts[hand_group(it)] += 1
         right[hand_group(it)] += it["index"] % 4 != 0
-    assert counts == {"hallucination": 749, "reasoning": 318, "general": 183}  # README facts
+    assert counts == groups  # the full file's: its README's facts
     assert all(vlrb_group(it["id"]) == hand_group(it) for it in items)
 
     result = score_pairwise(items, predictions, lambda it: vlrb_group(it["id"]), VLRB_GROUPS)
     total_right = sum(it["index"] % 4 != 0 for it in items)
-    assert len(items) == 1250
-    assert result["items"] == {"agree": total_right, "reject": 1250 - total_right, "excluded": 0, "unpredicted": 0}
-    assert result["overall"] == pytest.approx(total_right / 1250)
+    assert len(items) == lines
+    assert result["items"] == {"agree": total_right, "reject": lines - total_right, "excluded": 0, "unpredicted": 0}
+    assert result["overall"] == pytest.approx(total_right / lines)
     group_acc = {name: right[name] / counts[name] for name in counts}
     assert result["groups"] == pytest.approx(group_acc)
     assert result["macro"] == pytest.approx(sum(group_acc.values()) / 3)
-    assert result["strict"] == pytest.approx(total_right / 1250)
+    assert result["strict"] == pytest.approx(total_right / lines)
