@@ -521,7 +521,8 @@ def test_patched_model_with_gradient_checkpointing(tiny_mllama):
     model = copy.deepcopy(tiny_mllama.model).requires_grad_(True)
     model.train()
     reference = _logits_and_grads(model, inputs)
-    model.gradient_checkpointing_enable()
+    # transformers 5.25 renamed gradient_checkpointing_enable (a deprecated alias until v6); 5.17 has only that
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     patch_mllama(model, backend="triton")
     ours = _logits_and_grads(model, inputs)
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-4, atol=1e-4)
