@@ -166,9 +166,9 @@ def cmd_toy_data(args) -> None:
 
 def cmd_toy_pretrain(args) -> None:
     from fastjudge import pretrain
-    mixture = tuple(float(x) for x in args.mixture.split(",")) if args.mixture else pretrain.PretrainConfig.mixture
+    mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                  seed=args.seed, init=args.init, mixture=mixture)
+                                  seed=args.seed, init=args.init, mixture=mixture, threads=args.threads)
     print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
 
 
@@ -241,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream")
     p.add_argument("--init", default=None, help="continue from this toy checkpoint instead of random weights")
     p.add_argument("--mixture", default=None,
-                   help="task weights for caption,qa,rewrite,judge,match (default 0.30,0.36,0.10,0.14,0.10)")
+                   help="task weights as task=weight,... over caption, qa, rewrite, judge, match; a task left out "
+                        "has weight 0 (default caption=0.30,qa=0.36,rewrite=0.10,judge=0.14,match=0.10)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.set_defaults(func=cmd_toy_pretrain)
     return parser
 

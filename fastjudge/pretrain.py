@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from fastjudge.models import ToyAdapter
 from fastjudge.train import cosine_lr
 
 TASKS = ("caption", "qa", "rewrite", "judge", "match")
+DEFAULT_MIXTURE = {"caption": 0.30, "qa": 0.36, "rewrite": 0.10, "judge": 0.14, "match": 0.10}
 
 
 @dataclass
@@ -39,17 +40,45 @@ class PretrainConfig:
     save_every: int = 250
     init: str | None = None  # continue from this toy checkpoint instead of random weights
     micro_batches: int = 4  # forward passes per step, over examples sorted by length
-    # task mixture (relative weights), in the order of TASKS
-    mixture: tuple[float, ...] = (0.30, 0.36, 0.10, 0.14, 0.10)
+    # task -> relative weight; a task left out has weight 0, so a mixture saved before a task was added still
+    # means what it meant
+    mixture: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIXTURE))
+    # CPU threads for torch. One, deliberately: the toy's matrices are small, and on a loaded 2-core machine one
+    # thread ran 0.77 s a step against 2.4-4.8 s with two (threads waiting on each other); raise it on an idle
+    # machine with more cores
+    threads: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "warmup", "save_every"):
+        for name in ("steps", "batch_size", "warmup", "save_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if len(self.mixture) != len(TASKS) or min(self.mixture) < 0 or sum(self.mixture) <= 0:
-            raise ValueError(f"mixture: expected {len(TASKS)} non-negative weights for {TASKS}, got {self.mixture}")
+        if not isinstance(self.mixture, dict):
+            raise ValueError(f"mixture: expected a dict task -> weight over {TASKS}, got {self.mixture!r}")
+        unknown = sorted(set(self.mixture) - set(TASKS))
+        if unknown:
+            raise ValueError(f"mixture: unknown task(s) {unknown}, expected some of {TASKS}")
+        if min(self.mixture.values(), default=0) < 0 or sum(self.mixture.values()) <= 0:
+            raise ValueError(f"mixture: expected non-negative weights with a positive sum, got {self.mixture}")
+
+    def weights(self) -> list[float]:
+        """The mixture's weights in the order of TASKS (0 for a task it leaves out)."""
+        return [float(self.mixture.get(task, 0.0)) for task in TASKS]
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+    """"caption=0.3,qa=0.36,..." -> {"caption": 0.3, "qa": 0.36, ...} (the command line's --mixture)."""
+    mixture = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, sep, weight = part.partition("=")
+        if not sep:
+            raise ValueError(f"mixture: expected task=weight, got {part!r}")
+        try:
+            mixture[task.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"mixture: weight of {task.strip()!r} is not a number: {weight!r}") from None
+    return mixture
 
 
 def example(rng: random.Random, task: str):
@@ -80,15 +109,16 @@ def example(rng: random.Random, task: str):
     raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
 
 
-def batch(rng: random.Random, size: int, mixture) -> tuple[list, list[str], list[str], list[str]]:
-    tasks = rng.choices(TASKS, weights=mixture, k=size)
+def batch(rng: random.Random, size: int, weights: list[float]) -> tuple[list, list[str], list[str], list[str]]:
+    """`size` examples of tasks drawn with `weights` (in the order of TASKS)."""
+    tasks = rng.choices(TASKS, weights=weights, k=size)
     rows = [example(rng, t) for t in tasks]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tasks
 
 
 def run(cfg: PretrainConfig) -> Path:
     """Train the toy base model; returns the checkpoint directory (`cfg.out`/checkpoint). Resumable."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -117,7 +147,7 @@ def run(cfg: PretrainConfig) -> Path:
     running, t0 = None, time.time()
     for step in bar:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step stream: resuming replays the same data
-        images, prompt_texts, targets, _ = batch(rng, cfg.batch_size, cfg.mixture)
+        images, prompt_texts, targets, _ = batch(rng, cfg.batch_size, cfg.weights())
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         opt.zero_grad(set_to_none=True)

@@ -10,6 +10,8 @@ several samples.
   if unparsed > n/2, else tie. Unparsed and tie items are excluded.
 - Group accuracy = agree items / (agree + reject items); `overall` pools the items of all groups; `macro` is the
   mean of the group accuracies. `strict` (ours): the fraction of predicted items in which every sample agrees.
+- Our toy benchmark follows these rules grouped by its items' categories, except that an excluded item counts as
+  wrong (its headline is strict accuracy; `lenient_overall` is VL-RewardBench's figure).
 
 Multimodal RewardBench (its official `2_get_accuracy.py`): an example is right when the verdict picks its
 `Better` output. Categories are the data's `Category`, with "safety" split into "safety/bias" (ID starting
@@ -62,11 +64,14 @@ def item_class(outcomes: list[str]) -> str:
 
 
 def score_pairwise(items: list[dict], predictions: list[dict], group_of: Callable[[dict], str],
-                   groups: tuple[str, ...] | None = None) -> dict:
+                   groups: tuple[str, ...] | None = None, excluded_wrong: bool = False) -> dict:
     """Score predictions on items (each with "index" and "human_ranking") under VL-RewardBench's rules.
 
     groups: the groups that `macro` averages over (default: those that have at least one scored item); when
     one of them has no scored item, `macro` is None (the mean of the three is undefined, not the mean of two).
+    excluded_wrong: count excluded items (tie or unparsed majority) as wrong in `overall`, the groups and
+    `macro` instead of leaving them out (strict accuracy: a judge cannot gain by writing no verdict on hard
+    items); `lenient_overall` then keeps VL-RewardBench's figure.
     Returns {"overall", "macro", "groups": {name: acc}, "items": {agree, reject, excluded, unpredicted},
     "strict"}; accuracies are fractions, None where a group has no scored item.
     """
@@ -93,6 +98,8 @@ def score_pairwise(items: list[dict], predictions: list[dict], group_of: Callabl
             per_group[group_of(item)][0 if label == "agree" else 1] += 1
         else:
             counts["excluded"] += 1
+            if excluded_wrong:
+                per_group[group_of(item)][1] += 1
 
     def accuracy(agree: int, reject: int) -> float | None:
         return agree / (agree + reject) if agree + reject else None
@@ -101,13 +108,16 @@ def score_pairwise(items: list[dict], predictions: list[dict], group_of: Callabl
     group_acc = {name: accuracy(*per_group.get(name, (0, 0))) for name in names}
     scored = list(group_acc.values())
     predicted = len(items) - counts["unpredicted"]
-    return {
-        "overall": accuracy(counts["agree"], counts["reject"]),
+    result = {
+        "overall": accuracy(counts["agree"], counts["reject"] + (counts["excluded"] if excluded_wrong else 0)),
         "macro": sum(scored) / len(scored) if scored and None not in scored else None,
         "groups": group_acc,
         "items": counts,
         "strict": all_agree / predicted if predicted else None,
     }
+    if excluded_wrong:
+        result["lenient_overall"] = accuracy(counts["agree"], counts["reject"])
+    return result
 
 
 MMRB_RANDOM_SEED = 123  # the official script's random.seed(123)
@@ -173,11 +183,11 @@ def score_mmrb(items: list[dict], predictions: list[dict], unparsed: str = "wron
 
 def score(bench: str, items: list[dict], predictions: list[dict], unparsed: str = "wrong") -> dict:
     """Score predictions with the rules of `bench`: "vlrewardbench", "mmrb", or "toy" (VL-RewardBench's rules,
-    grouped by the items' own category)."""
+    grouped by the items' own category, except that an excluded item, tie or unparsed, counts as wrong)."""
     if bench == "vlrewardbench":
         return score_pairwise(items, predictions, lambda item: vlrb_group(item["id"]), VLRB_GROUPS)
     if bench == "toy":
-        return score_pairwise(items, predictions, lambda item: item["category"])
+        return score_pairwise(items, predictions, lambda item: item["category"], excluded_wrong=True)
     if bench == "mmrb":
         return score_mmrb(items, predictions, unparsed)
     raise ValueError(f"bench: expected 'vlrewardbench', 'mmrb' or 'toy', got {bench!r}")

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from fastjudge import pretrain, prompts, toy, world
+from fastjudge import assets, pretrain, prompts, toy, world
 from fastjudge.models import load_adapter
 
 
@@ -47,5 +47,45 @@ def test_pretraining_runs_saves_and_resumes(tmp_path):
 def test_bad_pretrain_config_names_the_field():
     with pytest.raises(ValueError, match="^steps"):
         pretrain.PretrainConfig(steps=0)
-    with pytest.raises(ValueError, match="^mixture"):
-        pretrain.PretrainConfig(mixture=(1.0, 1.0))
+    with pytest.raises(ValueError, match="^mixture: expected a dict"):
+        pretrain.PretrainConfig(mixture=(1.0, 1.0))  # the old positional form is refused, not misread
+    with pytest.raises(ValueError, match=r"^mixture: unknown task\(s\) \['captions'\]"):
+        pretrain.PretrainConfig(mixture={"captions": 1.0})
+    with pytest.raises(ValueError, match="^mixture: expected non-negative"):
+        pretrain.PretrainConfig(mixture={"caption": 1.0, "qa": -0.5})
+    with pytest.raises(ValueError, match="^threads"):
+        pretrain.PretrainConfig(threads=0)
+
+
+def test_mixture_is_named_per_task():
+    assert pretrain.parse_mixture("qa=0.5, caption=1") == {"qa": 0.5, "caption": 1.0}
+    with pytest.raises(ValueError, match="^mixture: expected task=weight"):
+        pretrain.parse_mixture("0.3,0.36")
+    with pytest.raises(ValueError, match="^mixture: weight of 'qa'"):
+        pretrain.parse_mixture("qa=lots")
+    # the default weighs the tasks as the shipped base's record says, in the order TASKS draws them
+    record = json.loads((assets.ASSETS / "toy-base" / "pretrain_config.json").read_text())
+    assert record["mixture"] == pretrain.DEFAULT_MIXTURE
+    assert pretrain.PretrainConfig().weights() == [0.30, 0.36, 0.10, 0.14, 0.10]
+    # a task left out has weight 0: it is never drawn, and the others keep their names
+    cfg = pretrain.PretrainConfig(mixture={"qa": 1.0, "match": 1.0})
+    assert cfg.weights() == [0.0, 1.0, 0.0, 0.0, 1.0]
+    _, _, _, tasks = pretrain.batch(random.Random(0), 40, cfg.weights())
+    assert set(tasks) == {"qa", "match"}
+
+
+def test_toy_pretrain_command_takes_named_weights_and_threads(tmp_path, capsys):
+    from fastjudge import cli
+    out = tmp_path / "base"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["toy-pretrain", "--out", str(out), "--steps", "1", "--batch-size", "2",
+                         "--mixture", "qa=1,judge=1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["mixture"] == {"qa": 1.0, "judge": 1.0} and saved["threads"] == 1
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad"), "--mixture", "0.3,0.7"]) == 2
+    assert "mixture: expected task=weight" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import VLRB_FIXTURE, VLRB_FULL
+from fastjudge import scoring
 from fastjudge.scoring import VLRB_GROUPS, item_class, sample_outcome, score_pairwise, vlrb_group
 
 
@@ -223,3 +224,24 @@ def test_real_vlrewardbench_text(which):
     assert result["groups"] == pytest.approx(group_acc)
     assert result["macro"] == pytest.approx(sum(group_acc.values()) / 3)
     assert result["strict"] == pytest.approx(total_right / lines)
+
+
+def test_toy_benchmark_counts_an_excluded_item_as_wrong():
+    # the toy headline is strict: a judge cannot gain by writing no verdict (or a tie) on hard items
+    items = [{"index": i, "human_ranking": [0, 1], "category": category}
+             for i, category in enumerate(["count", "count", "spatial", "spatial", "spatial"])]
+    predictions = [pred(0, 0, "A"),  # count: agree
+                   pred(1, 0, None),  # count: unparsed -> excluded
+                   pred(2, 0, "B"),  # spatial: reject
+                   pred(3, 0, "A"), pred(3, 1, "A"),  # spatial: one agrees, one rejects -> tie, excluded
+                   pred(4, 1, "B")]  # spatial: agree (response 0 shown second)
+    toy = scoring.score("toy", items, predictions)
+    assert toy["items"] == {"agree": 2, "reject": 1, "excluded": 2, "unpredicted": 0}
+    assert toy["overall"] == pytest.approx(2 / 5)
+    assert toy["lenient_overall"] == pytest.approx(2 / 3)
+    assert toy["groups"] == {"count": pytest.approx(1 / 2), "spatial": pytest.approx(1 / 3)}
+    assert toy["macro"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    # VL-RewardBench's own rule leaves excluded items out
+    lenient = score_pairwise(items, predictions, lambda it: it["category"])
+    assert lenient["overall"] == pytest.approx(2 / 3) and "lenient_overall" not in lenient
+    assert lenient["groups"] == {"count": 1.0, "spatial": pytest.approx(1 / 2)}
