@@ -7,7 +7,7 @@ Layout of a run (`--out DIR`):
     DIR/iter_0/metrics.json  the base judge, before any training
     DIR/iter_<k>/            pairs.jsonl, judgments.jsonl, sft.jsonl, checkpoint/, metrics.json,
                              predictions.jsonl, outputs.jsonl, stages.json (seconds and counts per stage)
-    DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "seconds"}, ...]}
+    DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "keep_rate", "seconds"}, ...]}
     DIR/accuracy.png         accuracy per category over iterations
 
 Every file is written atomically, and a stage counts as done when its output exists, so `--resume` continues a
@@ -140,7 +140,9 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
         evaluate_to(folder, judge, items, cfg, score_items)
         stages.done("eval", time.time() - t0, {"feature_cache_so_far": dict(FEATURE_CACHE.stats)})
     metrics = json.loads((folder / "metrics.json").read_text())
-    return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": len(traces) // 2,
+    kept = len(traces) // 2  # each kept pair gives one A and one B trace
+    return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
+            "keep_rate": kept / len(pairs) if pairs else None,
             "seconds": stages.record["seconds"], "stats": stages.record["stats"]}
 
 
@@ -206,7 +208,8 @@ def _report(out: Path, summary: dict) -> None:
     metrics = last["metrics"]
     categories = ", ".join(f"{name} {_fmt(acc)}" for name, acc in metrics["categories"].items())
     print(f"iteration {last['iteration']}: overall {_fmt(metrics['overall'])} macro {_fmt(metrics['macro'])} "
-          f"({categories}); pairs {last['pairs']}, kept {last['kept']}")
+          f"({categories}); pairs {last['pairs']}, kept {last['kept']}"
+          + (f" ({last['keep_rate']:.1%})" if last.get("keep_rate") is not None else ""))
 
 
 def _fmt(value: float | None) -> str:

@@ -60,6 +60,9 @@ def test_iterate_writes_every_output(tmp_path, tiny_toy_dir, inputs):
 
     pairs = data.read_jsonl(out / "iter_1" / "pairs.jsonl")
     assert summary["iterations"][1]["pairs"] == len(pairs)
+    kept_pairs = len(data.read_jsonl(out / "iter_1" / "sft.jsonl")) // 2  # one A and one B trace per kept pair
+    assert summary["iterations"][1]["kept"] == kept_pairs
+    assert summary["iterations"][1]["keep_rate"] == pytest.approx(kept_pairs / len(pairs))
     judgments = data.read_jsonl(out / "iter_1" / "judgments.jsonl")
     assert len(judgments) == 2 * len(pairs)  # both orders of each pair
 
