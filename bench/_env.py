@@ -52,12 +52,19 @@ def _git_tree() -> str:
     history is stale (a device machine gets a copy of the working tree beside an older .git)."""
     import tempfile
     root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str, env: dict | None = None) -> str:
+        return subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
     with tempfile.TemporaryDirectory() as scratch:
-        env = os.environ | {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
         try:
-            subprocess.run(["git", "add", "-A", "."], cwd=root, env=env, check=True, capture_output=True)
-            return subprocess.run(["git", "write-tree"], cwd=root, env=env, check=True, capture_output=True,
-                                  text=True).stdout.strip()
+            # the blobs and trees that hashing writes go to the scratch folder, not into the repository's objects
+            objects = (root / git("rev-parse", "--git-path", "objects")).resolve()
+            env = os.environ | {"GIT_INDEX_FILE": str(Path(scratch) / "index"), "GIT_OBJECT_DIRECTORY": scratch,
+                                "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
+            git("add", "-A", ".", env=env)
+            return git("write-tree", env=env)
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 

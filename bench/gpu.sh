@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu.sh            # needs OUT (a folder for logs and result files)
 #
-# Parts, each with its own time limit (about 8 minutes in all; a cold Triton cache makes the tests the slowest part, so that a 15-minute lease leaves time to rerun):
+# Parts, each with its own time limit (about 8 minutes in all, so that a 15-minute lease leaves time to rerun; a
+# cold Triton cache makes the tests the slowest part):
 #   1. build (the compiled core) and print versions and the git revision the results will carry;
 #   2. the tests that only a GPU runs: bf16 kernels against float64, tile presets, CUDA-graph decoding, host
 #      synchronizations, the fused loss on the GPU;
@@ -12,7 +13,7 @@
 #   4. the Mllama cross-attention kernels at the 11B shapes: forward + backward at T 512 and 2048 with one valid
 #      tile for every tile preset, and decoding at n 1 and 16 for every decode tile preset;
 #   5. the fused linear cross-entropy at 4,096 and 8,192 rows (V 128,256, H 4,096, bf16) against Liger's, when
-#      liger-kernel is carried as a wheel in .whl/ (the device machine has none): see README, "GPU measurements".
+#      liger-kernel is carried as a wheel in .whl/ where the machine has none: see README, "GPU measurements".
 # Each bench prints its rows as it goes into its log under OUT, the result's JSON line last, and writes its JSON
 # file under OUT; a part cut short keeps what it measured. 8 files at most come back.
 export PYTHONUNBUFFERED=1

@@ -176,7 +176,7 @@ def run(cfg: LoopConfig) -> dict:
         evaluate_to(folder0, base, items, cfg, score_items)
         _Stages(folder0).done("eval", time.time() - t0, {})
     summary["iterations"].append({"iteration": 0, "metrics": headline(json.loads((folder0 / "metrics.json").read_text())),
-                                  "pairs": 0, "kept": 0, "seconds": _Stages(folder0).record["seconds"]})
+                                  "pairs": 0, "kept": 0, "keep_rate": None, "seconds": _Stages(folder0).record["seconds"]})
     _report(out, summary)
 
     judge: Adapter | None = None
@@ -209,7 +209,7 @@ def _report(out: Path, summary: dict) -> None:
     categories = ", ".join(f"{name} {_fmt(acc)}" for name, acc in metrics["categories"].items())
     print(f"iteration {last['iteration']}: overall {_fmt(metrics['overall'])} macro {_fmt(metrics['macro'])} "
           f"({categories}); pairs {last['pairs']}, kept {last['kept']}"
-          + (f" ({last['keep_rate']:.1%})" if last.get("keep_rate") is not None else ""))
+          + (f" ({last['keep_rate']:.1%})" if last["keep_rate"] is not None else ""))
 
 
 def _fmt(value: float | None) -> str:

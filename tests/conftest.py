@@ -41,3 +41,12 @@ SHARED = Path(os.environ.get("FASTJUDGE_SHARED", Path(__file__).resolve().parent
 # tests (tests/fixtures/vlrewardbench/README.md says which and why), so that the suite runs on a bare clone
 VLRB_FULL = SHARED / "vlrewardbench" / "data.jsonl"
 VLRB_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "vlrewardbench" / "data.jsonl"
+
+# What each file holds, counted by hand from its lines (the full file's figures are its README's):
+# lines, items per group, ids on two lines, and the two lines of the repeated id mmmu_pro_test_Marketing_150
+VLRB_FACTS = {
+    "fixture": {"lines": 29, "groups": {"hallucination": 9, "reasoning": 13, "general": 7}, "repeated_ids": 3,
+                "marketing_150": (20, 26)},
+    "full": {"lines": 1250, "groups": {"hallucination": 749, "reasoning": 318, "general": 183}, "repeated_ids": 18,
+             "marketing_150": (938, 1166)},
+}

@@ -17,19 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import VLRB_FIXTURE, VLRB_FULL
+from conftest import VLRB_FACTS, VLRB_FIXTURE, VLRB_FULL
 from fastjudge import cli, scoring
 from fastjudge.data import Skip, load_bench, load_predictions
 from fastjudge.prompts import MMRB_JUDGE, VLRB_JUDGE, benchmark_prompt, parse_verdict
-
-# What each file holds, counted by hand from its lines (the full file's figures are its README's):
-# lines, items per group, ids on two lines, and the two lines of the repeated id mmmu_pro_test_Marketing_150
-VLRB_FACTS = {
-    "fixture": {"lines": 29, "groups": {"hallucination": 9, "reasoning": 13, "general": 7}, "repeated_ids": 3,
-                "marketing_150": (20, 26)},
-    "full": {"lines": 1250, "groups": {"hallucination": 749, "reasoning": 318, "general": 183}, "repeated_ids": 18,
-             "marketing_150": (938, 1166)},
-}
 
 
 @pytest.fixture

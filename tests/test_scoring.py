@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import VLRB_FIXTURE, VLRB_FULL
+from conftest import VLRB_FACTS, VLRB_FIXTURE, VLRB_FULL
 from fastjudge import scoring
 from fastjudge.scoring import VLRB_GROUPS, item_class, sample_outcome, score_pairwise, vlrb_group
 
@@ -182,8 +182,7 @@ def test_vlrb_group(item_id, group):
 def test_real_vlrewardbench_text(which):
     # the sample of real lines that ships with the tests, and the full file where ../shared has it
     path = VLRB_FIXTURE if which == "fixture" else VLRB_FULL
-    lines, groups = {"fixture": (29, {"hallucination": 9, "reasoning": 13, "general": 7}),
-                     "full": (1250, {"hallucination": 749, "reasoning": 318, "general": 183})}[which]
+    lines, groups = VLRB_FACTS[which]["lines"], VLRB_FACTS[which]["groups"]
     if not path.is_file():
         pytest.skip(f"the full VL-RewardBench text is not at {path} (not part of the repository; the sample in "
                     f"tests/fixtures runs this test too)")
