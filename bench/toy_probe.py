@@ -1,7 +1,8 @@
-"""What the toy base model can do: perception (captions, closed questions), the text-comparison task, and the
-judge's verdicts, on fresh shapes-world scenes. A table, then one JSON line.
+"""What the toy base model can do, on fresh shapes-world scenes: perception per benchmark category (its own
+answers to the benchmark's kind of question), and its judge on the held-out benchmark (own answer, checks,
+verdict). A table, then one JSON line.
 
-    python bench/toy_probe.py [--model CKPT] [--scenes 96]
+    python bench/toy_probe.py [--model CKPT] [--per-category 100] [--out bench/results/toy-probe-cpu.json]
 """
 
 from __future__ import annotations
@@ -9,57 +10,51 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
+from pathlib import Path
 
 import torch
 
-from fastjudge import pretrain, prompts, world
+from fastjudge import data, evaluate, pretrain, toy_rates
+from fastjudge.config import LoopConfig
 from fastjudge.models import load_adapter
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="toy checkpoint (default: the shipped base model)")
-    parser.add_argument("--scenes", type=int, default=96, help="scenes per probe")
-    parser.add_argument("--seed", type=int, default=123, help="seed of the scenes")
+    parser.add_argument("--per-category", type=int, default=100, help="scenes per benchmark category")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    parser.add_argument("--out", default=None, help="also write the result with its environment to this JSON file")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     adapter = load_adapter(args.model)
-    rng = random.Random(args.seed)
-    scenes = [world.random_scene(rng) for _ in range(args.scenes)]
-    images = [world.render(s, rng) for s in scenes]
-    questions = [world.questions(s, rng) for s in scenes]
     result = {}
+    perception = toy_rates.perception_probe(adapter, args.per_category)
+    result |= {f"perception {c}": v for c, v in perception["categories"].items()}
 
-    closed = [rng.choice(q[1:]) for q in questions]
-    answers = adapter.generate(images, [q.instruction for q in closed], max_new_tokens=12)
-    by_type: dict[str, list[bool]] = {}
-    for q, (a,) in zip(closed, answers):
-        by_type.setdefault(f"qa {q.topic}/{q.answer_type}", []).append(a == world.closed_response(q.answer))
-    result.update({name: sum(v) / len(v) for name, v in sorted(by_type.items())})
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = data.write_toy_benchmark(Path(tmp), args.per_category)
+        items, _ = data.load_bench("toy", bench)
+        judged = evaluate.run(adapter, items, LoopConfig(out=tmp, model=args.model), seed=0)
+    result["judge accuracy (strict)"] = judged.metrics["overall"]
+    result |= toy_rates.bench_rates(items, judged.raw)
+    result["judge verdict share A"] = sum(r["verdict"] == "A" for r in judged.raw) / len(judged.raw)
 
-    captions = adapter.generate(images, [q[0].instruction for q in questions], max_new_tokens=64)
-    recall = []
-    for (text,), q in zip(captions, questions):
-        got = world.parse_caption(text) or []
-        truth = world.parse_caption(q[0].answer)
-        recall.append(sum(o in got for o in truth) / len(truth))
-    result["caption exact"] = sum(c[0] == q[0].answer for c, q in zip(captions, questions)) / len(questions)
-    result["caption object recall"] = sum(recall) / len(recall)
-
-    task_rng = random.Random(args.seed + 1)
-    match = [pretrain.example(task_rng, "match") for _ in range(args.scenes)]
+    task_rng = random.Random(7)
+    match = [pretrain.example(task_rng, "match") for _ in range(args.per_category)]
     outs = adapter.generate([m[0] for m in match], [m[1] for m in match], max_new_tokens=5)
     result["text comparison (match) accuracy"] = sum(o[0] == m[2] for o, m in zip(outs, match)) / len(match)
-
-    judge = [pretrain.example(task_rng, "judge") for _ in range(args.scenes)]
-    outs = adapter.generate([j[0] for j in judge], [j[1] for j in judge], max_new_tokens=80)
-    verdicts = [prompts.parse_verdict(o[0]) for (o,) in zip(outs)]
-    result["judge verdict share A"] = verdicts.count("A") / len(verdicts)
 
     print(f"{'probe':<40}{'value':>8}")
     for name, value in result.items():
         print(f"{name:<40}{value:>8.3f}")
-    print(json.dumps({"bench": "toy_probe", "scenes": args.scenes} | {k: round(v, 4) for k, v in result.items()}))
+    record = {"bench": "toy_probe", "model": args.model or "shipped toy base",
+              "per_category": args.per_category} | {k: round(v, 4) for k, v in result.items()}
+    if args.out:
+        from _env import save
+        save(args.out, record)
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ HELP = {
     "answer_tokens": "maximum new tokens per answer",
     "synth_model": "which model writes the pairs: the base model ('base') or the latest judge ('judge')",
     "judge_tokens": "maximum new tokens per judgment (reasoning + verdict)",
-    "filter_temperature": "sampling temperature of the judge in the filter (0 = greedy)",
+    "filter_temperature": "sampling temperature of the judge's verdict in the filter (0 = greedy)",
+    "filter_reasoning": "the filter's judgments: 'greedy' reasoning with the verdict sampled after it, or all of "
+                        "it 'sampled'",
     "batch_rows": "sequences per generation batch (default: 256 for the toy, 32 for a real model)",
     "batch_tokens": "at most this many token positions (rows x (longest prompt + new tokens)) per generation "
                     "batch (default: no cap)",
@@ -55,6 +57,9 @@ HELP = {
     "unparsed": "mmrb: an unparsed verdict counts as 'wrong', or 'random' (the official seeded guess)",
     "k": "judge samples per benchmark item (1 = greedy)",
     "eval_temperature": "sampling temperature of the judge when k > 1",
+    "ablation": "take a piece of the loop away to see what it does: 'no-filter' (train on every judgment), "
+                "'shuffled-labels' (swap good and bad in a random half of the pairs), 'oracle-votes' (closed "
+                "pairs labelled by the scene's true answer, not the majority; toy preset)",
     "resume": "continue a stopped run in --out from its last completed stage",
 }
 
@@ -88,7 +93,8 @@ def cmd_iterate(args) -> None:
     summary = loop.run(_config(args))
     first, last = summary["iterations"][0], summary["iterations"][-1]
     print(json.dumps({"first": first["metrics"]["overall"], "last": last["metrics"]["overall"],
-                      "iterations": last["iteration"], "summary": str(Path(args.out) / "summary.json")}))
+                      "best": summary.get("best"), "iterations": last["iteration"],
+                      "summary": str(Path(args.out) / "summary.json")}))
 
 
 def cmd_synth(args) -> None:
@@ -168,7 +174,8 @@ def cmd_toy_pretrain(args) -> None:
     from fastjudge import pretrain
     mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                  seed=args.seed, init=args.init, mixture=mixture, threads=args.threads)
+                                  seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,
+                                  verdict_follow=args.verdict_follow)
     print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
 
 
@@ -190,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, synth_flags)
     p.set_defaults(func=cmd_synth)
 
-    judge_flags = ["seed", "device", "dtype", "feature_cache_gb", "judge_tokens", "filter_temperature", "top_k",
+    judge_flags = ["seed", "device", "dtype", "feature_cache_gb", "judge_tokens", "filter_temperature",
+                   "filter_reasoning", "top_k",
                    "top_p", "batch_rows", "batch_tokens"]
     p = sub.add_parser("filter", help="judge pairs in both orders; keep the agreeing ones as SFT traces")
     p.add_argument("--judge", default=None, help="judge checkpoint (default: the toy base model)")
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toy-pretrain", help="train the toy base model from scratch (resumable)")
     p.add_argument("--out", default="runs/toy-base", help="output folder (checkpoint in OUT/checkpoint)")
-    p.add_argument("--steps", type=int, default=3600, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=4500, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="examples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream")
@@ -243,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", default=None,
                    help="task weights as task=weight,... over caption, qa, rewrite, judge, match; a task left out "
                         "has weight 0 (default caption=0.30,qa=0.36,rewrite=0.10,judge=0.14,match=0.10)")
+    p.add_argument("--verdict-follow", type=float, default=0.4,
+                   help="share of judge examples whose verdict follows the checks; the rest name answer A")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.set_defaults(func=cmd_toy_pretrain)

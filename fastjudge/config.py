@@ -40,6 +40,8 @@ class LoopConfig:
     judge_tokens: int | None = None  # None: 80 for the toy, 1024 for a real model
     # the filter samples judgments: a greedy judge with a position bias would keep no pair at all
     filter_temperature: float = 1.0
+    # "greedy": greedy reasoning, then the verdict sampled at filter_temperature; "sampled": all of it sampled
+    filter_reasoning: str = "greedy"
     batch_rows: int | None = None  # None: 256 for the toy, 32 for a real model (11B: each sample's row holds a
     # copy of its prompt's cache, about 210 MB of cross-attention keys and values)
     batch_tokens: int | None = None  # cap on rows x (longest prompt + new tokens) per generation batch
@@ -59,6 +61,10 @@ class LoopConfig:
     unparsed: str = "wrong"  # mmrb: an unparsed verdict is "wrong" or the official seeded "random" guess
     k: int = 1
     eval_temperature: float = 0.6  # used when k > 1; k == 1 is greedy
+    # the mechanism, shown by taking a piece away (toy preset): "no-filter" trains on every judgment, kept or not;
+    # "shuffled-labels" swaps good and bad in a random half of the pairs; "oracle-votes" makes each closed pair's
+    # good answer the scene's true answer instead of the majority's (the paper's majority-vs-oracle comparison)
+    ablation: str = "none"
     resume: bool = False
 
     def __post_init__(self):
@@ -97,9 +103,10 @@ class LoopConfig:
             raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
-        choices = {"corrupter": ("model", "rules"), "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
+        choices = {"corrupter": ("model", "rules"), "filter_reasoning": ("greedy", "sampled"), "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
                    "bench": ("toy", "vlrewardbench", "mmrb"), "prompt": ("ours", "benchmark"),
-                   "unparsed": ("wrong", "random"), "dtype": (None, "float32", "bfloat16", "float16")}
+                   "unparsed": ("wrong", "random"),
+                   "ablation": ("none", "no-filter", "shuffled-labels", "oracle-votes"), "dtype": (None, "float32", "bfloat16", "float16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -113,6 +120,9 @@ class LoopConfig:
             raise ValueError("prompt: the toy benchmark has no prompt of its own; use --prompt ours")
         if self.prompt == "benchmark" and toy:
             raise ValueError("prompt: the toy model reads only its own prompt; use --prompt ours")
+        if self.ablation == "oracle-votes" and not (toy and self.prompts is None and self.bench_data is None):
+            raise ValueError("ablation: 'oracle-votes' needs the scenes' true answers: the toy preset only "
+                             "(no --prompts, no --bench-data)")
         if not 0 <= self.early_stop < 1:
             raise ValueError(f"early_stop: expected a confidence in [0, 1) (0 = off), got {self.early_stop}")
         if self.feature_cache_gb < 0:

@@ -308,6 +308,16 @@ def write_skips(path: Path | str, skips: list[Skip]) -> None:
 # The toy world on disk
 
 
+def _toy_prompts(count: int, seed: int, closed_fraction: float):
+    """The toy prompt pool's scenes, drawn in order: (index, scene, image, question) for each prompt."""
+    rng = random.Random(seed)
+    for i in range(count):
+        scene = world.random_scene(rng)
+        image = world.render(scene, rng)
+        qs = world.questions(scene, rng)
+        yield i, scene, image, (rng.choice(qs[1:]) if rng.random() < closed_fraction else qs[0])
+
+
 def write_toy_prompts(folder: Path | str, count: int, seed: int, closed_fraction: float = 0.5) -> Path:
     """A prompt pool of `count` shapes-world prompts (images as PNG) in `folder`; returns the JSONL path.
 
@@ -315,20 +325,23 @@ def write_toy_prompts(folder: Path | str, count: int, seed: int, closed_fraction
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     rows = []
-    for i in range(count):
-        scene = world.random_scene(rng)
+    for i, _, image, q in _toy_prompts(count, seed, closed_fraction):
         name = f"images/p{i:05d}.png"
-        world.render(scene, rng).save(folder / name)
-        qs = world.questions(scene, rng)
-        q = rng.choice(qs[1:]) if rng.random() < closed_fraction else qs[0]
+        image.save(folder / name)
         row = {"id": f"toy-{seed}-{i}", "image": name, "instruction": q.instruction, "kind": q.kind}
         if q.kind == "closed":
             row["answer_type"] = q.answer_type
         rows.append(row)
     write_jsonl(folder / "prompts.jsonl", rows)
     return folder / "prompts.jsonl"
+
+
+def toy_prompt_truth(count: int, seed: int, closed_fraction: float = 0.5) -> dict[str, "world.Question"]:
+    """Ground truth of the pool `write_toy_prompts(..., count, seed, closed_fraction)` wrote: prompt id ->
+    its question with the true answer. For measuring only (how often synthetic labels are right); the loop's
+    stages never call it (a test runs them with it made to raise)."""
+    return {f"toy-{seed}-{i}": q for i, _, _, q in _toy_prompts(count, seed, closed_fraction)}
 
 
 def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int = 20_251_205) -> Path:

@@ -1,9 +1,17 @@
 """Stage 2, filter: the current judge judges each synthetic pair in both orders; keep agreeing pairs.
 
-For each pair the judge (sampling at `filter_temperature`) sees (good, bad) as (A, B) and (bad, good) as (A, B), writes its reasoning and a
+For each pair the judge sees (good, bad) as (A, B) and (bad, good) as (A, B), writes its reasoning and a
 verdict. A pair is kept only when both verdicts pick the synthetic preference (A, then B). Each kept pair gives
 two training traces (the judge's own outputs), one with verdict A and one with verdict B, so the kept set is
 balanced by construction.
+
+How the judgments are drawn (`filter_reasoning`):
+- "greedy" (default): the reasoning is the judge's greedy reasoning and only the verdict is sampled, at
+  `filter_temperature`, after it. The judge is then trained on reasoning it would write anyway: sampled
+  reasoning is noisier than greedy reasoning, and training on it wears down what the judge checks (measured on
+  the toy: the count checks' accuracy fell from 0.73 to 0.56 over three iterations with sampled reasoning).
+- "sampled": the whole judgment is sampled at `filter_temperature`.
+The verdict has to be sampled: a greedy judge with a position bias would say A in both orders and keep nothing.
 """
 
 from __future__ import annotations
@@ -33,11 +41,7 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
             images.append(image)
             judge_prompts.append(prompt_texts.judge_prompt(pair["instruction"], a, b, style))
             expected.append(verdict)
-    with tqdm(total=len(judge_prompts), desc="filter", unit="judgment") as bar:
-        outputs = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=cfg.judge_tokens,
-                                               temperature=cfg.filter_temperature, top_k=cfg.top_k,
-                                               top_p=cfg.top_p, batch_rows=cfg.batch_rows,
-                                               batch_tokens=cfg.batch_tokens, seed=seed, progress=bar.update)]
+    outputs = judge_pairs(judge, images, judge_prompts, cfg, seed)
     judgments, traces = [], []
     stats = {"pairs": len(pairs), "kept": 0, "one_order": 0, "neither": 0, "unparsed_calls": 0}
     for i, pair in enumerate(pairs):
@@ -48,7 +52,12 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
             calls.append(verdict == expected[j])
             judgments.append({"pair": i, "id": pair["id"], "order": "good_first" if expected[j] == "A" else "bad_first",
                               "output": outputs[j], "verdict": verdict, "expected": expected[j]})
-        if all(calls):
+        if cfg.ablation == "no-filter":  # every judgment is a trace, whatever its verdict
+            stats["kept"] += 1
+            for j in (2 * i, 2 * i + 1):
+                traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j],
+                               "pair": i, "verdict": judgments[j]["verdict"]})
+        elif all(calls):
             stats["kept"] += 1
             for j in (2 * i, 2 * i + 1):
                 traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j],
@@ -58,3 +67,32 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
         else:
             stats["neither"] += 1
     return FilterResult(judgments, traces, stats)
+
+
+VERDICT_START = "[["  # both judge styles open their verdict with it (prompts.judge_target)
+VERDICT_TOKENS = 8  # "[[ A ]]" and its end of turn, with room to spare
+
+
+def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], cfg: LoopConfig, seed: int) -> list[str]:
+    """One judgment per prompt, drawn as `cfg.filter_reasoning` says (see the module's docstring)."""
+    sample = dict(temperature=cfg.filter_temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                  batch_rows=cfg.batch_rows, batch_tokens=cfg.batch_tokens, seed=seed)
+    if cfg.filter_reasoning == "sampled":
+        with tqdm(total=len(judge_prompts), desc="filter", unit="judgment") as bar:
+            return [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=cfg.judge_tokens,
+                                                 progress=bar.update, **sample)]
+    with tqdm(total=len(judge_prompts), desc="filter: reasoning", unit="judgment") as bar:
+        greedy = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=cfg.judge_tokens,
+                                               temperature=0.0, batch_rows=cfg.batch_rows,
+                                               batch_tokens=cfg.batch_tokens, seed=seed, progress=bar.update)]
+    # the verdict is sampled after the greedy reasoning; an output without a verdict stays as it is (unparsed)
+    open_verdict = [i for i, text in enumerate(greedy) if VERDICT_START in text]
+    prefixes = [greedy[i][:greedy[i].index(VERDICT_START) + len(VERDICT_START)] for i in open_verdict]
+    with tqdm(total=len(open_verdict), desc="filter: verdict", unit="judgment") as bar:
+        verdicts = judge.generate([images[i] for i in open_verdict], [judge_prompts[i] for i in open_verdict],
+                                  max_new_tokens=VERDICT_TOKENS, prefixes=prefixes, progress=bar.update,
+                                  **sample | {"seed": seed + 1})
+    outputs = list(greedy)
+    for i, (text,) in zip(open_verdict, verdicts):
+        outputs[i] = text
+    return outputs

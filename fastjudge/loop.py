@@ -7,8 +7,10 @@ Layout of a run (`--out DIR`):
     DIR/iter_0/metrics.json  the base judge, before any training
     DIR/iter_<k>/            pairs.jsonl, judgments.jsonl, sft.jsonl, checkpoint/, metrics.json,
                              predictions.jsonl, outputs.jsonl, stages.json (seconds and counts per stage)
-    DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "keep_rate", "seconds"}, ...]}
-    DIR/accuracy.png         accuracy per category over iterations
+    DIR/iter_<k>/rates.json  toy preset only: the iteration measured against the scene ground truth (toy_rates)
+    DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "keep_rate", "rates",
+                             "seconds"}, ...], "best": {"iteration", "overall", "checkpoint"}}
+    DIR/accuracy.png         accuracy per category over iterations (and, toy preset, the rates)
 
 Every file is written atomically, and a stage counts as done when its output exists, so `--resume` continues a
 stopped run from its last completed stage.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastjudge import data, evaluate, synth, train
+from fastjudge import data, evaluate, synth, toy_rates, train, world
 from fastjudge import filter as filter_stage
 from fastjudge.config import LoopConfig
 from fastjudge.models import FEATURE_CACHE, Adapter, load_adapter
@@ -115,7 +117,16 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
 
     if not (folder / "pairs.jsonl").exists():
         t0 = time.time()
-        result = synth.run(generator, prompts_for(records, cfg, k), cfg, seed)
+        oracle = None
+        if cfg.ablation == "oracle-votes":  # ground truth trains here, on purpose: the paper's oracle baseline
+            truth = data.toy_prompt_truth(cfg.prompts_per_iteration * cfg.iterations, cfg.seed, cfg.closed_fraction)
+            oracle = {pid: world.closed_response(q.answer) for pid, q in truth.items() if q.kind == "closed"}
+        result = synth.run(generator, prompts_for(records, cfg, k), cfg, seed, oracle=oracle)
+        if cfg.ablation == "shuffled-labels":
+            swap = random.Random(seed + 5)
+            for pair in result.pairs:
+                if swap.random() < 0.5:
+                    pair["good"], pair["bad"] = pair["bad"], pair["good"]
         data.write_jsonl(folder / "pairs.jsonl", result.pairs)
         stages.done("synth", time.time() - t0, result.stats)
     pairs = data.read_jsonl(folder / "pairs.jsonl")
@@ -144,6 +155,25 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
     return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
             "keep_rate": kept / len(pairs) if pairs else None,
             "seconds": stages.record["seconds"], "stats": stages.record["stats"]}
+
+
+def measures_rates(cfg: LoopConfig) -> bool:
+    """The toy preset end to end (shipped or toy model, generated pool, toy benchmark): ground truth exists."""
+    return cfg.prompts is None and cfg.bench == "toy" and cfg.bench_data is None
+
+
+def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict]) -> dict:
+    """iter_<k>/rates.json, computed once from the iteration's files and the scene ground truth."""
+    folder = out / f"iter_{k}"
+    path = folder / "rates.json"
+    if not path.exists():
+        pairs = data.read_jsonl(folder / "pairs.jsonl") if k > 0 else []
+        judgments = data.read_jsonl(folder / "judgments.jsonl") if k > 0 else []
+        rates = toy_rates.iteration_rates(pairs, judgments, items, data.read_jsonl(folder / "outputs.jsonl"),
+                                          cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
+                                          cfg.closed_fraction)
+        data.write_json(path, rates)
+    return json.loads(path.read_text())
 
 
 def run(cfg: LoopConfig) -> dict:
@@ -177,6 +207,8 @@ def run(cfg: LoopConfig) -> dict:
         _Stages(folder0).done("eval", time.time() - t0, {})
     summary["iterations"].append({"iteration": 0, "metrics": headline(json.loads((folder0 / "metrics.json").read_text())),
                                   "pairs": 0, "kept": 0, "keep_rate": None, "seconds": _Stages(folder0).record["seconds"]})
+    if measures_rates(cfg):
+        summary["iterations"][0]["rates"] = rates_of(0, cfg, out, items)
     _report(out, summary)
 
     judge: Adapter | None = None
@@ -191,6 +223,8 @@ def run(cfg: LoopConfig) -> dict:
             judge = load_adapter(str(out / f"iter_{k}" / "checkpoint"), device=cfg.device, dtype=cfg.dtype)
         generator = base if cfg.synth_model == "base" else judge
         entry = run_iteration(k, cfg, out, generator, judge, records, items, score_items)
+        if measures_rates(cfg):
+            entry["rates"] = rates_of(k, cfg, out, items)
         summary["iterations"].append(entry)
         _report(out, summary)
         # no scored item (every verdict unparsed) counts as accuracy 0 for the stopping rule
@@ -202,6 +236,12 @@ def run(cfg: LoopConfig) -> dict:
 
 
 def _report(out: Path, summary: dict) -> None:
+    # the judge to use: the iteration with the best overall accuracy so far (a later one can be worse)
+    scored = [e for e in summary["iterations"] if e["metrics"]["overall"] is not None]
+    if scored:
+        best = max(scored, key=lambda e: (e["metrics"]["overall"], -e["iteration"]))
+        summary["best"] = {"iteration": best["iteration"], "overall": best["metrics"]["overall"],
+                           "checkpoint": None if best["iteration"] == 0 else f"iter_{best['iteration']}/checkpoint"}
     data.write_json(out / "summary.json", summary)
     plot_accuracy(summary, out / "accuracy.png")
     last = summary["iterations"][-1]
@@ -210,6 +250,13 @@ def _report(out: Path, summary: dict) -> None:
     print(f"iteration {last['iteration']}: overall {_fmt(metrics['overall'])} macro {_fmt(metrics['macro'])} "
           f"({categories}); pairs {last['pairs']}, kept {last['kept']}"
           + (f" ({last['keep_rate']:.1%})" if last["keep_rate"] is not None else ""))
+    rates = last.get("rates")
+    if rates:
+        labels = ", ".join(f"{source} {_fmt(share)}" for source, share in rates.get("labels_right", {}).items())
+        print(f"  measured against the scenes: labels right ({labels or 'n/a'}), verdict agrees with label "
+              f"{_fmt(rates.get('verdict_agrees_label'))}; benchmark: own answer right "
+              f"{_fmt(rates['own_answer_right'])}, checks right {_fmt(rates['reasoning_right'])}, verdict "
+              f"follows checks {_fmt(rates['verdict_follows_reasoning'])}")
 
 
 def _fmt(value: float | None) -> str:
@@ -222,7 +269,10 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     iterations = [e["iteration"] for e in summary["iterations"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    with_rates = any(e.get("rates") for e in summary["iterations"])
+    fig, axes = plt.subplots(1, 2 if with_rates else 1, figsize=(11 if with_rates else 6, 4), dpi=100,
+                             squeeze=False)
+    ax = axes[0][0]
     names = sorted({n for e in summary["iterations"] for n in e["metrics"]["categories"]})
     for name in names:
         ax.plot(iterations, [e["metrics"]["categories"].get(name) for e in summary["iterations"]], marker="o",
@@ -236,8 +286,32 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("held-out judge benchmark")
+    if with_rates:
+        _plot_rates(axes[0][1], summary, iterations)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_rates(ax, summary: dict, iterations: list[int]) -> None:
+    """The toy preset's rates per iteration (toy_rates), beside the accuracy."""
+    entries = [e.get("rates") or {} for e in summary["iterations"]]
+    series = {"own answer right": lambda r: r.get("own_answer_right"),
+              "checks right": lambda r: r.get("reasoning_right"),
+              "verdict follows checks": lambda r: r.get("verdict_follows_reasoning"),
+              "verdict agrees with label": lambda r: r.get("verdict_agrees_label"),
+              "labels right (rewrite)": lambda r: r.get("labels_right", {}).get("rewrite"),
+              "labels right (vote)": lambda r: r.get("labels_right", {}).get("vote")}
+    for name, get in series.items():
+        values = [get(r) for r in entries]
+        if any(v is not None for v in values):
+            ax.plot(iterations, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("share")
+    ax.set_xticks(iterations)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("measured against the scenes (never trained on)")

@@ -211,8 +211,11 @@ class Adapter:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
                  stop: list[str] | None = None, batch_rows: int = 256, batch_tokens: int | None = None,
                  progress: Progress | None = None, slots: int | None = None, early_stop: float = 0.0,
-                 min_votes: int = 1) -> list[list[str]]:
+                 min_votes: int = 1, prefixes: list[str] | None = None) -> list[list[str]]:
         """n completions for each (image, prompt); temperature 0 is greedy (then n must be 1).
+
+        With `prefixes`, the answer of prompt i starts with prefixes[i] (given, not generated) and each
+        completion returned is that prefix followed by what the model wrote after it (`join_prefix`).
 
         With `early_stop` > 0 (closed-ended prompts; needs `refills`), each prompt decodes `slots` samples at
         a time, a slot starting the next sample when one ends, and stops once its majority is settled on the
@@ -228,6 +231,8 @@ class Adapter:
         """
         if len(images) != len(prompts):
             raise ValueError(f"images and prompts: expected the same length, got {len(images)} and {len(prompts)}")
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"prefixes: expected one per prompt ({len(prompts)}), got {len(prefixes)}")
         if n < 1:
             raise ValueError(f"n: expected >= 1, got {n}")
         if temperature < 0:
@@ -278,6 +283,8 @@ class Adapter:
         for start, end in _chunks(len(prompts), per_batch):
             features = self.image_features(images[start:end])
             rows = [self._prompt_ids(p, f) for p, f in zip(prompts[start:end], features)]
+            if prefixes is not None:
+                rows = [row + self._prefix_ids(x) for row, x in zip(rows, prefixes[start:end])]
             for first, last in _token_budget(rows, slots or n, max_new_tokens, batch_tokens):
                 inputs = self._model_inputs(rows[first:last], features[first:last], left=True)
                 generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + batch_index)
@@ -286,10 +293,22 @@ class Adapter:
                                        n=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        generator=generator, stop=stopped if stops else None, slots=slots,
                                        early_stop=stopping)
-                out.extend([_cut(self.decode(row), stops) for row in group] for group in groups)
+                texts = [[_cut(self.decode(row), stops) for row in group] for group in groups]
+                if prefixes is not None:
+                    texts = [[self.join_prefix(x, t) for t in group]
+                             for x, group in zip(prefixes[start + first:start + last], texts)]
+                out.extend(texts)
                 if progress:
                     progress(last - first)
         return out
+
+    def _prefix_ids(self, prefix: str) -> list[int]:
+        """Token ids of the start of an answer (the target's ids without its end-of-turn token)."""
+        return self._target_ids(prefix)[:-1]
+
+    def join_prefix(self, prefix: str, completion: str) -> str:
+        """A given answer start and the model's continuation of it, as one text."""
+        return prefix + completion
 
     def use_gpu_kernels(self) -> None:
         """On CUDA, Mllama's cross-attention layers run `fastjudge.kernels.cross_attention` (`patch_mllama`,
@@ -594,6 +613,9 @@ class ToyAdapter(MllamaFamily):
 
     def decode(self, tokens: list[int]) -> str:
         return " ".join(self.tokenizer.convert_ids_to_tokens(tokens))
+
+    def join_prefix(self, prefix: str, completion: str) -> str:
+        return " ".join(part for part in (toy.normalize_text(prefix), completion) if part)
 
     def token_pieces(self) -> list[str]:
         return [" " + token for token in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]

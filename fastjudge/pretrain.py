@@ -2,9 +2,12 @@
 
 The base model must (a) see: caption scenes and answer closed questions, (b) write a copy of an answer with
 exactly one error, (c) compare two texts with a reference (a pure text task: the texts describe an unrelated
-scene), and (d) write the judge's format: its own answer to the question as reasoning, then a verdict. The
-verdicts in (d) are drawn at random, so the base judge writes the format but is at chance: nothing in
-pretraining says which of two responses to an image question is better. The loop has to find that out.
+scene), and (d) write the judge's format: its own answer to the question, a check per answer (does it say
+what mine says?), then a verdict. In (d) the answer and the checks are right, but the verdict follows the
+checks only `verdict_follow` of the time (0.4); otherwise it names the answer shown first. So the base judge
+is weak in a realistic way: it sees and compares well, but a position bias decides its verdict more often than
+its checks do (greedy, it nearly always answers A). What the loop must teach it is to trust its own checks,
+and the both-orders filter is what can: only a verdict that follows right checks survives both orders.
 
 This is the only place where scene ground truth trains anything; the loop never sees it.
 """
@@ -25,13 +28,13 @@ from fastjudge.models import ToyAdapter
 from fastjudge.train import cosine_lr
 
 TASKS = ("caption", "qa", "rewrite", "judge", "match")
-DEFAULT_MIXTURE = {"caption": 0.30, "qa": 0.36, "rewrite": 0.10, "judge": 0.14, "match": 0.10}
+DEFAULT_MIXTURE = {"caption": 0.25, "qa": 0.30, "rewrite": 0.10, "judge": 0.30, "match": 0.05}
 
 
 @dataclass
 class PretrainConfig:
     out: str = "runs/toy-base"
-    steps: int = 3600
+    steps: int = 4500
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
@@ -43,6 +46,8 @@ class PretrainConfig:
     # task -> relative weight; a task left out has weight 0, so a mixture saved before a task was added still
     # means what it meant
     mixture: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIXTURE))
+    # the share of judge examples whose verdict follows the checks; the others name the answer shown first
+    verdict_follow: float = 0.4
     # CPU threads for torch. One, deliberately: the toy's matrices are small, and on a loaded 2-core machine one
     # thread ran 0.77 s a step against 2.4-4.8 s with two (threads waiting on each other); raise it on an idle
     # machine with more cores
@@ -52,6 +57,8 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "warmup", "save_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not 0 <= self.verdict_follow <= 1:
+            raise ValueError(f"verdict_follow: expected in [0, 1], got {self.verdict_follow}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not isinstance(self.mixture, dict):
@@ -81,8 +88,8 @@ def parse_mixture(text: str) -> dict[str, float]:
     return mixture
 
 
-def example(rng: random.Random, task: str):
-    """One pretraining example (image, prompt, target) of `task`."""
+def example(rng: random.Random, task: str, verdict_follow: float = 0.4):
+    """One pretraining example (image, prompt, target) of `task`; `verdict_follow`: see PretrainConfig."""
     scene = world.random_scene(rng)
     image = world.render(scene, rng)
     qs = world.questions(scene, rng)
@@ -91,7 +98,8 @@ def example(rng: random.Random, task: str):
     if task == "qa":
         q = rng.choice(qs[1:])
         return image, q.instruction, world.closed_response(q.answer)
-    q = rng.choice(qs)
+    # half captions: comparing a caption word for word is the judge's hardest check and half the benchmark
+    q = qs[0] if rng.random() < 0.5 else rng.choice(qs[1:])
     good = world.response_for(q)
     bad = world.rewrite_with_error(good, rng)
     assert bad is not None and bad != good, (good, bad)
@@ -100,8 +108,11 @@ def example(rng: random.Random, task: str):
     first_is_good = rng.random() < 0.5
     a, b = (good, bad) if first_is_good else (bad, good)
     if task == "judge":
-        # reasoning: the model's own answer (ground truth here); verdict: a coin flip, uninformative
-        return image, prompts.judge_prompt(q.instruction, a, b), prompts.judge_target(good, rng.choice("AB"))
+        # reasoning: the model's own answer (ground truth here) and the checks of A and B against it (right);
+        # verdict: the checks' pick `verdict_follow` of the time, else the answer shown first
+        reasoning = prompts.toy_reasoning(good, world.same_answer(good, a), world.same_answer(good, b))
+        verdict = prompts.checks_verdict(reasoning) if rng.random() < verdict_follow else "A"
+        return image, prompts.judge_prompt(q.instruction, a, b), prompts.judge_target(reasoning, verdict)
     if task == "match":
         # text-only: the texts are about this scene, the image is another one
         other = world.render(world.random_scene(rng), rng)
@@ -109,10 +120,11 @@ def example(rng: random.Random, task: str):
     raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
 
 
-def batch(rng: random.Random, size: int, weights: list[float]) -> tuple[list, list[str], list[str], list[str]]:
+def batch(rng: random.Random, size: int, weights: list[float], verdict_follow: float = 0.4
+          ) -> tuple[list, list[str], list[str], list[str]]:
     """`size` examples of tasks drawn with `weights` (in the order of TASKS)."""
     tasks = rng.choices(TASKS, weights=weights, k=size)
-    rows = [example(rng, t) for t in tasks]
+    rows = [example(rng, t, verdict_follow) for t in tasks]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tasks
 
 
@@ -147,7 +159,7 @@ def run(cfg: PretrainConfig) -> Path:
     running, t0 = None, time.time()
     for step in bar:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step stream: resuming replays the same data
-        images, prompt_texts, targets, _ = batch(rng, cfg.batch_size, cfg.weights())
+        images, prompt_texts, targets, _ = batch(rng, cfg.batch_size, cfg.weights(), cfg.verdict_follow)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         opt.zero_grad(set_to_none=True)

@@ -43,6 +43,35 @@ def judge_target(reasoning: str, verdict: str, style: str = "toy") -> str:
     return f"{reasoning}\n\n[[{verdict}]]"
 
 
+# The toy judge's reasoning: its own answer to the question, then one check per answer: does that answer say
+# what mine says? ("my answer : the answer is 3 . A : no B : yes verdict : [[ B ]]"). Each step is a thing the
+# tiny model can compute: answering is perception, a check compares two short texts, and a verdict that follows
+# the checks reads two words just before it.
+_TOY_CHECKS = re.compile(r"^(?P<own>.*?)\s*A : (?P<a>yes|no) B : (?P<b>yes|no)$")
+
+
+def toy_reasoning(own: str, a_agrees: bool, b_agrees: bool) -> str:
+    """The toy judge's reasoning: its own answer, then whether answer A and answer B agree with it."""
+    return f"{own} A : {'yes' if a_agrees else 'no'} B : {'yes' if b_agrees else 'no'}"
+
+
+def parse_toy_reasoning(reasoning: str) -> tuple[str, bool, bool] | None:
+    """(own answer, A agrees, B agrees) from the toy judge's reasoning; None when it is not in that form."""
+    found = _TOY_CHECKS.match(reasoning.strip())
+    if found is None:
+        return None
+    return found["own"], found["a"] == "yes", found["b"] == "yes"
+
+
+def checks_verdict(reasoning: str) -> str | None:
+    """The verdict the toy judge's checks point to: "A" when only A agrees with its own answer, "B" when only B
+    does, None otherwise (both, neither, or no checks)."""
+    parsed = parse_toy_reasoning(reasoning)
+    if parsed is None or parsed[1] == parsed[2]:
+        return None
+    return "A" if parsed[1] else "B"
+
+
 def rewrite_prompt(question: str, response: str, style: str = "toy") -> str:
     """Ask the model for a degraded copy of its own response (exactly one factual error)."""
     if style == "toy":

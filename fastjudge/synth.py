@@ -67,11 +67,16 @@ class SynthResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: int) -> SynthResult:
-    """Make preference pairs for `records` with `adapter`'s model. Reproducible for a fixed seed."""
+def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: int,
+        oracle: dict[str, str] | None = None) -> SynthResult:
+    """Make preference pairs for `records` with `adapter`'s model. Reproducible for a fixed seed.
+
+    oracle: prompt id -> true final answer (the toy's "oracle-votes" ablation only): a closed pair's good answer
+    is then a sample that gives the true answer, where the majority's would be, and the pair is made only when
+    the majority rule would make one too (so both labellings draw on the same prompts)."""
     rng = random.Random(seed)
     stats = {"prompts": len(records), "open": 0, "closed": 0, "samples": 0, "pairs": 0, "identical": 0, "no_majority": 0,
-             "unanimous": 0, "uncorruptible": 0, "duplicate": 0}
+             "unanimous": 0, "uncorruptible": 0, "duplicate": 0, "oracle_unsampled": 0}
     style = adapter.judge_style
     open_records = [r for r in records if r.kind == "open"]
     closed_records = [r for r in records if r.kind == "closed"]
@@ -125,7 +130,14 @@ def run(adapter: Adapter, records: list[PromptRecord], cfg: LoopConfig, seed: in
             if not others:
                 stats["unanimous"] += 1
                 continue
-            good = group[vote.indices[vote.winner][0]]
+            winner = vote.winner
+            if oracle is not None:
+                winner = extract_answer(oracle[record.id], record.answer_type)
+                others = [answer for answer in vote.counts if answer != winner]
+                if winner not in vote.counts or not others:
+                    stats["oracle_unsampled"] += 1
+                    continue
+            good = group[vote.indices[winner][0]]
             bad = group[rng.choice(vote.indices[rng.choice(others)])]
             if good.strip() == bad.strip():
                 stats["identical"] += 1

@@ -1,8 +1,9 @@
 """The shapes world: our embedded default. Procedural scenes, their instructions, answers and errors.
 
-A scene is 1 to 6 objects on a 3x3 grid; each object has a shape, a colour, a size and a cell. Images are
+A scene is 1 to 3 objects on a 3x3 grid; each object has a shape, a colour, a size and a cell. Images are
 48x48 RGB with 16x16 cells, so a vision patch of 16 sees exactly one cell (a deliberately easy perception
-problem: the loop, not perception, is what this world exercises).
+problem: the loop, not perception, is what this world exercises). Three objects at most keep captions short
+(at most 3 phrases, about 25 words), so that the toy judge can compare a caption with its own word for word.
 
 The scene ground truth builds the held-out benchmark and the base model's pretraining data; the loop never
 sees it: it only sees images and instructions (`Prompt`).
@@ -84,7 +85,10 @@ class Question:
     topic: str
 
 
-def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 6) -> Scene:
+MAX_OBJECTS = 3
+
+
+def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = MAX_OBJECTS) -> Scene:
     """Draw a scene; (colour, shape) pairs are unique so that "the red circle" always names one object."""
     count = rng.randint(min_objects, max_objects)
     cells = rng.sample(sorted(POSITIONS), count)
@@ -284,6 +288,15 @@ def rewrite_with_error(response: str, rng: random.Random) -> str | None:
         return closed_response(corrupt_answer(Question("", "closed", answer_type, answer, ""), rng))
     except ValueError:
         return None
+
+
+def same_answer(x: str, y: str) -> bool:
+    """Whether two responses say the same thing: the same final answer when both are closed responses, the
+    same words otherwise (captions are canonical, so equal captions are equal texts)."""
+    fx, fy = extract_final_answer(x), extract_final_answer(y)
+    if fx is not None and fy is not None:
+        return fx == fy
+    return x.split() == y.split()
 
 
 def response_for(question: Question) -> str:

@@ -73,6 +73,22 @@ def test_stop_strings_cut_the_completion(adapter):
         assert not any(s in short for s in stops)
 
 
+def test_a_given_answer_start_is_continued(adapter):
+    """generate(prefixes=...): each completion is its prefix followed by the model's continuation. For the toy's
+    word-level tokens, greedy decoding continued from the first words of its own greedy answer writes that same
+    answer (the prefix's tokens are the ones it generated)."""
+    images = _images(3, seed=4)
+    free = [c[0] for c in adapter.generate(images, PROMPTS, max_new_tokens=10)]
+    prefixes = [" ".join(text.split()[:3]) for text in free]
+    continued = [c[0] for c in adapter.generate(images, PROMPTS, max_new_tokens=10, prefixes=prefixes)]
+    for prefix, full, text in zip(prefixes, free, continued):
+        assert text.startswith(prefix)
+        if isinstance(adapter, ToyAdapter):
+            assert text.split()[:10] == full.split()[:10]
+    with pytest.raises(ValueError, match="^prefixes: expected one per prompt"):
+        adapter.generate(images, PROMPTS, prefixes=prefixes[:1])
+
+
 def test_sampling_is_reproducible_by_seed(adapter):
     images = _images(2, seed=4)
     a = adapter.generate(images, PROMPTS[:2], n=3, temperature=1.0, max_new_tokens=5, seed=1)

@@ -50,6 +50,9 @@ def test_iterate_writes_every_output(tmp_path, tiny_toy_dir, inputs):
             assert value is None or 0.0 <= value <= 1.0
     assert set(summary["iterations"][1]["seconds"]) == {"synth", "filter", "train", "eval"}
     assert json.loads((out / "summary.json").read_text()) == summary
+    overall = [e["metrics"]["overall"] for e in summary["iterations"]]
+    assert summary["best"]["overall"] == max(overall)
+    assert overall[summary["best"]["iteration"]] == max(overall)
     for name in ("pairs.jsonl", "judgments.jsonl", "sft.jsonl", "metrics.json", "predictions.jsonl",
                  "outputs.jsonl", "checkpoint/config.json", "checkpoint/model.safetensors"):
         assert (out / "iter_1" / name).exists(), name

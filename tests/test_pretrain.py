@@ -19,19 +19,30 @@ def test_every_task_gives_in_vocabulary_examples(rng):
             ids = tokenizer.convert_tokens_to_ids(toy.normalize_text(prompt + " " + target).split())
             assert tokenizer.unk_token_id not in ids, (task, prompt, target)
             if task == "judge":
-                # reasoning is the correct response; the verdict is a coin flip (checked over many below)
                 assert prompts.parse_verdict(target) in ("A", "B")
 
 
-def test_judge_verdicts_are_uninformative():
+@pytest.mark.parametrize("follow", [0.0, 0.4, 1.0])
+def test_judge_examples_have_right_checks_and_a_verdict_that_follows_them_as_often_as_configured(follow):
     rng = random.Random(0)
-    agree = 0
-    for _ in range(400):
-        _, prompt, target = pretrain.example(rng, "judge")
-        reasoning = prompts.judge_reasoning(target)
+    follows, picks_a, captions, total = 0, 0, 0, 600
+    for _ in range(total):
+        _, prompt, target = pretrain.example(rng, "judge", verdict_follow=follow)
         a = prompt.split(" answer A : ")[1].split(" answer B : ")[0]
-        agree += (prompts.parse_verdict(target) == "A") == (a == reasoning)
-    assert 160 < agree < 240  # a coin flip: about 200 of 400
+        b = prompt.split(" answer B : ")[1].removesuffix(" which answer is better ?")
+        own, a_yes, b_yes = prompts.parse_toy_reasoning(prompts.judge_reasoning(target))
+        # the own answer is the correct response; exactly one answer agrees with it, and the checks say which
+        assert (a_yes, b_yes) == (own == a, own == b) and a_yes != b_yes
+        verdict = prompts.parse_verdict(target)
+        pick = prompts.checks_verdict(prompts.judge_reasoning(target))
+        follows += verdict == pick
+        picks_a += pick == "A"
+        assert verdict in ("A", pick)  # the checks' pick, or the position bias
+        captions += world.parse_caption(own) is not None
+    # following the checks: the `follow` share, plus the other examples whose checks happen to say A
+    expected = follow + (1 - follow) * picks_a / total
+    assert abs(follows / total - expected) < 0.06, (follows / total, expected)
+    assert 0.4 < captions / total < 0.6  # half the judge examples are about captions
 
 
 def test_pretraining_runs_saves_and_resumes(tmp_path):
@@ -66,7 +77,10 @@ def test_mixture_is_named_per_task():
     # the default weighs the tasks as the shipped base's record says, in the order TASKS draws them
     record = json.loads((assets.ASSETS / "toy-base" / "pretrain_config.json").read_text())
     assert record["mixture"] == pretrain.DEFAULT_MIXTURE
-    assert pretrain.PretrainConfig().weights() == [0.30, 0.36, 0.10, 0.14, 0.10]
+    assert pretrain.PretrainConfig().weights() == [pretrain.DEFAULT_MIXTURE[t] for t in pretrain.TASKS]
+    # and the rest of the recipe: `fastjudge toy-pretrain` with its defaults rebuilds the shipped base
+    defaults = vars(pretrain.PretrainConfig())
+    assert {k: v for k, v in record.items() if k != "out"} == {k: v for k, v in defaults.items() if k != "out"}
     # a task left out has weight 0: it is never drawn, and the others keep their names
     cfg = pretrain.PretrainConfig(mixture={"qa": 1.0, "match": 1.0})
     assert cfg.weights() == [0.0, 1.0, 0.0, 0.0, 1.0]

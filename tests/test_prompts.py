@@ -108,6 +108,23 @@ def test_judge_reasoning_extracts_reasoning(style, reasoning):
 
 def test_toy_target_shape():
     assert judge_target("the answer is 2 .", "B", "toy") == "my answer : the answer is 2 . verdict : [[ B ]]"
+    reasoning = prompts.toy_reasoning("the answer is 2 .", False, True)
+    assert judge_target(reasoning, "B", "toy") == "my answer : the answer is 2 . A : no B : yes verdict : [[ B ]]"
+
+
+@pytest.mark.parametrize("own", ["the answer is 2 .", "a small red circle at top left , a large blue square at center ."])
+@pytest.mark.parametrize("a_agrees", [True, False])
+@pytest.mark.parametrize("b_agrees", [True, False])
+def test_toy_checks_round_trip_and_point_to_a_verdict(own, a_agrees, b_agrees):
+    target = judge_target(prompts.toy_reasoning(own, a_agrees, b_agrees), "A", "toy")
+    assert prompts.parse_toy_reasoning(judge_reasoning(target, "toy")) == (own, a_agrees, b_agrees)
+    expected = None if a_agrees == b_agrees else ("A" if a_agrees else "B")
+    assert prompts.checks_verdict(judge_reasoning(target, "toy")) == expected
+
+
+@pytest.mark.parametrize("reasoning", ["the answer is 2 .", "the answer is 2 . A : maybe B : no", "A : yes", ""])
+def test_reasoning_without_both_checks_points_nowhere(reasoning):
+    assert prompts.checks_verdict(reasoning) is None
 
 
 def test_rewrite_and_match_prompts_carry_their_inputs():

@@ -78,7 +78,7 @@ def test_random_scenes_follow_the_rules(rng):
         scene = world.random_scene(rng)
         objs = scene.objects
         sizes.add(len(objs))
-        assert 1 <= len(objs) <= 6
+        assert 1 <= len(objs) <= world.MAX_OBJECTS
         cells = [(o.row, o.col) for o in objs]
         assert len(set(cells)) == len(cells)
         assert all(cell in world.POSITIONS for cell in cells)
@@ -86,7 +86,7 @@ def test_random_scenes_follow_the_rules(rng):
         assert cells == sorted(cells)  # reading order
         assert all(o.size in world.SIZES and o.colour in world.COLOURS and o.shape in world.SHAPES for o in objs)
         assert len(scene.empty_cells()) == 9 - len(objs)
-    assert sizes == set(range(1, 7))
+    assert sizes == set(range(1, world.MAX_OBJECTS + 1))
 
 
 def test_random_scene_respects_bounds(rng):
