@@ -103,10 +103,11 @@ class LoopConfig:
             raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
-        choices = {"corrupter": ("model", "rules"), "filter_reasoning": ("greedy", "sampled"), "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
+        choices = {"corrupter": ("model", "rules"), "filter_reasoning": ("greedy", "sampled"),
+                   "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
                    "bench": ("toy", "vlrewardbench", "mmrb"), "prompt": ("ours", "benchmark"),
-                   "unparsed": ("wrong", "random"),
-                   "ablation": ("none", "no-filter", "shuffled-labels", "oracle-votes"), "dtype": (None, "float32", "bfloat16", "float16")}
+                   "unparsed": ("wrong", "random"), "ablation": ("none", "no-filter", "shuffled-labels", "oracle-votes"),
+                   "dtype": (None, "float32", "bfloat16", "float16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")

@@ -351,25 +351,17 @@ def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int =
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
-    for category in world.CATEGORIES:
-        made = 0
-        while made < per_category:
-            scene = world.random_scene(rng)
-            item = world.benchmark_item(scene, rng, category)
-            if item is None:
-                continue
-            question, good, bad = item
-            name = f"images/{category}-{made:04d}.png"
-            world.render(scene, rng).save(folder / name)
-            good_first = rng.random() < 0.5
-            rows.append({
-                "id": f"toy_{category}-{made:04d}", "image_path": name, "query": question.instruction,
-                "response": [good, bad] if good_first else [bad, good],
-                "human_ranking": [0, 1] if good_first else [1, 0],
-                "models": ["ground-truth", "one-error"] if good_first else ["one-error", "ground-truth"],
-                "judge": "scene ground truth", "rationale": None, "query_source": "fastjudge-shapes",
-                "category": category, "meta": {"kind": question.kind, "answer_type": question.answer_type},
-            })
-            made += 1
+    for category, made, scene, (question, good, bad) in world.benchmark_draws(rng, per_category):
+        name = f"images/{category}-{made:04d}.png"
+        world.render(scene, rng).save(folder / name)
+        good_first = rng.random() < 0.5
+        rows.append({
+            "id": f"toy_{category}-{made:04d}", "image_path": name, "query": question.instruction,
+            "response": [good, bad] if good_first else [bad, good],
+            "human_ranking": [0, 1] if good_first else [1, 0],
+            "models": ["ground-truth", "one-error"] if good_first else ["one-error", "ground-truth"],
+            "judge": "scene ground truth", "rationale": None, "query_source": "fastjudge-shapes",
+            "category": category, "meta": {"kind": question.kind, "answer_type": question.answer_type},
+        })
     write_jsonl(folder / "benchmark.jsonl", rows)
     return folder / "benchmark.jsonl"

@@ -52,16 +52,13 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
             calls.append(verdict == expected[j])
             judgments.append({"pair": i, "id": pair["id"], "order": "good_first" if expected[j] == "A" else "bad_first",
                               "output": outputs[j], "verdict": verdict, "expected": expected[j]})
-        if cfg.ablation == "no-filter":  # every judgment is a trace, whatever its verdict
+        # the "no-filter" ablation keeps every judgment, whatever its verdict; a kept pair's verdicts are the
+        # expected ones
+        if cfg.ablation == "no-filter" or all(calls):
             stats["kept"] += 1
             for j in (2 * i, 2 * i + 1):
                 traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j],
                                "pair": i, "verdict": judgments[j]["verdict"]})
-        elif all(calls):
-            stats["kept"] += 1
-            for j in (2 * i, 2 * i + 1):
-                traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j],
-                               "pair": i, "verdict": expected[j]})
         elif any(calls):
             stats["one_order"] += 1
         else:

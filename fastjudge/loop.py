@@ -279,13 +279,7 @@ def plot_accuracy(summary: dict, path: Path) -> None:
                 label=name, alpha=0.8)
     ax.plot(iterations, [e["metrics"]["overall"] for e in summary["iterations"]], marker="s", color="black",
             linewidth=2.5, label="overall")
-    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("judge accuracy")
-    ax.set_xticks(iterations)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("held-out judge benchmark")
+    _finish_axes(ax, iterations, "judge accuracy", "held-out judge benchmark", top=1.0)
     if with_rates:
         _plot_rates(axes[0][1], summary, iterations)
     fig.tight_layout()
@@ -308,10 +302,15 @@ def _plot_rates(ax, summary: dict, iterations: list[int]) -> None:
         values = [get(r) for r in entries]
         if any(v is not None for v in values):
             ax.plot(iterations, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    _finish_axes(ax, iterations, "share", "measured against the scenes (never trained on)", top=1.02)
+
+
+def _finish_axes(ax, iterations: list[int], ylabel: str, title: str, top: float) -> None:
+    """Chance line, labels, one tick per iteration, legend."""
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("share")
+    ax.set_ylabel(ylabel)
     ax.set_xticks(iterations)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, top)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("measured against the scenes (never trained on)")
+    ax.set_title(title)

@@ -70,9 +70,10 @@ def bench_rates(items: list[dict], outputs: list[dict]) -> dict:
         item = by_index[row["index"]]
         correct = min((0, 1), key=lambda i: item["human_ranking"][i])
         correct_letter = "A" if row["shown_first"] == correct else "B"
-        parsed = prompts.parse_toy_reasoning(prompts.judge_reasoning(row["output"] or ""))
+        reasoning = prompts.judge_reasoning(row["output"] or "")
+        parsed = prompts.parse_toy_reasoning(reasoning)
         own_right.append(parsed is not None and world.same_answer(parsed[0], item["response"][correct]))
-        pick = prompts.checks_verdict(prompts.judge_reasoning(row["output"] or ""))
+        pick = prompts.checks_verdict(reasoning)
         checks_right.append(pick == correct_letter)
         if pick is not None:
             follows.append(row["verdict"] == pick)
@@ -103,17 +104,10 @@ def perception_probe(adapter, per_category: int = 100, seed: int = PROBE_SEED) -
     """
     rng = random.Random(seed)
     images, questions, categories = [], [], []
-    for category in world.CATEGORIES:
-        made = 0
-        while made < per_category:
-            scene = world.random_scene(rng)
-            item = world.benchmark_item(scene, rng, category)
-            if item is None:
-                continue
-            images.append(world.render(scene, rng))
-            questions.append(item[0])
-            categories.append(category)
-            made += 1
+    for category, _, scene, (question, _, _) in world.benchmark_draws(rng, per_category):
+        images.append(world.render(scene, rng))
+        questions.append(question)
+        categories.append(category)
     outputs = adapter.generate(images, [q.instruction for q in questions], max_new_tokens=64)
     right: dict[str, list[bool]] = {}
     for (text,), q, category in zip(outputs, questions, categories):

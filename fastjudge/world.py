@@ -303,6 +303,20 @@ def response_for(question: Question) -> str:
     return question.answer if question.kind == "open" else closed_response(question.answer)
 
 
+def benchmark_draws(rng: random.Random, per_category: int):
+    """`per_category` benchmark items for each category, drawn in order from `rng`: (category, index, scene,
+    (question, correct response, response with one error)). The caller may draw from `rng` between items
+    (rendering the scene, say): the sequence stays reproducible."""
+    for category in CATEGORIES:
+        made = 0
+        while made < per_category:
+            scene = random_scene(rng)
+            item = benchmark_item(scene, rng, category)
+            if item is not None:
+                yield category, made, scene, item
+                made += 1
+
+
 def benchmark_item(scene: Scene, rng: random.Random, category: str) -> tuple[Question, str, str] | None:
     """(question, correct response, response with exactly one error of `category`) or None."""
     qs = questions(scene, rng)
