@@ -20,13 +20,18 @@ UPGRADE :=
 endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastjudge-installed
+# The editable install knows the package's modules as they were when it ran: a module added or moved since needs
+# a reinstall. The list of module files, rewritten only when it changes, is a dependency of the install.
+MODULES := $(VENV)/.fastjudge-modules
+$(shell mkdir -p $(VENV) && find fastjudge kernels -name '*.py' | sort > $(MODULES).new && \
+	(cmp -s $(MODULES).new $(MODULES) || mv $(MODULES).new $(MODULES)); rm -f $(MODULES).new)
 
 .PHONY: setup demo test bench versions lock clean
 
 setup: $(STAMP)
 
 # an isolated environment (no system packages), so that what runs is what the lock names
-$(STAMP): pyproject.toml CMakeLists.txt $(LOCK) $(wildcard csrc/*)
+$(STAMP): pyproject.toml CMakeLists.txt $(LOCK) $(wildcard csrc/*) $(MODULES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q $(PIN) --upgrade pip

@@ -1,4 +1,10 @@
-"""What a benchmark result needs beside its numbers: machine, versions, git revision, date."""
+"""What a benchmark result needs beside its numbers: machine, versions, git revision, date, stamped by the code
+that ran (never by hand).
+
+`git` is `git describe --always --dirty`: a commit, with "-dirty" when tracked files differ from it; then
+`git_diff_sha256` is the sha256 of `git diff HEAD` (the uncommitted change that ran) and `git_tree` the tree hash
+of the files as they were (tracked and untracked-not-ignored), which equals `git rev-parse COMMIT^{tree}` of the
+commit that holds exactly those files."""
 
 from __future__ import annotations
 
@@ -19,9 +25,12 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "versions": _versions(),
         "git": _git_revision(),
         "git_tree": _git_tree(),
     }
+    if info["git"].endswith("-dirty"):
+        info["git_diff_sha256"] = _git_diff_hash()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -35,6 +44,29 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _versions() -> dict:
+    """The versions of the packages whose code the measurement ran (None: not installed)."""
+    import importlib.metadata
+    out = {}
+    for name in ("torch", "triton", "transformers", "liger-kernel", "numpy", "pillow", "tokenizers", "fastjudge"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git_diff_hash() -> str:
+    """sha256 of `git diff HEAD` (tracked files' uncommitted changes, binary included)."""
+    import hashlib
+    try:
+        diff = subprocess.run(["git", "diff", "--binary", "HEAD"], capture_output=True, check=True,
+                              cwd=Path(__file__).resolve().parent.parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return hashlib.sha256(diff).hexdigest()
 
 
 def _git_revision() -> str:

@@ -38,10 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import graph_ms, median_ms, report  # noqa: E402
-
 from fastjudge.kernels import mllama_cross_attention  # noqa: E402
-from fastjudge.kernels.mllama_cross_attention import (cross_attention, cross_attention_decode,  # noqa: E402
-                                                      cross_attention_reference)
+from fastjudge.kernels.mllama_cross_attention import cross_attention, cross_attention_decode, cross_attention_reference  # noqa: E402
 
 
 def timed(fn, repeats: int, cuda: bool) -> float:
@@ -62,8 +60,8 @@ def graph_timed(fn, repeats: int) -> float | None:
 def ours_with_tiles(preset: str):
     """cross_attention with the training kernels' tiles of TILE_PRESETS[preset] (read by forward and backward)."""
     def run(q, k, v, start, end, mask):
-        mllama_cross_attention.GPU_TILES = mllama_cross_attention.TILE_PRESETS[preset]
-        return cross_attention(q, k, v, start, end, backend="triton")
+        with mllama_cross_attention.tile_presets(training=preset):
+            return cross_attention(q, k, v, start, end, backend="triton")
     return run
 
 
@@ -178,16 +176,14 @@ def main() -> None:
         by_splits = {x: timed(lambda x=x: decode(splits=x), args.repeats, cuda) for x in decode_splits}
         by_tiles, graph_by_tiles = {}, {}
         for preset in decode_tiles:  # each with its default splits (as many programs as fit at once)
-            mllama_cross_attention.DECODE_TILES = mllama_cross_attention.DECODE_TILE_PRESETS[preset]
             try:
-                by_tiles[preset] = timed(decode, args.repeats, cuda)
-                if cuda:
-                    graph_by_tiles[preset] = graph_timed(decode, args.repeats)
+                with mllama_cross_attention.tile_presets(decode=preset):
+                    by_tiles[preset] = timed(decode, args.repeats, cuda)
+                    if cuda:
+                        graph_by_tiles[preset] = graph_timed(decode, args.repeats)
             except Exception as failure:  # out of shared memory on this card, say: reported, not fatal
                 print(f"decode n={n} tiles {preset}: failed: {failure!r}", flush=True)
                 by_tiles[preset] = None
-            finally:
-                mllama_cross_attention.DECODE_TILES = mllama_cross_attention.DECODE_TILE_PRESETS["base"]
         graph = {}
         if cuda:  # the device's time alone (a captured decoding step pays no launch overhead)
             graph = {"per_sample_gqa_ms": graph_timed(lambda: F.scaled_dot_product_attention(

@@ -5,7 +5,7 @@ paths over the same key buffer.
     python bench/decode_attention.py --device cuda
 
 The key buffer of each prompt holds its T prompt keys, then the samples' own keys step-major (as
-fastjudge/mllama_decoding.py lays it out); each sample sees the prompt and its own steps. Providers:
+fastjudge/engine/mllama.py lays it out); each sample sees the prompt and its own steps. Providers:
 - "sdpa rows": the decoder's SDPA path: the G query heads of a K/V head and the n samples as G x n query rows,
   one additive mask (B, 1, G n, width) in the activations' dtype (built once per step, outside the timing);
 - "sdpa gqa": SDPA with enable_gqa and a boolean (B, 1, n, width) mask (what the decoder did before);
@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import median_ms, report  # noqa: E402
-
-from fastjudge.kernels.decode_attention import (_seen, shared_prefix_decode_attention,  # noqa: E402
-                                                shared_prefix_decode_attention_reference)
+from fastjudge.kernels.decode_attention import (  # noqa: E402
+    _seen,
+    shared_prefix_decode_attention,
+    shared_prefix_decode_attention_reference,
+)
 
 
 def main() -> None:

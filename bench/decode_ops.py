@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny.py: the models we build
+import tiny  # noqa: E402
 from _env import report  # noqa: E402
 
 # operators that only make a view or read metadata: no kernel
@@ -45,31 +47,6 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(layers: int = 40, cross: tuple[int, ...] = (3, 8, 13, 18, 23, 28, 33, 38)):
-    """The 11B text structure at width 64 (32 query heads of 2, 8 K/V heads) with a small vision tower."""
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    from fastjudge import tiny
-    from fastjudge.models import MllamaAdapter
-    tokenizer = tiny.build_tokenizer(tiny.LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                     pad_token="<|finetune_right_pad_id|>")
-    tokenizer.chat_template = tiny.LLAMA_CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=32,
-                num_key_value_heads=8, cross_attention_layers=list(cross), vocab_size=len(tokenizer) + 8,
-                pad_token_id=ids("<|finetune_right_pad_id|>"))
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-                  attention_heads=2, image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=64,
-                  intermediate_layers_indices=[0])
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=ids("<|image|>"))
-    torch.manual_seed(0)
-    model = MllamaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = [ids("<|eot_id|>")]
-    processor = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4)
-    return MllamaAdapter(model, tokenizer, processor)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16)
@@ -77,7 +54,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    adapter = build()
+    adapter = tiny.build_mllama_adapter("narrow-11b")
     adapter.feature_cache = None
     adapter.eos_ids = set()  # exactly --new-tokens steps
     rs = np.random.RandomState(0)

@@ -3,11 +3,11 @@ by the shipped toy base model.
 
     python bench/early_stop.py [--prompts 400] [--confidence 0.9 0.95 0.99] [--out FILE]
 
-1. Replay: the host rule (rounds of round_size, `voting.sampling_settled`) on the first k of the same samples.
+1. Replay: the host rule (rounds of round_size, `core.voting.sampling_settled`) on the first k of the same samples.
    For each confidence: samples drawn (and saved against always drawing n_samples), how often the chosen
    majority (the pair's good answer under min_votes) differs from the full-sample one, how many prompts still
    make a pair.
-2. Device vote on the same samples: `answer_spans.SpanTracker` run over each sample's tokens; how often its
+2. Device vote on the same samples: `engine.vote.SpanTracker` run over each sample's tokens; how often its
    vote (the samples it groups with the winner) equals the host's C++ vote.
 3. Online, as `--early-stop` runs for Mllama: one decoding run with round_size slots per prompt and the device
    vote (`Adapter.generate(..., slots, early_stop)`), against the full run; wall time, samples, generated
@@ -24,18 +24,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import report  # noqa: E402
-
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from fastjudge import mllama_decoding, world  # noqa: E402
-from fastjudge.answer_spans import SpanTracker  # noqa: E402
+from _env import report  # noqa: E402
 from fastjudge.config import LoopConfig  # noqa: E402
+from fastjudge.core.answers import extract_answer  # noqa: E402
+from fastjudge.core.voting import majority_vote, sampling_settled  # noqa: E402
+from fastjudge.engine import mllama as mllama_decoding  # noqa: E402
+from fastjudge.engine.vote import SpanTracker  # noqa: E402
 from fastjudge.models import load_adapter  # noqa: E402
-from fastjudge.synth import extract_answer  # noqa: E402
-from fastjudge.voting import majority_vote, sampling_settled  # noqa: E402
+from fastjudge.toy import world  # noqa: E402
 
 
 def main() -> None:

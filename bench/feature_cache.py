@@ -24,60 +24,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny.py: the models we build
+import tiny  # noqa: E402
 from _env import environment, save  # noqa: E402
-
-LLAMA_11B = dict(
-    vision_config=dict(hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
-                       intermediate_size=5120, image_size=560, patch_size=14, max_num_tiles=4,
-                       intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680),
-    text_config=dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
-                     num_key_value_heads=8, intermediate_size=14336, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
-                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 8192},
-                     max_position_embeddings=131072, tie_word_embeddings=False),
-)
-
-# A CPU-sized Mllama whose vision tower still dominates the encode: 4 tiles of 224x224 (256 patches each)
-SMALL = dict(
-    vision_config=dict(hidden_size=256, num_hidden_layers=8, num_global_layers=2, attention_heads=4,
-                       intermediate_size=1024, image_size=224, patch_size=14, max_num_tiles=4,
-                       intermediate_layers_indices=[1, 3, 5], vision_output_dim=1024),
-    text_config=dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=768, cross_attention_layers=[1, 3],
-                     max_position_embeddings=4096, tie_word_embeddings=False),
-)
-PRESETS = {"llama-3.2-11b": (LLAMA_11B, 560), "small": (SMALL, 224)}
-
-
-def build_adapter(preset: str, device: str, dtype: torch.dtype, folder: Path):
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    from fastjudge import tiny
-    from fastjudge.models import MllamaAdapter
-    if preset == "tiny":
-        tiny.build_checkpoint("mllama", folder)
-        from fastjudge.models import load_adapter
-        return load_adapter(str(folder), device=device, dtype=dtype)
-    tokenizer = tiny.build_tokenizer(tiny.LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                     pad_token="<|finetune_right_pad_id|>")
-    tokenizer.chat_template = tiny.LLAMA_CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids
-    shapes, tile = PRESETS[preset]
-    text = dict(shapes["text_config"], pad_token_id=ids("<|finetune_right_pad_id|>"))
-    config = MllamaConfig(vision_config=shapes["vision_config"], text_config=text, image_token_index=ids("<|image|>"))
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):  # initialized where it runs: 11B parameters would take minutes on the CPU
-            model = MllamaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.generation_config.eos_token_id = [ids("<|eot_id|>")]
-    processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=4)
-    return MllamaAdapter(model, tokenizer, processor)
 
 
 def main() -> None:
@@ -95,7 +44,7 @@ def main() -> None:
     from fastjudge.models import FeatureCache
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     folder = Path("/tmp/fastjudge-bench-feature-cache")
-    adapter = build_adapter(args.preset, args.device, dtype, folder)
+    adapter = tiny.build_mllama_adapter(args.preset, args.device, dtype, folder)
     rs = np.random.RandomState(0)
     # one 4-tile-ish aspect ratio per image (Mllama: 1120x1120 -> 4 tiles of 560)
     side = {"tiny": 56, "small": 448, "llama-3.2-11b": 1120}[args.preset]

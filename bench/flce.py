@@ -30,9 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import median_ms, report  # noqa: E402
-
-from fastjudge.kernels.linear_cross_entropy import (fused_linear_cross_entropy,  # noqa: E402
-                                                          fused_linear_cross_entropy_reference)
+from fastjudge.kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference  # noqa: E402
 
 
 def providers(rows: int, size: int, vocab: int, device: str) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastjudge.sampling import sample_logits, sample_logits_reference
+from fastjudge.core.sampling import sample_logits, sample_logits_reference
 
 DISTS = {
     "llm": "peaked mixture: N(0, 2^2) for every token, then 32 random tokens per row at 14 + 3 N(0, 1)",

@@ -1,7 +1,7 @@
 """Generated tokens per second: our shared-prefix engine (`Adapter.generate`) against transformers'
 `generate(num_return_sequences=n)` on the same weights and inputs, n in {1, 4, 16}, measured in one run.
 
-    python bench/sampler.py                                   # CPU, the "small" Mllama (bench/feature_cache.py)
+    python bench/sampler.py                                   # CPU, the "small" Mllama (tests/tiny.py)
     python bench/sampler.py --preset llama-3.2-11b --device cuda
 
 On a GPU ours runs its decoding steps as CUDA graphs (the default there) and, in a second column, eagerly.
@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny.py: the models we build
+import tiny  # noqa: E402
 from _env import median_ms, report  # noqa: E402
-from feature_cache import build_adapter  # noqa: E402
 
-from fastjudge import mllama_decoding  # noqa: E402
+from fastjudge.engine.options import DecodeOptions  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    adapter = build_adapter(args.preset, args.device, dtype, Path("/tmp/fastjudge-bench-sampler"))
+    adapter = tiny.build_mllama_adapter(args.preset, args.device, dtype, Path("/tmp/fastjudge-bench-sampler"))
     adapter.feature_cache = None  # every call encodes its images, as transformers does
     adapter.eos_ids = set()  # both run exactly --new-tokens steps
     model = adapter.model
@@ -76,10 +77,9 @@ def main() -> None:
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=args.device)
     cross = adapter._model_inputs(rows, features, left=True)["cross_attention_mask"]
 
-    def ours(n, graphs=None, new_tokens=args.new_tokens):
-        mllama_decoding.CUDA_GRAPHS = graphs
+    def ours(n, graphs=None, new_tokens=args.new_tokens, options=DecodeOptions()):
         adapter.generate(images, prompts, n=n, max_new_tokens=new_tokens, seed=0, batch_rows=args.prompts * n,
-                         **sampling)
+                         options=options.with_(cuda_graphs=graphs), **sampling)
 
     @torch.no_grad()
     def theirs(n):
@@ -145,19 +145,17 @@ def main() -> None:
     for name in filter(None, args.self_attention.split(",")):
         from torch.nn.attention import SDPBackend
         if name == "kernel":  # fastjudge.kernels.shared_prefix_decode_attention in the self layers
-            mllama_decoding.SELF_ATTENTION_KERNEL = True
+            options = DecodeOptions(self_attention_kernel=True)
         else:
-            mllama_decoding.STEP_SDPA_BACKENDS = [{"efficient": SDPBackend.EFFICIENT_ATTENTION,
-                                                   "cudnn": SDPBackend.CUDNN_ATTENTION,
-                                                   "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name]]
+            options = DecodeOptions(step_sdpa_backends=({"efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                                         "cudnn": SDPBackend.CUDNN_ATTENTION,
+                                                         "flash": SDPBackend.FLASH_ATTENTION,
+                                                         "math": SDPBackend.MATH}[name],))
         try:
-            seconds = timed(ours, largest["n"], graphs=on_gpu)
+            seconds = timed(ours, largest["n"], graphs=on_gpu, options=options)
             backends[name] = {"ours_s": seconds, "speedup": largest["transformers_s"] / seconds}
         except Exception as failure:
             backends[name] = {"failed": repr(failure)}
-        finally:
-            mllama_decoding.STEP_SDPA_BACKENDS = None
-            mllama_decoding.SELF_ATTENTION_KERNEL = False
         print(f"n={largest['n']}, the step's SDPA limited to {name}: {backends[name]}", flush=True)
     syncs = None
     if args.sync_check:

@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
-from fastjudge import data, evaluate, pretrain, toy_rates
+from fastjudge import data
 from fastjudge.config import LoopConfig
 from fastjudge.models import load_adapter
+from fastjudge.stages import evaluate
+from fastjudge.toy import files as toy_files
+from fastjudge.toy import pretrain
+from fastjudge.toy import rates as toy_rates
 
 
 def main() -> None:
@@ -34,9 +38,9 @@ def main() -> None:
     result |= {f"perception {c}": v for c, v in perception["categories"].items()}
 
     with tempfile.TemporaryDirectory() as tmp:
-        bench = data.write_toy_benchmark(Path(tmp), args.per_category)
+        bench = toy_files.write_toy_benchmark(Path(tmp), args.per_category)
         items, _ = data.load_bench("toy", bench)
-        judged = evaluate.run(adapter, items, LoopConfig(out=tmp, model=args.model), seed=0)
+        judged = evaluate.run(adapter, items, LoopConfig(out=tmp, model=args.model).eval_options(), seed=0)
     result["judge accuracy (strict)"] = judged.metrics["overall"]
     result |= toy_rates.bench_rates(items, judged.raw)
     result["judge verdict share A"] = sum(r["verdict"] == "A" for r in judged.raw) / len(judged.raw)

@@ -15,9 +15,11 @@ import random
 
 import torch
 
-from fastjudge import data, evaluate, prompts
+from fastjudge import data
 from fastjudge.config import LoopConfig
+from fastjudge.data import prompts
 from fastjudge.models import load_adapter
+from fastjudge.stages import evaluate
 
 
 def verdict_accuracy(adapter, items: list[dict], raw: list[dict], batch: int = 64) -> float:
@@ -59,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(2)
     adapter = load_adapter(args.model)
     items, _ = data.load_benchmark(args.bench)
-    base_raw = evaluate.run(adapter, items, LoopConfig(), seed=0).raw  # the base judge's reasoning
+    base_raw = evaluate.run(adapter, items, LoopConfig().eval_options(), seed=0).raw  # the base judge's reasoning
     before = verdict_accuracy(adapter, items, base_raw)
     traces = data.read_jsonl(args.sft)
     images = {p: data.load_image(p) for p in {t["image"] for t in traces}}

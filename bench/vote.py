@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 from fastjudge import _C
-from fastjudge.voting import Vote, majority_vote, majority_vote_reference
+from fastjudge.core.voting import Vote, majority_vote, majority_vote_reference
 
 _WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "

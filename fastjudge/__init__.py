@@ -1,9 +1,9 @@
 """fastjudge: train a VLM judge that improves itself with no human preference labels.
 
-Stages (one module each, one `run` entry point): `synth` (preference pairs), `filter` (the judge keeps the
-pairs it gets right in both orders), `train` (fine-tuning on the kept traces), `evaluate` (pairwise benchmarks
-scored with VL-RewardBench's rules); `loop` repeats them. `fastjudge.sampler` holds the vote; `fastjudge.toy`
-and `fastjudge.world` the embedded default (the shapes world and its small Mllama).
+Layers, lower never importing higher: `fastjudge.kernels` (Triton ops) and `_C` (C++); `core` (sampling,
+answers, the vote); `data` (files, benchmarks, scoring, prompt texts); `engine` (decoding); `models` (one
+adapter per family); `stages` (synth, filter, train, evaluate) and `sampler` (the drop-in `generate`); `toy`
+(the embedded shapes world and its small Mllama); then `config`, `loop` and `cli` on top.
 """
 
 __version__ = "0.1.0"

@@ -52,6 +52,7 @@ HELP = {
     "lora_alpha": "LoRA alpha (with --train lora)",
     "bench": "benchmark format: toy (our held-out shapes-world benchmark), vlrewardbench, mmrb",
     "bench_data": "the benchmark file (VL-RewardBench JSONL, Multimodal RewardBench JSON); default: the toy one",
+    "toy_bench_per_category": "items per category of the toy benchmark (used when there is no --bench-data)",
     "images": "folder that the benchmark's image paths are relative to (default: the data file's folder)",
     "prompt": "judge prompt in eval: 'ours' (what the loop trains on) or 'benchmark' (the benchmark's own)",
     "unparsed": "mmrb: an unparsed verdict counts as 'wrong', or 'random' (the official seeded guess)",
@@ -80,12 +81,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None =
 
 
 def _config(args: argparse.Namespace, **overrides) -> LoopConfig:
-    from fastjudge.models import FEATURE_CACHE
     values = {f.name: getattr(args, f.name) for f in fields(LoopConfig) if hasattr(args, f.name)}
     values.update(overrides)
-    cfg = LoopConfig(**values)
-    FEATURE_CACHE.resize(int(cfg.feature_cache_gb * 2**30))
-    return cfg
+    return LoopConfig(**values)
+
+
+def _load(path: str | None, cfg: LoopConfig):
+    from fastjudge.models import FeatureCache, load_adapter
+    return load_adapter(path, device=cfg.device, dtype=cfg.dtype,
+                        feature_cache=FeatureCache(max_bytes=int(cfg.feature_cache_gb * 2**30)))
 
 
 def cmd_iterate(args) -> None:
@@ -98,59 +102,59 @@ def cmd_iterate(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    from fastjudge import data, synth
-    from fastjudge.models import load_adapter
+    from fastjudge import data
+    from fastjudge.stages import synth
     cfg = _config(args, out=str(Path(args.out).parent), model=args.model)
     records, skips = data.load_prompts(args.prompts)
     data.write_skips(Path(args.out).with_name("skipped.jsonl"), skips)
-    result = synth.run(load_adapter(args.model, device=args.device, dtype=cfg.dtype), records, cfg, cfg.seed)
+    result = synth.run(_load(args.model, cfg), records, cfg.synth_options(), cfg.seed)
     data.write_jsonl(args.out, result.pairs)
     print(json.dumps({"pairs": len(result.pairs), "skipped_lines": len(skips), **result.stats}))
 
 
 def cmd_filter(args) -> None:
     from fastjudge import data
-    from fastjudge import filter as filter_stage
-    from fastjudge.models import load_adapter
+    from fastjudge.stages import filter as filter_stage
     cfg = _config(args, model=args.judge)
-    result = filter_stage.run(load_adapter(args.judge, device=args.device, dtype=cfg.dtype), data.read_jsonl(args.pairs), cfg, cfg.seed)
+    result = filter_stage.run(_load(args.judge, cfg), data.read_jsonl(args.pairs), cfg.filter_options(), cfg.seed)
     data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
     data.write_jsonl(Path(args.out) / "sft.jsonl", result.traces)
     print(json.dumps(result.stats))
 
 
 def cmd_train(args) -> None:
-    from fastjudge import data, train
+    from fastjudge import data
     from fastjudge.loop import save_checkpoint
-    from fastjudge.models import load_adapter
+    from fastjudge.stages import train
     cfg = _config(args, model=args.judge)
-    judge = load_adapter(args.judge, device=args.device, dtype=cfg.dtype)
-    stats = train.run(judge, data.read_jsonl(args.sft), cfg, cfg.seed)
+    judge = _load(args.judge, cfg)
+    stats = train.run(judge, data.read_jsonl(args.sft), cfg.train_options(), cfg.seed)
     save_checkpoint(judge, Path(args.out))
     print(json.dumps(stats))
 
 
 def cmd_eval(args) -> None:
     from fastjudge import data
-    from fastjudge.loop import TOY_BENCHMARK_PER_CATEGORY, evaluate_to
-    from fastjudge.models import load_adapter
+    from fastjudge.loop import evaluate_to
+    from fastjudge.toy.files import write_toy_benchmark
     out = Path(args.out)
     cfg = _config(args, model=args.judge)
-    bench_data = cfg.bench_data or str(data.write_toy_benchmark(out / "benchmark", TOY_BENCHMARK_PER_CATEGORY))
+    bench_data = cfg.bench_data or str(write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category))
     items, skips = data.load_bench(cfg.bench, bench_data, cfg.images)
     data.write_skips(out / "skipped.jsonl", skips)
     if skips:
         print(f"skipped {len(skips)} benchmark entries: see {out / 'skipped.jsonl'}", file=sys.stderr)
     if not items:
         raise ValueError(f"data: no usable item in {bench_data} (see {out / 'skipped.jsonl'})")
-    judge = load_adapter(args.judge, device=cfg.device, dtype=cfg.dtype)
+    judge = _load(args.judge, cfg)
     score_items = data.load_bench(cfg.bench, bench_data, cfg.images, check_images=False)[0]
     metrics = evaluate_to(out, judge, items, cfg, score_items)
     print(json.dumps(dict(metrics, skipped_entries=len(skips))))
 
 
 def cmd_score(args) -> None:
-    from fastjudge import data, scoring
+    from fastjudge import data
+    from fastjudge.data import scoring
     items, skips = data.load_bench(args.format, args.data, check_images=False)
     for skip in skips:
         print(f"skipped {skip.file} line {skip.line}: {skip.reason}", file=sys.stderr)
@@ -164,14 +168,14 @@ def cmd_score(args) -> None:
 
 
 def cmd_toy_data(args) -> None:
-    from fastjudge import data
-    prompts = data.write_toy_prompts(Path(args.out) / "world", args.count, args.seed, args.closed_fraction)
-    bench = data.write_toy_benchmark(Path(args.out) / "benchmark", args.per_category)
+    from fastjudge.toy.files import write_toy_benchmark, write_toy_prompts
+    prompts = write_toy_prompts(Path(args.out) / "world", args.count, args.seed, args.closed_fraction)
+    bench = write_toy_benchmark(Path(args.out) / "benchmark", args.per_category)
     print(json.dumps({"prompts": str(prompts), "benchmark": str(bench)}))
 
 
 def cmd_toy_pretrain(args) -> None:
-    from fastjudge import pretrain
+    from fastjudge.toy import pretrain
     mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,

@@ -1,10 +1,20 @@
-"""The loop's configuration: one flat dataclass that validates itself; a run writes it as config.json."""
+"""The loop's configuration: one flat dataclass that validates itself; a run writes it as config.json.
+
+Each stage takes only its own small options (`synth_options()`, `filter_options()`, `train_options()`,
+`eval_options()`), so a stage runs without the loop's configuration."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from fastjudge.data.io import write_json
+from fastjudge.stages.evaluate import EvalOptions
+from fastjudge.stages.filter import FilterOptions
+from fastjudge.stages.synth import SynthOptions
+from fastjudge.stages.train import TrainOptions
+from fastjudge.toy.world import rewrite_with_error
 
 
 @dataclass
@@ -27,9 +37,9 @@ class LoopConfig:
     top_p: float = 0.9
     min_votes: int = 5
     # adaptive early stop for closed prompts: stop a prompt's sampling once its majority's confidence
-    # (voting.majority_confidence) reaches `early_stop`; 0 = always n_samples. Mllama decodes `round_size`
+    # (core.voting.majority_confidence) reaches `early_stop`; 0 = always n_samples. Mllama decodes `round_size`
     # samples at a time per prompt, a slot starting the next sample when one ends, voting on the device
-    # (answer_spans); other families sample in rounds of `round_size`, voting on the host between rounds
+    # (engine.vote); other families sample in rounds of `round_size`, voting on the host between rounds
     early_stop: float = 0.0
     round_size: int = 4
     corrupter: str = "model"  # "model": the model rewrites its answer with one error; "rules": rule-based
@@ -56,6 +66,7 @@ class LoopConfig:
     # eval
     bench: str = "toy"  # benchmark format: "toy" (held-out shapes world), "vlrewardbench", "mmrb"
     bench_data: str | None = None  # the benchmark file; None: the toy benchmark (generated once, fixed seed)
+    toy_bench_per_category: int = 100  # items per category of the toy benchmark
     images: str | None = None
     prompt: str = "ours"  # judge prompt in eval: "ours" (what the loop trains on) or "benchmark" (its own)
     unparsed: str = "wrong"  # mmrb: an unparsed verdict is "wrong" or the official seeded "random" guess
@@ -78,7 +89,8 @@ class LoopConfig:
             if getattr(self, name) is None:
                 setattr(self, name, toy_value if toy else real_value)
         positive = ("iterations", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
-                    "judge_tokens", "batch_rows", "epochs", "batch_size", "micro_batches", "k", "lora_rank", "round_size")
+                    "judge_tokens", "batch_rows", "epochs", "batch_size", "micro_batches", "k", "lora_rank",
+                    "round_size", "toy_bench_per_category")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -129,8 +141,32 @@ class LoopConfig:
         if self.feature_cache_gb < 0:
             raise ValueError(f"feature_cache_gb: expected >= 0, got {self.feature_cache_gb}")
 
+    def synth_options(self) -> SynthOptions:
+        # "rules": the shapes world's rule-based corrupter (toy texts only)
+        corrupter = rewrite_with_error if self.corrupter == "rules" else None
+        return SynthOptions(n_samples=self.n_samples, temperature=self.temperature, top_k=self.top_k,
+                            top_p=self.top_p, min_votes=self.min_votes, early_stop=self.early_stop,
+                            round_size=self.round_size, answer_tokens=self.answer_tokens,
+                            rewrite_temperature=self.rewrite_temperature, batch_rows=self.batch_rows,
+                            batch_tokens=self.batch_tokens, corrupter=corrupter)
+
+    def filter_options(self) -> FilterOptions:
+        return FilterOptions(judge_tokens=self.judge_tokens, temperature=self.filter_temperature, top_k=self.top_k,
+                             top_p=self.top_p, reasoning=self.filter_reasoning, batch_rows=self.batch_rows,
+                             batch_tokens=self.batch_tokens, keep_all=self.ablation == "no-filter")
+
+    def train_options(self) -> TrainOptions:
+        return TrainOptions(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                            micro_batches=self.micro_batches, train=self.train, lora_rank=self.lora_rank,
+                            lora_alpha=self.lora_alpha)
+
+    def eval_options(self) -> EvalOptions:
+        return EvalOptions(bench=self.bench, prompt=self.prompt, unparsed=self.unparsed, k=self.k,
+                           temperature=self.eval_temperature, top_k=self.top_k, top_p=self.top_p,
+                           judge_tokens=self.judge_tokens, batch_rows=self.batch_rows,
+                           batch_tokens=self.batch_tokens)
+
     def save(self, path: Path | str) -> None:
-        from fastjudge.data import write_json
         write_json(path, asdict(self))
 
     @classmethod

@@ -7,7 +7,7 @@ Layout of a run (`--out DIR`):
     DIR/iter_0/metrics.json  the base judge, before any training
     DIR/iter_<k>/            pairs.jsonl, judgments.jsonl, sft.jsonl, checkpoint/, metrics.json,
                              predictions.jsonl, outputs.jsonl, stages.json (seconds and counts per stage)
-    DIR/iter_<k>/rates.json  toy preset only: the iteration measured against the scene ground truth (toy_rates)
+    DIR/iter_<k>/rates.json  toy preset only: the iteration measured against the scene ground truth (`toy.rates`)
     DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "keep_rate", "rates",
                              "seconds"}, ...], "best": {"iteration", "overall", "checkpoint"}}
     DIR/accuracy.png         accuracy per category over iterations (and, toy preset, the rates)
@@ -27,13 +27,16 @@ from pathlib import Path
 
 import torch
 
-from fastjudge import data, evaluate, synth, toy_rates, train, world
-from fastjudge import filter as filter_stage
+from fastjudge import data
 from fastjudge.config import LoopConfig
-from fastjudge.models import FEATURE_CACHE, Adapter, load_adapter
-from fastjudge.scoring import headline
+from fastjudge.data.scoring import headline
+from fastjudge.models import Adapter, FeatureCache, load_adapter
+from fastjudge.stages import evaluate, synth, train
+from fastjudge.stages import filter as filter_stage
+from fastjudge.toy import rates as toy_rates
+from fastjudge.toy import world
+from fastjudge.toy.files import toy_prompt_truth, write_toy_benchmark, write_toy_prompts
 
-TOY_BENCHMARK_PER_CATEGORY = 100
 RESUME_OVERRIDES = ("iterations", "min_gain", "device", "batch_rows", "batch_tokens", "feature_cache_gb",
                     "resume")
 
@@ -46,13 +49,13 @@ def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord],
     if prompts_path is None:
         prompts_path = out / "world" / "prompts.jsonl"
         if not prompts_path.exists():
-            data.write_toy_prompts(out / "world", cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
+            write_toy_prompts(out / "world", cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
                                    cfg.closed_fraction)
     bench_path = cfg.bench_data
     if bench_path is None:  # the toy benchmark (LoopConfig requires a file for the others)
         bench_path = out / "benchmark" / "benchmark.jsonl"
         if not bench_path.exists():
-            data.write_toy_benchmark(out / "benchmark", TOY_BENCHMARK_PER_CATEGORY)
+            write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category)
     records, skips = data.load_prompts(prompts_path)
     items, bench_skips = data.load_bench(cfg.bench, bench_path, cfg.images)
     data.write_skips(out / "skipped.jsonl", skips + bench_skips)
@@ -87,7 +90,7 @@ def save_checkpoint(adapter: Adapter, folder: Path) -> None:
 
 def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig,
                 score_items: list[dict] | None = None) -> dict:
-    result = evaluate.run(judge, items, cfg, seed=cfg.seed, score_items=score_items)
+    result = evaluate.run(judge, items, cfg.eval_options(), seed=cfg.seed, score_items=score_items)
     data.write_jsonl(folder / "predictions.jsonl", result.predictions)
     data.write_jsonl(folder / "outputs.jsonl", result.raw)
     data.write_json(folder / "metrics.json", result.metrics)
@@ -119,9 +122,9 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
         t0 = time.time()
         oracle = None
         if cfg.ablation == "oracle-votes":  # ground truth trains here, on purpose: the paper's oracle baseline
-            truth = data.toy_prompt_truth(cfg.prompts_per_iteration * cfg.iterations, cfg.seed, cfg.closed_fraction)
+            truth = toy_prompt_truth(cfg.prompts_per_iteration * cfg.iterations, cfg.seed, cfg.closed_fraction)
             oracle = {pid: world.closed_response(q.answer) for pid, q in truth.items() if q.kind == "closed"}
-        result = synth.run(generator, prompts_for(records, cfg, k), cfg, seed, oracle=oracle)
+        result = synth.run(generator, prompts_for(records, cfg, k), cfg.synth_options(), seed, oracle=oracle)
         if cfg.ablation == "shuffled-labels":
             swap = random.Random(seed + 5)
             for pair in result.pairs:
@@ -133,7 +136,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
 
     if not (folder / "sft.jsonl").exists():
         t0 = time.time()
-        result = filter_stage.run(judge, pairs, cfg, seed + 10)
+        result = filter_stage.run(judge, pairs, cfg.filter_options(), seed + 10)
         data.write_jsonl(folder / "judgments.jsonl", result.judgments)
         data.write_jsonl(folder / "sft.jsonl", result.traces)
         stages.done("filter", time.time() - t0, result.stats)
@@ -142,14 +145,14 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
     checkpoint = folder / "checkpoint"
     if not checkpoint.exists():
         t0 = time.time()
-        stats = train.run(judge, traces, cfg, seed + 20)
+        stats = train.run(judge, traces, cfg.train_options(), seed + 20)
         save_checkpoint(judge, checkpoint)
         stages.done("train", time.time() - t0, stats)
 
     if not (folder / "metrics.json").exists():
         t0 = time.time()
         evaluate_to(folder, judge, items, cfg, score_items)
-        stages.done("eval", time.time() - t0, {"feature_cache_so_far": dict(FEATURE_CACHE.stats)})
+        stages.done("eval", time.time() - t0, {"feature_cache_so_far": dict(judge.feature_cache.stats)})
     metrics = json.loads((folder / "metrics.json").read_text())
     kept = len(traces) // 2  # each kept pair gives one A and one B trace
     return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
@@ -196,9 +199,13 @@ def run(cfg: LoopConfig) -> dict:
     cfg.save(out / "config.json")
     torch.manual_seed(cfg.seed)
     records, items, score_items = prepare_inputs(cfg, out)
-    FEATURE_CACHE.resize(int(cfg.feature_cache_gb * 2**30))
+    # the run's one feature cache: the base and every judge after it share a frozen vision tower's entries
+    cache = FeatureCache(max_bytes=int(cfg.feature_cache_gb * 2**30))
 
-    base = load_adapter(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    def load(path: str | None) -> Adapter:
+        return load_adapter(path, device=cfg.device, dtype=cfg.dtype, feature_cache=cache)
+
+    base = load(cfg.model)
     summary: dict = {"iterations": []}
     folder0 = out / "iter_0"
     if not (folder0 / "metrics.json").exists():
@@ -216,11 +223,11 @@ def run(cfg: LoopConfig) -> dict:
         if judge is None:  # first iteration of this process: start from the base or, resuming, the last judge
             previous = out / f"iter_{k - 1}" / "checkpoint"
             if k > 1:
-                judge = load_adapter(str(previous), device=cfg.device, dtype=cfg.dtype)
+                judge = load(str(previous))
             else:
                 judge = copy.deepcopy(base) if cfg.synth_model == "base" else base
         if (out / f"iter_{k}" / "checkpoint").exists():  # resuming past this iteration's training
-            judge = load_adapter(str(out / f"iter_{k}" / "checkpoint"), device=cfg.device, dtype=cfg.dtype)
+            judge = load(str(out / f"iter_{k}" / "checkpoint"))
         generator = base if cfg.synth_model == "base" else judge
         entry = run_iteration(k, cfg, out, generator, judge, records, items, score_items)
         if measures_rates(cfg):
@@ -290,7 +297,7 @@ def plot_accuracy(summary: dict, path: Path) -> None:
 
 
 def _plot_rates(ax, summary: dict, iterations: list[int]) -> None:
-    """The toy preset's rates per iteration (toy_rates), beside the accuracy."""
+    """The toy preset's rates per iteration (`toy.rates`), beside the accuracy."""
     entries = [e.get("rates") or {} for e in summary["iterations"]]
     series = {"own answer right": lambda r: r.get("own_answer_right"),
               "checks right": lambda r: r.get("reasoning_right"),

@@ -1,5 +1,5 @@
 """Self-attention of a decoding step whose n samples share their prompt's keys (the shared Mllama decoder's
-layout, fastjudge/mllama_decoding.py), as one split-K kernel (flash-decoding).
+layout, fastjudge/engine/mllama.py), as one split-K kernel (flash-decoding).
 
 Per prompt b and K/V head, the key buffer holds L columns: the prompt's T keys (those its mask keeps are seen by
 every sample), then the samples' own keys step-major, column T + step * n + s for sample s. Sample s sees its
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastjudge.kernels.mllama_cross_attention import _check_decode_arguments, _split_decode
+from fastjudge.kernels._flash import check_decode_arguments, split_decode
 
 
 def _seen(prompt_mask: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     Raises:
         ValueError: a bad shape, device, dtype or option (the message names the argument).
     """
-    _check_decode_arguments(q, keys, values, ("keys", "values"), backend, splits)
+    check_decode_arguments(q, keys, values, ("keys", "values"), backend, splits)
     batch, heads, samples, size = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     if prompt_mask.dim() != 2 or prompt_mask.shape[0] != batch:
@@ -97,4 +97,4 @@ def shared_prefix_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: 
     def launch(grid, parts, stats, rows, splits, chunk, blocks):
         kernels.shared_prefix_decode_kernel[grid](q, keys, values, parts, stats, mask, index, rows, length, size,
                                                   kv_heads, prompt, samples, width, splits, chunk, scale, **blocks)
-    return _split_decode(q, kv_heads, width, splits, launch)
+    return split_decode(q, kv_heads, width, splits, launch)

@@ -1,13 +1,12 @@
 """The Triton kernel of `decode_attention.shared_prefix_decode_attention` (kept apart so that importing
-fastjudge.kernels imports no Triton); its chunks are merged by mllama_cross_attention_triton's combine kernel.
+fastjudge.kernels imports no Triton); its chunks are merged by _flash_triton's combine kernel.
 Shapes: R = G * n query rows per (prompt, K/V head): row j * n + s is query head kv * G + j of sample s."""
 
 import triton
 import triton.language as tl
 
-from fastjudge.kernels.mllama_cross_attention_triton import (LOG2E, _decode_queries, _key_tile,
-                                                             _online_softmax_start, _online_softmax_update,
-                                                             _store_decode_chunk)
+from fastjudge.kernels._flash_triton import (LOG2E, _decode_queries, _key_tile, _online_softmax_start,
+                                             _online_softmax_update, _store_decode_chunk)
 
 
 # WIDTH, SPLITS and CHUNK change with the span read: unspecialized, so that a CUDA graph captured for a wider span

@@ -4,6 +4,7 @@ Triton). Shapes and designs: the docstring of linear_cross_entropy.py."""
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def block_stats_kernel(block_ptr, stride, rows, cols, col0, target_ptr, max_ptr, sumexp_ptr, picked_ptr,
                        total_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):

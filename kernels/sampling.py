@@ -1,5 +1,5 @@
 """Token sampling from logits in Triton, without sorting the vocabulary (the GPU side of
-`fastjudge.sampling.sample_logits`).
+`fastjudge.core.sampling.sample_logits`).
 
 One program per row. The filters are those of the plain-PyTorch reference (`sample_logits_reference`), in its
 order: temperature; top-k (keep every token whose scaled logit is at least the k-th largest); top-p over the
@@ -147,7 +147,7 @@ def sample_logits_triton(logits: torch.Tensor, *, temperature: float = 1.0, top_
                          seed_in_memory: bool | None = None, top_k_by: str | None = None) -> torch.Tensor:
     """One token per row of logits (B, V), float32/bf16/fp16 on a GPU (or anywhere under TRITON_INTERPRET=1),
     with the reference's filters (module docstring); temperature 0 is argmax. Arguments are checked by the
-    caller (`fastjudge.sampling.sample_logits`). rows_per_program > 1 (a power of two) suits the interpreter.
+    caller (`fastjudge.core.sampling.sample_logits`). rows_per_program > 1 (a power of two) suits the interpreter.
     seed_in_memory: the kernel reads the generator's seed from memory instead of the host passing its value
     (None: when the generator is on logits' device; then no call waits on the GPU); both draw the same tokens.
     top_k_by: how the k-th largest value is found: "topk" (torch.topk, then the kernel reads it) or "bisection"

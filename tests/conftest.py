@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -10,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastjudge import toy  # noqa: E402
 from fastjudge.models import ToyAdapter  # noqa: E402
+from fastjudge.toy import model as toy  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -24,6 +25,13 @@ def tiny_toy_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-toy")
     ToyAdapter(toy.build_model(config, seed=0), tokenizer).save(folder)
     return folder
+
+
+@pytest.fixture
+def enter():
+    """enter(context_manager): entered for the rest of the test and left after it (tile presets, say)."""
+    with contextlib.ExitStack() as stack:
+        yield stack.enter_context
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 
 import random
 
-from fastjudge import prompts, world
-from fastjudge.assets import base_model_dir
+from fastjudge.data import prompts
 from fastjudge.models import load_adapter
+from fastjudge.models.toy import base_model_dir
+from fastjudge.toy import world
 
 
 def test_shipped_base_model_writes_the_judge_format():

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from conftest import VLRB_FACTS, VLRB_FIXTURE, VLRB_FULL
-from fastjudge import cli, scoring
-from fastjudge.data import Skip, load_bench, load_predictions
-from fastjudge.prompts import MMRB_JUDGE, VLRB_JUDGE, benchmark_prompt, parse_verdict
+from fastjudge import cli
+from fastjudge.data import Skip, load_bench, load_predictions, scoring
+from fastjudge.data.prompts import MMRB_JUDGE, VLRB_JUDGE, benchmark_prompt, parse_verdict
 
 
 @pytest.fixture

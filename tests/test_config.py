@@ -94,3 +94,30 @@ def test_load_ignores_unknown_keys_and_validates(tmp_path):
     path.write_text(json.dumps({"top_p": 2}))
     with pytest.raises(ValueError, match="^top_p:"):
         LoopConfig.load(path)
+
+
+def test_each_stage_gets_its_own_settings_from_the_config():
+    """The stages take small options, not the loop's config: every setting a stage reads comes from the field
+    of the same meaning (renamed where the stage's name is shorter)."""
+    from fastjudge.toy.world import rewrite_with_error
+    cfg = LoopConfig(n_samples=12, temperature=0.7, top_k=40, top_p=0.8, min_votes=4, early_stop=0.9, round_size=3,
+                     answer_tokens=33, rewrite_temperature=0.4, batch_rows=48, batch_tokens=9000, judge_tokens=55,
+                     filter_temperature=0.5, filter_reasoning="sampled", epochs=2, lr=2e-4, batch_size=8,
+                     micro_batches=3, train="lora", lora_rank=4, lora_alpha=8.0, bench="toy", k=3,
+                     eval_temperature=0.2, unparsed="random")
+    synth = cfg.synth_options()
+    assert (synth.n_samples, synth.temperature, synth.top_k, synth.top_p, synth.min_votes, synth.early_stop,
+            synth.round_size, synth.answer_tokens, synth.rewrite_temperature, synth.batch_rows,
+            synth.batch_tokens) == (12, 0.7, 40, 0.8, 4, 0.9, 3, 33, 0.4, 48, 9000)
+    assert synth.corrupter is None  # the model rewrites its own answers
+    assert LoopConfig(corrupter="rules").synth_options().corrupter is rewrite_with_error
+    filtering = cfg.filter_options()
+    assert (filtering.judge_tokens, filtering.temperature, filtering.reasoning, filtering.top_k,
+            filtering.batch_rows, filtering.keep_all) == (55, 0.5, "sampled", 40, 48, False)
+    assert LoopConfig(ablation="no-filter").filter_options().keep_all
+    training = cfg.train_options()
+    assert (training.epochs, training.lr, training.batch_size, training.micro_batches, training.train,
+            training.lora_rank, training.lora_alpha) == (2, 2e-4, 8, 3, "lora", 4, 8.0)
+    evaluation = cfg.eval_options()
+    assert (evaluation.bench, evaluation.k, evaluation.temperature, evaluation.unparsed, evaluation.judge_tokens,
+            evaluation.batch_tokens) == ("toy", 3, 0.2, "random", 55, 9000)

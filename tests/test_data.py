@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastjudge import data, world
 from fastjudge.data import Skip, load_benchmark, load_prompts, read_jsonl, write_jsonl
+from fastjudge.toy import files as toy_files
+from fastjudge.toy import world
 
 
 def png(path: Path) -> Path:
@@ -171,7 +172,7 @@ def test_write_jsonl_is_atomic_and_round_trips(tmp_path):
 
 
 def test_write_toy_prompts_loads_cleanly(tmp_path):
-    path = data.write_toy_prompts(tmp_path / "pool", count=12, seed=3, closed_fraction=0.5)
+    path = toy_files.write_toy_prompts(tmp_path / "pool", count=12, seed=3, closed_fraction=0.5)
     records, skips = load_prompts(path)
     assert skips == [] and len(records) == 12
     assert {r.kind for r in records} <= {"open", "closed"}
@@ -182,9 +183,9 @@ def test_write_toy_prompts_loads_cleanly(tmp_path):
         assert (r.answer_type is None) == (r.kind == "open")
         if r.kind == "open":
             assert r.instruction in world.OPEN_INSTRUCTIONS
-    kinds = Counter(r.kind for r in load_prompts(data.write_toy_prompts(tmp_path / "all", 6, 1, 1.0))[0])
+    kinds = Counter(r.kind for r in load_prompts(toy_files.write_toy_prompts(tmp_path / "all", 6, 1, 1.0))[0])
     assert kinds == {"closed": 6}
-    kinds = Counter(r.kind for r in load_prompts(data.write_toy_prompts(tmp_path / "none", 6, 1, 0.0))[0])
+    kinds = Counter(r.kind for r in load_prompts(toy_files.write_toy_prompts(tmp_path / "none", 6, 1, 0.0))[0])
     assert kinds == {"open": 6}
 
 
@@ -197,7 +198,7 @@ def check_toy_rows(rows: list[dict]) -> None:
 
 
 def test_write_toy_benchmark_small(tmp_path):
-    path = data.write_toy_benchmark(tmp_path, per_category=3, seed=5)
+    path = toy_files.write_toy_benchmark(tmp_path, per_category=3, seed=5)
     rows = read_jsonl(path)
     assert len(rows) == 15
     assert Counter(row["category"] for row in rows) == {c: 3 for c in world.CATEGORIES}
@@ -208,7 +209,7 @@ def test_write_toy_benchmark_small(tmp_path):
 
 
 def test_write_toy_benchmark_both_orders(tmp_path):
-    rows = read_jsonl(data.write_toy_benchmark(tmp_path, per_category=20, seed=7))
+    rows = read_jsonl(toy_files.write_toy_benchmark(tmp_path, per_category=20, seed=7))
     assert len(rows) == 100
     check_toy_rows(rows)
     firsts = Counter(row["human_ranking"][0] for row in rows)

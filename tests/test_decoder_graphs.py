@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastjudge import mllama_decoding, tiny
-from fastjudge.decoding import decode_groups
+import tiny
+from fastjudge.engine import mllama as mllama_decoding
+from fastjudge.engine.decoding import decode_groups
+from fastjudge.engine.options import DecodeOptions
 from fastjudge.models import ToyAdapter, load_adapter
 
 PROMPTS = ["How many objects?", "What colour is the big shape on the left?", "Describe the image."]
@@ -41,19 +43,21 @@ def _force_buckets(monkeypatch, reads):
     monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "read_span", recorded_read_span)
 
 
-def _runs(adapter, inputs, device="cpu", eos=frozenset({3, 5, 7})):
+def _runs(adapter, inputs, device="cpu", eos=frozenset({3, 5, 7}), options=DecodeOptions()):
     """Sampled with refilled slots, and greedy with end tokens (prompts leave the batch)."""
     model = adapter.model
     sampled = decode_groups(model, dict(inputs), n=4, slots=2, max_new_tokens=9, eos_ids=set(), temperature=1.0,
-                            top_k=20, generator=torch.Generator(device=device).manual_seed(5), sync_every=3)
+                            top_k=20, generator=torch.Generator(device=device).manual_seed(5),
+                            options=options.with_(sync_every=3))
     greedy = decode_groups(model, dict(inputs), n=1, max_new_tokens=12, eos_ids=set(eos), temperature=0.0,
-                           sync_every=2)
+                           options=options.with_(sync_every=2))
     return sampled, greedy
 
 
-def _early_end(adapter, inputs):
+def _early_end(adapter, inputs, options=DecodeOptions()):
     """An end token that prompt 1's greedy text reaches but prompt 0's does not: prompt 1 leaves early."""
-    free = decode_groups(adapter.model, dict(inputs), n=1, max_new_tokens=12, eos_ids=set(), temperature=0.0)
+    free = decode_groups(adapter.model, dict(inputs), n=1, max_new_tokens=12, eos_ids=set(), temperature=0.0,
+                         options=options)
     return {next(t for t in free[1][0] if t not in free[0][0])}
 
 
@@ -65,9 +69,8 @@ def test_bucketed_reads_sample_what_exact_reads_sample(source, tiny_toy_dir, tmp
     inputs = _inputs(adapter)
     exact = _runs(adapter, inputs)
     reads = []
-    monkeypatch.setattr(mllama_decoding, "GRAPH_FIRST_SPAN", 2)
     _force_buckets(monkeypatch, reads)
-    assert _runs(adapter, inputs) == exact
+    assert _runs(adapter, inputs, options=DecodeOptions(graph_first_span=2)) == exact
     assert {read for _, read in reads} == {2, 4, 8, 9, 12}  # buckets 2, 4, 8, ..., capped at max_new_tokens
     assert any(read > span for span, read in reads)  # the bucketed runs did read past the columns written
     assert all(read >= span for span, read in reads)
@@ -75,7 +78,7 @@ def test_bucketed_reads_sample_what_exact_reads_sample(source, tiny_toy_dir, tmp
 
 def test_bucket_spans_double_up_to_the_buffer():
     decoder = mllama_decoding.SharedMllamaDecoder.__new__(mllama_decoding.SharedMllamaDecoder)
-    decoder.bucket_spans, decoder.max_new = True, 100
+    decoder.bucket_spans, decoder.max_new, decoder.options = True, 100, DecodeOptions()
     assert [decoder.read_span(s) for s in (1, 16, 17, 33, 64, 65, 100)] == [16, 16, 32, 64, 64, 100, 100]
     decoder.bucket_spans = False
     assert decoder.read_span(17) == 17
@@ -86,7 +89,7 @@ def test_graphs_refused_off_a_gpu(tiny_toy_dir):
     with pytest.raises(ValueError, match="^graphs: "):
         mllama_decoding.decode_mllama_shared(adapter.model, _inputs(adapter), n=1, max_new_tokens=2, eos_ids=set(),
                                              sampler=lambda logits, g: logits.argmax(-1), generator=None,
-                                             graphs=True)
+                                             options=DecodeOptions(cuda_graphs=True))
 
 
 def test_bad_logits_raise_at_the_next_look(tiny_toy_dir):
@@ -125,7 +128,8 @@ def test_keeping_done_prompts_decodes_what_dropping_them_decodes(source, tiny_to
 
     def run():
         return [decode_groups(adapter.model, dict(inputs), n=n, slots=slots, max_new_tokens=12, eos_ids=eos,
-                              temperature=0.0, sync_every=sync) for n, slots, sync in [(1, 1, 1), (3, 2, 2)]]
+                              temperature=0.0, options=DecodeOptions(sync_every=sync))
+                for n, slots, sync in [(1, 1, 1), (3, 2, 2)]]
     dropped = run()
     kept_calls = []
 
@@ -146,13 +150,11 @@ def test_graphs_sample_what_the_eager_steps_sample(source, self_kernel, tiny_toy
     smaller batch (both runs drop a done prompt at once, so that their batches match); with the self layers
     through SDPA and through the self-attention kernel (whose splits change with the span: a capture must not
     compile a new variant)."""
-    monkeypatch.setattr(mllama_decoding, "SELF_ATTENTION_KERNEL", self_kernel)
+    eager = DecodeOptions(self_attention_kernel=self_kernel, cuda_graphs=False, graph_first_span=2)
     adapter = _adapter(source, tiny_toy_dir, tmp_path)
     inputs = {k: v.to("cuda") for k, v in _inputs(adapter).items()}
     adapter.model.to("cuda")
-    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
-    eos = _early_end(adapter, inputs)
-    monkeypatch.setattr(mllama_decoding, "GRAPH_FIRST_SPAN", 2)
+    eos = _early_end(adapter, inputs, eager)
     # a GEMM over other rows may round differently on a GPU: both runs drop done prompts at once
     monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "worth_shrinking", lambda self, going, batch: True)
     captures = []
@@ -162,13 +164,11 @@ def test_graphs_sample_what_the_eager_steps_sample(source, self_kernel, tiny_toy
         captures.append((len(self.prompt_mask), span))
         return capture(self, span)
     monkeypatch.setattr(mllama_decoding.SharedMllamaDecoder, "_capture", counted)
-    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", True)
-    graphed = _runs(adapter, inputs, "cuda", eos)
+    graphed = _runs(adapter, inputs, "cuda", eos, eager.with_(cuda_graphs=True))
     assert len({span for _, span in captures}) >= 3
     assert len({batch for batch, _ in captures}) >= 2  # captured again after the batch shrank
-    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
     _force_buckets(monkeypatch, [])
-    assert _runs(adapter, inputs, "cuda", eos) == graphed
+    assert _runs(adapter, inputs, "cuda", eos, eager) == graphed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronizations are a GPU matter")
@@ -188,7 +188,7 @@ def test_steps_between_looks_do_not_synchronize(tiny_toy_dir):
             try:
                 decode_groups(adapter.model, dict(inputs), n=4, max_new_tokens=tokens, eos_ids=set(),
                               temperature=1.0, top_k=20, generator=torch.Generator(device="cuda").manual_seed(0),
-                              sync_every=8)
+                              options=DecodeOptions(sync_every=8))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message).lower() for w in caught)

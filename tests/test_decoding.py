@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from fastjudge import prompts, world
-from fastjudge.sampling import sample_logits_reference
+from fastjudge.core.sampling import sample_logits_reference
+from fastjudge.data import prompts
 from fastjudge.models import ToyAdapter
+from fastjudge.toy import world
 
 
 def _batch(count: int, seed: int):

@@ -1,4 +1,4 @@
-"""Voting on the device: answer spans found token by token (`answer_spans.SpanTracker`), the fixed-shape vote
+"""Voting on the device: answer spans found token by token (`engine.vote.SpanTracker`), the fixed-shape vote
 and its settle rule (`DeviceVote`), and the shared Mllama decoder that refills slots and stops a prompt early."""
 
 import random
@@ -8,12 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastjudge import tiny, world
-from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTables, SpanTracker
-from fastjudge.decoding import decode_groups
+import tiny
+from fastjudge.core.answers import extract_answer
+from fastjudge.core.voting import majority_confidence, normalize_answer, sampling_settled
+from fastjudge.engine.decoding import decode_groups
+from fastjudge.engine.options import DecodeOptions
+from fastjudge.engine.vote import DeviceVote, EarlyStop, SpanTables, SpanTracker
 from fastjudge.models import ToyAdapter, load_adapter
-from fastjudge.synth import extract_answer
-from fastjudge.voting import majority_confidence, normalize_answer, sampling_settled
+from fastjudge.toy import world
 
 
 def _track(tables: SpanTables, sequences: list[list[int]]) -> list[int | None]:
@@ -182,7 +184,7 @@ def test_refilled_slots_decode_as_a_fresh_prompt(mllama, slots, sync_every):
     kwargs = dict(max_new_tokens=9, eos_ids=eos, sampler=_greedy)
     alone = decode_groups(mllama.model, _inputs(mllama, images, PROMPTS), n=1, **kwargs)
     groups = decode_groups(mllama.model, _inputs(mllama, images, PROMPTS), n=5, slots=slots,
-                           sync_every=sync_every, **kwargs)
+                           options=DecodeOptions(sync_every=sync_every), **kwargs)
     assert [len(g) for g in groups] == [5, 5, 5]
     for (reference,), group in zip(alone, groups):
         assert all(sample == reference for sample in group)
@@ -195,7 +197,8 @@ def test_host_looks_every_few_steps_without_changing_greedy_text(mllama):
     for sync_every in (2, 4):
         inputs = _inputs(mllama, images, PROMPTS)
         groups = decode_groups(mllama.model, inputs, n=1, max_new_tokens=10, eos_ids=mllama.eos_ids,
-                               sync_every=sync_every, stop=lambda tokens: "e" in mllama.decode_raw(tokens))
+                               options=DecodeOptions(sync_every=sync_every),
+                               stop=lambda tokens: "e" in mllama.decode_raw(tokens))
         texts = [[mllama.decode(g[0]).split("e")[0] if "e" in mllama.decode(g[0]) else mllama.decode(g[0])]
                  for g in groups]
         assert [[t.rstrip()] for (t,) in texts] == [[t.rstrip()] for (t,) in one]
@@ -238,16 +241,19 @@ def test_generate_with_early_stop_is_seeded_and_draws_fewer_samples():
 
 
 def test_synth_uses_the_device_vote_for_mllama(tmp_path):
-    from fastjudge import data, synth
-    from fastjudge.config import LoopConfig
-    path = data.write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
+    from fastjudge import data
+    from fastjudge.stages import synth
+    from fastjudge.toy.files import write_toy_prompts
+    path = write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
     records, _ = data.load_prompts(path)
     adapter = load_adapter(None)
-    cfg = LoopConfig(n_samples=8, round_size=2, min_votes=3, early_stop=0.8, answer_tokens=12)
-    result = synth.run(adapter, records, cfg, seed=1)
+    options = synth.SynthOptions(n_samples=8, round_size=2, min_votes=3, early_stop=0.8, answer_tokens=12,
+                                 batch_rows=256)
+    result = synth.run(adapter, records, options, seed=1)
     assert result.stats["samples"] < 8 * len(records)
-    assert synth.run(adapter, records, cfg, seed=1).stats == result.stats
-    full = synth.run(adapter, records, LoopConfig(n_samples=8, min_votes=3, answer_tokens=12), seed=1)
+    assert synth.run(adapter, records, options, seed=1).stats == result.stats
+    full = synth.run(adapter, records, options.__class__(n_samples=8, min_votes=3, answer_tokens=12, batch_rows=256),
+                     seed=1)
     assert full.stats["samples"] == 8 * len(records)
 
 
@@ -338,8 +344,8 @@ def test_stop_strings_end_samples_where_they_appear(sync_every):
     def stop(tokens):
         return "is" in adapter.decode_raw(tokens).split()
     groups = decode_groups(adapter.model, _inputs(adapter, images, prompts), n=6, slots=2, max_new_tokens=12,
-                           eos_ids=adapter.eos_ids, sampler=_multinomial(1.5), stop=stop, sync_every=sync_every,
-                           generator=torch.Generator().manual_seed(1))
+                           eos_ids=adapter.eos_ids, sampler=_multinomial(1.5), stop=stop,
+                           options=DecodeOptions(sync_every=sync_every), generator=torch.Generator().manual_seed(1))
     stopped = 0
     for group in groups:
         assert len(group) == 6

@@ -1,4 +1,4 @@
-"""The shared-prefix generation engine (`fastjudge.decoding.decode` with n > 1, rows leaving the batch, stop
+"""The shared-prefix generation engine (`fastjudge.engine.decoding.decode_groups` with n > 1, rows leaving the
 strings) and the drop-in `fastjudge.sampler.generate`."""
 
 import types
@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastjudge import prompts as prompt_texts
-from fastjudge import tiny, world
-from fastjudge.decoding import decode
+import tiny
+from fastjudge.data import prompts as prompt_texts
+from fastjudge.engine.decoding import decode_groups
+from fastjudge.engine.options import DecodeOptions
 from fastjudge.models import ToyAdapter, load_adapter
 from fastjudge.sampler import generate
+from fastjudge.toy import world
 
 PROMPTS = ["How many objects?", "What colour is the big shape on the left?", "Describe the image."]
 
@@ -22,6 +24,14 @@ def adapter(request, tmp_path_factory, tiny_toy_dir):
     if request.param == "toy":
         return ToyAdapter.load(tiny_toy_dir)
     return load_adapter(str(tiny.build_checkpoint(request.param, tmp_path_factory.mktemp(request.param))))
+
+
+GENERIC = DecodeOptions(shared_mllama=False)  # Mllama through the generic decoder too
+
+
+def decode(model, inputs, *, n, options=DecodeOptions(), **kwargs):
+    """decode_groups' samples as one list, prompt-major (the n samples of prompt 0 first)."""
+    return [tokens for group in decode_groups(model, inputs, n=n, options=options, **kwargs) for tokens in group]
 
 
 def _images(count, seed):
@@ -130,6 +140,31 @@ def test_drop_in_generate_with_mllama_processor_matches_transformers(tmp_path):
     assert [p.requires_grad for p in model.parameters()] == requires_grad  # the model is left as it was
 
 
+@pytest.mark.parametrize("family", ["mllama", "qwen2_vl"])
+def test_drop_in_generate_takes_templated_text_and_refuses_the_wrong_form(family, tmp_path):
+    """Text already through the chat template (what transformers' processor takes) with templated=True gives
+    what the user's text gives (both equal to transformers' greedy generate for Mllama, above); templated text
+    passed as the user's text, or raw text passed as templated, is a ValueError naming the prompt."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    folder = tiny.build_checkpoint(family, tmp_path / family)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = types.SimpleNamespace(tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(folder))
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    images = _images(3, seed=8)
+    chats = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True, tokenize=False) for prompt in PROMPTS]
+    raw = generate(model, processor, images, PROMPTS, temperature=0.0, max_new_tokens=8)
+    assert generate(model, processor, images, chats, temperature=0.0, max_new_tokens=8, templated=True) == raw
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: holds the chat template's .*templated=True"):
+        generate(model, processor, images, [PROMPTS[0], chats[1], PROMPTS[2]], temperature=0.0)
+    with pytest.raises(ValueError, match=r"^prompts\[0\]: templated=True expects"):
+        generate(model, processor, images, PROMPTS, temperature=0.0, templated=True)
+    toy = load_adapter(None)
+    with pytest.raises(ValueError, match="^templated: "):
+        toy.generate(images[:1], ["describe the image ."], templated=True)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_drop_in_generate_with_qwen(family, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -163,7 +198,7 @@ def test_majority_confidence_is_the_beta_posterior_probability(v1, v2):
     """P(p1 > p2) for Beta(v1 + 1, v2 + 1) shares, by numerical integration of the density in float64."""
     from math import lgamma
 
-    from fastjudge.voting import majority_confidence
+    from fastjudge.core.voting import majority_confidence
     a, b = v1 + 1, v2 + 1
     x = np.linspace(0.5, 1.0, 200_001)
     log_norm = lgamma(a + b) - lgamma(a) - lgamma(b)
@@ -174,7 +209,7 @@ def test_majority_confidence_is_the_beta_posterior_probability(v1, v2):
 
 
 def test_sampling_settled_needs_min_votes_or_a_hopeless_prompt():
-    from fastjudge.voting import sampling_settled
+    from fastjudge.core.voting import sampling_settled
     assert not sampling_settled({"2": 4}, drawn=4, n_samples=16, min_votes=5, confidence=0.9)  # 4 < min_votes
     assert sampling_settled({"2": 8}, drawn=8, n_samples=16, min_votes=5, confidence=0.99)
     assert not sampling_settled({"2": 5, "3": 3}, drawn=8, n_samples=16, min_votes=5, confidence=0.95)
@@ -184,24 +219,27 @@ def test_sampling_settled_needs_min_votes_or_a_hopeless_prompt():
 
 def test_rounds_early_stop_draws_fewer_samples_in_whole_rounds(tmp_path):
     """The host-side rounds (the families without the shared Mllama decoder), driven here with the toy."""
-    from fastjudge import data, synth
-    from fastjudge.config import LoopConfig
-    path = data.write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
+    from fastjudge import data
+    from fastjudge.stages import synth
+    from fastjudge.toy.files import write_toy_prompts
+    path = write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
     records, _ = data.load_prompts(path)
     adapter = load_adapter(None)
-    cfg = LoopConfig(n_samples=8, round_size=2, min_votes=3, early_stop=0.8, answer_tokens=12)
+    cfg = synth.SynthOptions(n_samples=8, round_size=2, min_votes=3, early_stop=0.8, answer_tokens=12,
+                             batch_rows=256)
     groups = synth.sample_adaptively(adapter, data.load_images([r.image for r in records]), records, cfg, seed=1)
     sizes = [len(g) for g in groups]
     assert all(2 <= size <= 8 and size % 2 == 0 for size in sizes)
     assert sum(sizes) < 8 * len(records)  # the shipped model agrees with itself often enough to stop early
     again = synth.sample_adaptively(adapter, data.load_images([r.image for r in records]), records, cfg, seed=1)
     assert again == groups
+    from fastjudge.config import LoopConfig
     with pytest.raises(ValueError, match="^early_stop: "):
         LoopConfig(early_stop=1.0)
 
 
 def test_token_budget_splits_batches_without_changing_greedy_output(tiny_toy_dir):
-    from fastjudge.models import _token_budget
+    from fastjudge.models.adapter import _token_budget
     rows = [[1] * 10, [1] * 30, [1] * 5, [1] * 12]
     # 2 samples x (longest + 6 new): [10, 30] holds 2 x 2 x 36 = 144 > 100 positions, so 10 goes alone
     assert list(_token_budget(rows, 2, 6, 100)) == [(0, 1), (1, 2), (2, 4)]
@@ -217,34 +255,30 @@ def test_token_budget_splits_batches_without_changing_greedy_output(tiny_toy_dir
 
 
 @pytest.mark.parametrize("source", ["toy", "mllama"])
-def test_mllama_shared_cache_decoding_equals_the_generic_path(source, tiny_toy_dir, tmp_path, monkeypatch):
+def test_mllama_shared_cache_decoding_equals_the_generic_path(source, tiny_toy_dir, tmp_path):
     """Mllama's decoder without copies (prefix and image keys shared as extra query positions, own keys in a
     preallocated buffer) samples exactly what transformers' forward on repeated rows samples."""
-    from fastjudge import decoding
     adapter = ToyAdapter.load(tiny_toy_dir) if source == "toy" else \
         load_adapter(str(tiny.build_checkpoint("mllama", tmp_path / "mllama")))
     images, n = _images(3, seed=11), 5
     kwargs = dict(max_new_tokens=7, eos_ids=set(), temperature=1.0, top_k=20)
     shared = decode(adapter.model, _inputs(adapter, images, PROMPTS), n=n,
                     generator=torch.Generator().manual_seed(3), **kwargs)
-    monkeypatch.setattr(decoding, "SHARED_MLLAMA", False)
-    generic = decode(adapter.model, _inputs(adapter, images, PROMPTS, repeat=n), n=1,
+    generic = decode(adapter.model, _inputs(adapter, images, PROMPTS, repeat=n), n=1, options=GENERIC,
                      generator=torch.Generator().manual_seed(3), **kwargs)
     assert shared == generic
     # with end tokens: a prompt leaves when all its samples have ended; each sample stops at its own end
     eos = set(list(adapter.eos_ids)[:1])
     kwargs = dict(max_new_tokens=12, eos_ids=eos | {3, 5, 7}, temperature=0.0)
-    monkeypatch.setattr(decoding, "SHARED_MLLAMA", True)
     shared = decode(adapter.model, _inputs(adapter, images, PROMPTS), n=1, **kwargs)
-    monkeypatch.setattr(decoding, "SHARED_MLLAMA", False)
-    assert shared == decode(adapter.model, _inputs(adapter, images, PROMPTS), n=1, **kwargs)
+    assert shared == decode(adapter.model, _inputs(adapter, images, PROMPTS), n=1, options=GENERIC, **kwargs)
 
 
 @pytest.mark.parametrize("blind", ["one prompt", "every prompt"])
-def test_mllama_shared_decoding_handles_prompts_that_see_no_image(blind, monkeypatch):
+def test_mllama_shared_decoding_handles_prompts_that_see_no_image(blind):
     """A prompt whose tokens see no image key (cross mask all zero): transformers attends evenly and zeroes the
     cross layer's MLP; the shared decoder must give the same logits, with or without other prompts seeing."""
-    from fastjudge import decoding, toy
+    from fastjudge.toy import model as toy
     tokenizer = toy.build_tokenizer()
     config = toy.build_config(tokenizer, text_hidden=64, text_layers=4, cross_layers=(1,), vision_hidden=32)
     adapter = ToyAdapter(toy.build_model(config, seed=0), tokenizer)
@@ -260,12 +294,49 @@ def test_mllama_shared_decoding_handles_prompts_that_see_no_image(blind, monkeyp
         inputs["cross_attention_mask"].zero_()
     seen = {True: [], False: []}
     for shared in (True, False):
-        monkeypatch.setattr(decoding, "SHARED_MLLAMA", shared)
-
         def spy(logits, generator, shared=shared):
             seen[shared].append(logits.clone())
             return logits.argmax(-1)
-        decode(adapter.model, dict(inputs), n=1, max_new_tokens=5, eos_ids=set(), sampler=spy)
+        decode(adapter.model, dict(inputs), n=1, max_new_tokens=5, eos_ids=set(), sampler=spy,
+               options=DecodeOptions(shared_mllama=shared))
     for a, b in zip(seen[True], seen[False]):
         assert torch.isfinite(a).all()
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_options_validate_and_read_the_environment_in_one_place(monkeypatch):
+    from fastjudge.engine.options import DecodeOptions
+    with pytest.raises(ValueError, match="^graph_first_span: "):
+        DecodeOptions(graph_first_span=0)
+    with pytest.raises(ValueError, match="^sync_every: "):
+        DecodeOptions(sync_every=0)
+    monkeypatch.delenv("FASTJUDGE_GPU_KERNELS", raising=False)
+    monkeypatch.delenv("FASTJUDGE_CUDA_GRAPHS", raising=False)
+    assert DecodeOptions.from_environment() == DecodeOptions()
+    monkeypatch.setenv("FASTJUDGE_GPU_KERNELS", "0")
+    monkeypatch.setenv("FASTJUDGE_CUDA_GRAPHS", "0")
+    options = DecodeOptions.from_environment()
+    assert not options.gpu_kernels and options.cuda_graphs is False
+    # with gpu_kernels off no kernel runs, even one asked for; otherwise as asked, or on a GPU when not asked
+    assert not options.kernel_on(True, on_cuda=True)
+    assert DecodeOptions().kernel_on(None, on_cuda=True) and not DecodeOptions().kernel_on(None, on_cuda=False)
+    assert DecodeOptions().kernel_on(True, on_cuda=False) and not DecodeOptions().kernel_on(False, on_cuda=True)
+    assert load_adapter(None).decode_options == options  # the loader takes the environment's
+
+
+def test_adapters_of_a_run_share_one_feature_cache(tiny_toy_dir):
+    """A run hands one cache to every adapter it loads; a copied adapter (the judge made from the base) reads
+    the same entries; an adapter loaded alone gets a cache of its own."""
+    import copy
+
+    from fastjudge.models import FeatureCache
+    cache = FeatureCache(max_bytes=1 << 30)
+    base = load_adapter(str(tiny_toy_dir), feature_cache=cache)
+    judge = copy.deepcopy(base)
+    assert judge.feature_cache is cache and judge.model is not base.model
+    images = _images(2, seed=21)
+    base.image_features(images)
+    judge.image_features(images)
+    assert cache.stats["misses"] == 2 and cache.stats["hits"] == 2
+    alone = load_adapter(str(tiny_toy_dir))
+    assert alone.feature_cache is not cache and alone.feature_cache.max_bytes > 0

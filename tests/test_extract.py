@@ -1,11 +1,11 @@
-"""Final-answer extraction from sampled responses (fastjudge.synth.extract_answer)."""
+"""Final-answer extraction from sampled responses (fastjudge.core.answers.extract_answer)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastjudge.synth import extract_answer
-from fastjudge.voting import normalize_answer
+from fastjudge.core.answers import extract_answer
+from fastjudge.core.voting import normalize_answer
 
 CASES = [
     # (text, answer_type, expected)

@@ -1,5 +1,5 @@
 """The real model families (Llama-3.2-Vision's Mllama, Qwen2-VL, Qwen2.5-VL) through their adapters, on tiny
-random-weight checkpoints with local tokenizers that carry each family's chat template (fastjudge.tiny)."""
+random-weight checkpoints with local tokenizers that carry each family's chat template (tests/tiny.py)."""
 
 import inspect
 import json
@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+import tiny
 from conftest import VLRB_FIXTURE
-from fastjudge import data, tiny
+from fastjudge import data
 from fastjudge.config import LoopConfig
 from fastjudge.models import FeatureCache, ImageFeatures, load_adapter, mrope_positions
+from fastjudge.toy import files as toy_files
 
 FAMILIES = list(tiny.FAMILIES)
 
@@ -218,8 +220,8 @@ def test_unsupported_model_type_is_a_clear_error(tmp_path):
 def test_iterate_micro_run(checkpoint, tmp_path):
     """A whole `fastjudge iterate` (one iteration, a few prompts) with each family on the CPU."""
     from fastjudge import loop
-    prompts = data.write_toy_prompts(tmp_path / "world", count=6, seed=0, closed_fraction=0.5)
-    bench = data.write_toy_benchmark(tmp_path / "benchmark", per_category=1)
+    prompts = toy_files.write_toy_prompts(tmp_path / "world", count=6, seed=0, closed_fraction=0.5)
+    bench = toy_files.write_toy_benchmark(tmp_path / "benchmark", per_category=1)
     cfg = LoopConfig(out=str(tmp_path / "run"), model=str(checkpoint), prompts=str(prompts),
                      bench_data=str(bench), iterations=1, prompts_per_iteration=6, n_samples=4, min_votes=2,
                      answer_tokens=6, judge_tokens=8, batch_rows=16, epochs=1, batch_size=4, min_gain=-1.0)
@@ -240,7 +242,7 @@ def test_iterate_micro_run(checkpoint, tmp_path):
 def test_training_stage_on_traces_lowers_the_loss(checkpoint):
     """train.run (the loop's fine-tuning stage) on hand-made traces: a random judge keeps no pair, so the
     micro-run above trains on nothing; this runs the same stage on something to learn."""
-    from fastjudge import train
+    from fastjudge.stages import train
     adapter = load_adapter(str(checkpoint))
     folder = checkpoint.parent / (checkpoint.name + "-traces")
     folder.mkdir(exist_ok=True)
@@ -253,7 +255,8 @@ def test_training_stage_on_traces_lowers_the_loss(checkpoint):
     loaded = data.load_images([t["image"] for t in traces])
     with torch.no_grad():
         before = adapter.sft_loss(loaded, [t["prompt"] for t in traces], [t["target"] for t in traces]).item()
-    stats = train.run(adapter, traces, LoopConfig(model=str(checkpoint), epochs=8, batch_size=4, lr=3e-3), seed=0)
+    options = LoopConfig(model=str(checkpoint), epochs=8, batch_size=4, lr=3e-3).train_options()
+    stats = train.run(adapter, traces, options, seed=0)
     assert stats["steps"] == 8
     with torch.no_grad():
         after = adapter.sft_loss(loaded, [t["prompt"] for t in traces], [t["target"] for t in traces]).item()
@@ -332,7 +335,7 @@ def test_palette_images_hash_by_colour_not_index():
 def test_image_processor_falls_back_to_pil_without_torchvision(checkpoint, monkeypatch):
     import transformers
 
-    from fastjudge.models import _load_image_processor
+    from fastjudge.models.chat import _load_image_processor
 
     def needs_torchvision(*args, **kwargs):
         raise ImportError("requires the torchvision library")
@@ -344,7 +347,7 @@ def test_image_processor_falls_back_to_pil_without_torchvision(checkpoint, monke
 
 
 def test_master_weights_keep_small_updates_that_bf16_weights_lose():
-    from fastjudge.train import MasterWeights
+    from fastjudge.stages.train import MasterWeights
     torch.manual_seed(0)
     start = (torch.randn(4096) * 0.02).to(torch.bfloat16)
     grads = torch.randn(4096).to(torch.bfloat16)  # what a bf16 model's backward gives

@@ -1,5 +1,6 @@
-"""Mllama cross-attention over key ranges (`fastjudge.kernels.cross_attention`, `patch_mllama`): the Triton
-kernels under the interpreter (float32, tiny heads and dims) against a float64 reference, and a patched tiny
+"""Mllama cross-attention over key ranges (`fastjudge.kernels.cross_attention`, and
+`fastjudge.models.mllama.patch_mllama` that puts it into transformers' Mllama): the Triton kernels under the
+interpreter (float32, tiny heads and dims) against a float64 reference, and a patched tiny
 MllamaForConditionalGeneration against transformers.
 
 Tolerances: float32 online softmax against float64: outputs and gradients agree to about 1e-6 here; we allow
@@ -14,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fastjudge import tiny
+import tiny
+from fastjudge.engine.options import DecodeOptions
 from fastjudge.kernels.mllama_cross_attention import (DECODE_TILE_PRESETS, TILE_PRESETS, cross_attention,
-                                                      cross_attention_decode, cross_attention_reference, key_ranges,
-                                                      patch_mllama)
+                                                      cross_attention_decode, cross_attention_reference)
+from fastjudge.models.mllama import key_ranges, patch_mllama
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -126,11 +128,11 @@ def test_triton_bf16_on_the_gpu_against_float64(rows):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the tile presets apply to compiled kernels on a GPU")
 @pytest.mark.parametrize("preset", [name for name in TILE_PRESETS if name != "base"])
-def test_tile_presets_on_the_gpu_against_float64(monkeypatch, preset):
+def test_tile_presets_on_the_gpu_against_float64(enter, preset):
     """Every GPU tile preset (base: the test above) compiles within the card's shared memory and gives the
     output and gradients within 1e-2 of float64 in bf16 (11B head size and GQA group, a partial last key block)."""
     from fastjudge.kernels import mllama_cross_attention as module
-    monkeypatch.setattr(module, "GPU_TILES", module.TILE_PRESETS[preset])
+    enter(module.tile_presets(training=preset))
     q, k, v, start, end = _inputs(12, batch=2, heads=8, kv_heads=2, rows=300, keys=1601 * 2 - 7, size=128,
                                   empty_rows=3)
     go = torch.randn_like(q)
@@ -186,6 +188,7 @@ def test_decode_kernel_matches_float64(case):
 def test_decode_kernels_write_every_element():
     """The partial buffers and the output poisoned with NaN: every element the combine reads is written by the
     split kernel (empty chunks included), and every output element by the combine."""
+    from fastjudge.kernels import _flash_triton
     from fastjudge.kernels import mllama_cross_attention as module
     from fastjudge.kernels import mllama_cross_attention_triton as kernels
     case = DECODE_CASES[0]
@@ -194,7 +197,7 @@ def test_decode_kernels_write_every_element():
     batch, heads, samples, size = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     rows, splits = heads // kv_heads * samples, 6
-    config = module._config(q)
+    config = module.launch_config(q)
     block_m = 16
     row_blocks = -(-rows // block_m)
     parts = torch.full((batch * kv_heads, splits, rows, size), float("nan"), device=DEVICE)
@@ -205,7 +208,7 @@ def test_decode_kernels_write_every_element():
         q, k, v, parts, stats, start32, end32, rows, keys, size, kv_heads, splits, -(-keys // splits), size ** -0.5,
         BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], PRECISION=config["PRECISION"])
     assert not parts.isnan().any() and not stats.isnan().any()
-    kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
+    _flash_triton.decode_combine_kernel[(batch * kv_heads, row_blocks)](
         parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
     assert not out.isnan().any()
     torch.testing.assert_close(out, cross_attention_decode(q, k, v, start, end, backend="triton", splits=splits))
@@ -225,12 +228,12 @@ def test_decode_bad_arguments_name_the_argument():
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 arithmetic is wrong in the Triton interpreter")
 @pytest.mark.parametrize("samples", [1, 16])
 @pytest.mark.parametrize("tiles", list(DECODE_TILE_PRESETS))
-def test_decode_bf16_on_the_gpu_against_float64(monkeypatch, samples, tiles):
+def test_decode_bf16_on_the_gpu_against_float64(enter, samples, tiles):
     """bf16 at the 11B's decoding shapes (32 query heads over 8 K/V heads, D 128, 4 tiles of 1,601 keys), with
     each of the decoding tile presets: norm-relative error within 1e-2, and within twice that of the torch
     reference path in bf16."""
     from fastjudge.kernels import mllama_cross_attention as module
-    monkeypatch.setattr(module, "DECODE_TILES", module.DECODE_TILE_PRESETS[tiles])
+    enter(module.tile_presets(decode=tiles))
     q, k, v, start, end = _decode_inputs((2, 32, 8, samples, 6404, 128, None), 5)
     expected = cross_attention_decode(q, k, v, start, end, backend="torch")
 
@@ -250,7 +253,7 @@ def test_forward_kernel_writes_every_output_element():
     q, k, v, start, end = _inputs(3)
     q, k, v = (x.float().to(DEVICE).contiguous() for x in (q, k, v))
     start, end = module._row_ranges(start.to(DEVICE), end.to(DEVICE), k.shape[2], "zero")
-    config = module._config(q)
+    config = module.launch_config(q)
     lo, hi, blocks = module._block_ranges(start, end, config["BLOCK_M"])
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=DEVICE)
@@ -271,7 +274,7 @@ def test_backward_with_other_tiles_per_kernel_writes_every_gradient(monkeypatch,
     tiles = {"forward": (32, 16), "dq": (16, 32), "dkv": (16, 16)}
 
     def training_tiles(q, kernel):
-        return dict(module._config(q), BLOCK_M=tiles[kernel][0], BLOCK_N=tiles[kernel][1])
+        return dict(module.launch_config(q), BLOCK_M=tiles[kernel][0], BLOCK_N=tiles[kernel][1])
     monkeypatch.setattr(module, "_training_tiles", training_tiles)
     q, k, v, start, end = _inputs(5, rows=45, keys=70)
     # banded ranges (row t sees keys [t, t + 9)): each query block meets few key blocks, so a kernel that skipped
@@ -463,36 +466,33 @@ def test_shared_decoder_cross_layers_through_the_kernel(tiny_mllama, monkeypatch
     """The shared Mllama decoder's cross layers through the kernel (n samples of a prompt as query rows over
     its key range) sample exactly what its SDPA path samples; a prompt that sees no image included; with
     end tokens, so that prompts leave the batch (and their ranges with them)."""
-    from fastjudge import mllama_decoding
-    from fastjudge.decoding import decode_groups
-    from fastjudge.kernels import mllama_cross_attention
+    from fastjudge.engine import mllama as mllama_decoding
+    from fastjudge.engine.decoding import decode_groups
     _, inputs = _batch(tiny_mllama)
     if blind:
         inputs["cross_attention_mask"][0] = 0
     calls = []
-    kernel_function = mllama_cross_attention.cross_attention_decode
+    kernel_function = mllama_decoding.cross_attention_decode
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return kernel_function(*args, **kwargs)
-    monkeypatch.setattr(mllama_cross_attention, "cross_attention_decode", counted)
-    # eager steps: with CUDA graphs (on a GPU) the batch keeps a prompt that is done until half are done
-    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
+    monkeypatch.setattr(mllama_decoding, "cross_attention_decode", counted)
 
-    def run(eos, sampler=None):
+    def run(eos, sampler=None, kernel=False):
+        # eager steps: with CUDA graphs (on a GPU) the batch keeps a prompt that is done until half are done
+        options = DecodeOptions(cuda_graphs=False, cross_attention_kernel=kernel)
         return decode_groups(tiny_mllama.model, dict(inputs), n=3, max_new_tokens=6, eos_ids=eos, temperature=1.0,
-                             generator=torch.Generator().manual_seed(4), sampler=sampler)
+                             generator=torch.Generator().manual_seed(4), sampler=sampler, options=options)
 
     def greedy(logits, generator):
         return logits.argmax(-1)
-    monkeypatch.setattr(mllama_decoding, "CROSS_ATTENTION_KERNEL", False)
     free = run(set(), greedy)
     # an end token in prompt 1's greedy text but not in prompt 0's: prompt 1 leaves the batch, prompt 0 stays
     eos = {next(t for t in free[1][0] if t not in free[0][0])}
     results = []
     for kernel in (False, True):
-        monkeypatch.setattr(mllama_decoding, "CROSS_ATTENTION_KERNEL", kernel)
-        results.append((run(set()), run(eos, greedy)))
+        results.append((run(set(), kernel=kernel), run(eos, greedy, kernel=kernel)))
     assert results[0] == results[1]
     assert calls and {shape[2] for shape in calls} == {3}  # the kernel ran, the 3 samples as query rows
     assert len({shape[0] for shape in calls}) > 1  # prompts left the batch in between
@@ -503,17 +503,17 @@ def test_patched_model_builds_no_dense_mask_and_takes_long_masks(tiny_mllama, mo
     mask with a cache (fastjudge's generic decoding, transformers 5.17's generate) gets the current rows."""
     from transformers.models.mllama import modeling_mllama
 
-    from fastjudge import decoding
+    from fastjudge.engine.decoding import decode_groups
     _, inputs = _batch(tiny_mllama)
-    monkeypatch.setattr(decoding, "SHARED_MLLAMA", False)  # the generic path: the whole mask every step
-    kwargs = dict(n=2, max_new_tokens=5, eos_ids=set(), temperature=1.0)
-    expected = decoding.decode(tiny_mllama.model, dict(inputs), generator=torch.Generator().manual_seed(2), **kwargs)
+    # the generic path: the whole mask every step
+    kwargs = dict(n=2, max_new_tokens=5, eos_ids=set(), temperature=1.0, options=DecodeOptions(shared_mllama=False))
+    expected = decode_groups(tiny_mllama.model, dict(inputs), generator=torch.Generator().manual_seed(2), **kwargs)
     model = patch_mllama(copy.deepcopy(tiny_mllama.model), backend="triton")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dense cross-attention mask was built")
     monkeypatch.setattr(modeling_mllama, "_prepare_cross_attention_mask", refuse)
-    assert decoding.decode(model, dict(inputs), generator=torch.Generator().manual_seed(2), **kwargs) == expected
+    assert decode_groups(model, dict(inputs), generator=torch.Generator().manual_seed(2), **kwargs) == expected
 
 
 def test_patched_model_with_gradient_checkpointing(tiny_mllama):

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastjudge.kernels.decode_attention import (shared_prefix_decode_attention,
-                                                shared_prefix_decode_attention_reference)
+from fastjudge.kernels.decode_attention import shared_prefix_decode_attention, shared_prefix_decode_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -72,16 +71,16 @@ def test_kernel_writes_every_element_it_reads():
     """The partial buffers and the output NaN-poisoned (the interpreter does not catch unwritten elements):
     every partial element the combine reads is written, chunks that hold nothing a row sees included, and
     every output element."""
+    from fastjudge.kernels import _flash_triton
     from fastjudge.kernels import decode_attention_triton as kernels
-    from fastjudge.kernels import mllama_cross_attention_triton as cross_kernels
-    from fastjudge.kernels.mllama_cross_attention import _config
+    from fastjudge.kernels._flash import launch_config
     q, keys, values, prompt_mask, index, width = (x.to(DEVICE) if torch.is_tensor(x) else x
                                                   for x in _inputs(CASES[0], 3))
     q, keys, values = (x.float().contiguous() for x in (q, keys, values))
     batch, heads, samples, size = q.shape
     kv_heads, length, prompt = keys.shape[1], keys.shape[2], prompt_mask.shape[1]
     rows, splits, block_m = heads // kv_heads * samples, 7, 16
-    config = _config(q)
+    config = launch_config(q)
     parts = torch.full((batch * kv_heads, splits, rows, size), float("nan"), device=DEVICE)
     stats = torch.full((batch * kv_heads, splits, 2, rows), float("nan"), device=DEVICE)
     out = torch.full_like(q, float("nan"))
@@ -91,7 +90,7 @@ def test_kernel_writes_every_element_it_reads():
         kv_heads, prompt, samples, width, splits, -(-width // splits), size ** -0.5, BLOCK_M=block_m,
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], PRECISION=config["PRECISION"])
     assert not parts.isnan().any() and not stats.isnan().any()
-    cross_kernels.cross_attention_decode_combine_kernel[(batch * kv_heads, row_blocks)](
+    _flash_triton.decode_combine_kernel[(batch * kv_heads, row_blocks)](
         parts, stats, out, rows, size, splits, BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
     assert not out.isnan().any()
 
@@ -136,8 +135,10 @@ def test_bf16_on_the_gpu_against_float64():
 def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp_path, monkeypatch):
     """The shared Mllama decoder's self layers through the kernel sample exactly what its SDPA path samples:
     refilled slots (own runs that restart), prompts of different lengths (left padding), end tokens."""
-    from fastjudge import mllama_decoding, tiny
-    from fastjudge.decoding import decode_groups
+    import tiny
+    from fastjudge.engine import mllama as mllama_decoding
+    from fastjudge.engine.decoding import decode_groups
+    from fastjudge.engine.options import DecodeOptions
     from fastjudge.models import ToyAdapter, load_adapter
     adapter = ToyAdapter.load(tiny_toy_dir) if source == "toy" else \
         load_adapter(str(tiny.build_checkpoint("mllama", tmp_path / "mllama")), device=DEVICE, dtype=torch.float32)
@@ -148,35 +149,33 @@ def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp
     features = adapter.image_features(images)
     rows = [adapter._prompt_ids(p, f) for p, f in zip(["How many?", "What colour is the big shape?", "x"], features)]
     inputs = adapter._model_inputs(rows, features, left=True)
-    monkeypatch.setattr(mllama_decoding, "CUDA_GRAPHS", False)
     calls = []
-    from fastjudge.kernels import decode_attention
-    kernel = decode_attention.shared_prefix_decode_attention
+    kernel = mllama_decoding.shared_prefix_decode_attention
 
     def counted(*args, **kwargs):
         index = args[4]
         calls.append((kwargs["width"], bool((index != index[:, :1]).any())))
         return kernel(*args, **kwargs)
-    monkeypatch.setattr(decode_attention, "shared_prefix_decode_attention", counted)
+    monkeypatch.setattr(mllama_decoding, "shared_prefix_decode_attention", counted)
 
-    def sample(eos):
+    def options(use_kernel):
+        return DecodeOptions(cuda_graphs=False, self_attention_kernel=use_kernel)
+
+    def sample(eos, use_kernel=False):
         return decode_groups(adapter.model, dict(inputs), n=4, slots=2, max_new_tokens=7, eos_ids=eos,
-                             temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5), sync_every=2)
+                             temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5),
+                             options=options(use_kernel).with_(sync_every=2))
     # an end token in prompt 0's first sample but not in its second: the two slots end and restart at different
     # steps (their indices differ)
-    monkeypatch.setattr(mllama_decoding, "SELF_ATTENTION_KERNEL", False)
     free = sample(set())
     eos = {next(t for t in free[0][0][1:] if t not in free[0][1])}
 
-    def runs():
-        sampled = sample(eos)
+    def runs(use_kernel):
+        sampled = sample(eos, use_kernel)
         greedy = decode_groups(adapter.model, dict(inputs), n=1, max_new_tokens=10, eos_ids={3, 5, 7},
-                               temperature=0.0)
+                               temperature=0.0, options=options(use_kernel))
         return sampled, greedy
-    results = []
-    for use_kernel in (False, True):
-        monkeypatch.setattr(mllama_decoding, "SELF_ATTENTION_KERNEL", use_kernel)
-        results.append(runs())
+    results = [runs(use_kernel) for use_kernel in (False, True)]
     assert results[0] == results[1]
     assert len({width for width, _ in calls}) > 3  # the kernel ran, over widths that grew
     assert any(differ for _, differ in calls)  # slots of a prompt at different steps

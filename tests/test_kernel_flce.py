@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastjudge.kernels.linear_cross_entropy import (fused_linear_cross_entropy,
-                                                    fused_linear_cross_entropy_reference)
+from fastjudge.kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 # compiled Triton on a GPU; the interpreter on CPU tensors otherwise (conftest sets TRITON_INTERPRET=1 there)
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -277,7 +276,7 @@ def test_liger_kernels_patch_the_mllama_text_model(tmp_path):
     rotary function module-wide; they are put back after the test."""
     from transformers.models.mllama import modeling_mllama
 
-    from fastjudge import tiny
+    import tiny
     from fastjudge.models import apply_liger_kernels, load_adapter
     module_before = dict(vars(modeling_mllama))
     try:
@@ -323,7 +322,7 @@ def test_liger_patched_mllama_trains_as_unpatched_on_the_gpu(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fastjudge import tiny
+    import tiny
     from fastjudge.models import load_adapter
     folder = tiny.build_checkpoint("mllama", tmp_path / "mllama")
     rs = np.random.RandomState(0)

@@ -133,7 +133,7 @@ def test_rows_with_minus_infinity_keep_the_top_k():
 
 
 def test_rows_without_a_token_to_draw_are_named():
-    from fastjudge.sampling import check_rows
+    from fastjudge.core.sampling import check_rows
     logits = torch.zeros(3, 5)
     check_rows(logits)
     logits[1, 2] = float("nan")

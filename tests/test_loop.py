@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastjudge import cli, data, loop
 from fastjudge.config import LoopConfig
+from fastjudge.toy import files as toy_files
 
 SMALL = dict(iterations=1, prompts_per_iteration=8, n_samples=4, min_votes=2, answer_tokens=10, judge_tokens=12,
              epochs=1, batch_size=4, min_gain=-1.0, batch_rows=64)
@@ -17,7 +18,7 @@ SMALL = dict(iterations=1, prompts_per_iteration=8, n_samples=4, min_votes=2, an
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
-    prompts = data.write_toy_prompts(folder / "world", 8, seed=3)
+    prompts = toy_files.write_toy_prompts(folder / "world", 8, seed=3)
     # bad lines: each must become a counted skip naming file, line and reason
     Image.new("RGB", (4, 4)).save(folder / "world" / "ok.png")
     (folder / "world" / "broken.png").write_bytes(b"not a png")
@@ -27,7 +28,7 @@ def inputs(tmp_path_factory):
         f.write(json.dumps({"image": "missing.png", "instruction": "describe the image .", "kind": "open"}) + "\n")
         f.write(json.dumps({"image": "broken.png", "instruction": "describe the image .", "kind": "open"}) + "\n")
         f.write(json.dumps({"instruction": "describe the image .", "kind": "open"}) + "\n")
-    bench = data.write_toy_benchmark(folder / "benchmark", per_category=2)
+    bench = toy_files.write_toy_benchmark(folder / "benchmark", per_category=2)
     return prompts, bench
 
 

@@ -24,7 +24,8 @@ def test_kernels_folder_is_installed_as_fastjudge_kernels():
     assert Path(fastjudge.__file__).resolve().parent == REPO / "fastjudge"
     for name in kernels.__all__:  # the public names, each from the module its docstring names
         assert callable(getattr(kernels, name)), name
-    assert {"cross_attention", "fused_linear_cross_entropy", "patch_mllama"} <= set(kernels.__all__)
+    assert {"cross_attention", "fused_linear_cross_entropy", "shared_prefix_decode_attention"} <= set(kernels.__all__)
+    assert "patch_mllama" not in kernels.__all__  # a transformers integration: fastjudge.models.mllama
     assert "Triton kernels" in kernels.__doc__
 
 

@@ -6,8 +6,11 @@ import random
 import pytest
 import torch
 
-from fastjudge import assets, pretrain, prompts, toy, world
+from fastjudge.data import prompts
 from fastjudge.models import load_adapter
+from fastjudge.models.toy import base_model_dir
+from fastjudge.toy import model as toy
+from fastjudge.toy import pretrain, world
 
 
 def test_every_task_gives_in_vocabulary_examples(rng):
@@ -75,7 +78,7 @@ def test_mixture_is_named_per_task():
     with pytest.raises(ValueError, match="^mixture: weight of 'qa'"):
         pretrain.parse_mixture("qa=lots")
     # the default weighs the tasks as the shipped base's record says, in the order TASKS draws them
-    record = json.loads((assets.ASSETS / "toy-base" / "pretrain_config.json").read_text())
+    record = json.loads((base_model_dir() / "pretrain_config.json").read_text())
     assert record["mixture"] == pretrain.DEFAULT_MIXTURE
     assert pretrain.PretrainConfig().weights() == [pretrain.DEFAULT_MIXTURE[t] for t in pretrain.TASKS]
     # and the rest of the recipe: `fastjudge toy-pretrain` with its defaults rebuilds the shipped base

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastjudge import prompts
-from fastjudge.prompts import JUDGE_STYLES, judge_prompt, judge_reasoning, judge_target, parse_verdict
+from fastjudge.data import prompts
+from fastjudge.data.prompts import JUDGE_STYLES, judge_prompt, judge_reasoning, judge_target, parse_verdict
 
 VERDICTS = [
     # bracketed, with spaces, "answer" inside, any case, digits 1/2
@@ -64,7 +64,7 @@ def test_judge_prompt_holds_question_then_a_then_b(style):
 
 def test_judge_prompt_toy_words_only():
     # The toy prompt must stay inside the toy tokenizer's words: the shapes-world words plus the judge's.
-    from fastjudge import toy
+    from fastjudge.toy import model as toy
     text = judge_prompt("what colour is the object at top ?", "the answer is red .", "the answer is blue .", "toy")
     assert set(text.split()) <= set(toy.VOCAB)
 

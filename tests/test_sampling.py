@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from fastjudge import _C
-from fastjudge.sampling import sample_logits, sample_logits_reference
+from fastjudge.core.sampling import sample_logits, sample_logits_reference
 
 SAMPLERS = {"c++": sample_logits, "reference": sample_logits_reference}
 
 
 def exact_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 min_p: float = 0.0, check_margins: bool = True) -> torch.Tensor:
-    """(V,) -> (V,) float64 probabilities after the filters, written from the rules in fastjudge.sampling.
+    """(V,) -> (V,) float64 probabilities after the filters, written from the rules in fastjudge.core.sampling.
 
     check_margins: assert that no token lies within float rounding of a top-p or min-p boundary, where
     float32 and float64 could disagree on whether it is kept.
@@ -302,7 +302,7 @@ def test_binding_checks_its_arrays():
 
 
 def test_other_devices_fall_back_to_the_reference(monkeypatch):
-    import fastjudge.sampling as sampling
+    import fastjudge.core.sampling as sampling
 
     calls = []
     monkeypatch.setattr(sampling, "sample_logits_reference", lambda logits, **kwargs: calls.append(kwargs) or "ref")

@@ -7,9 +7,8 @@ import json
 import pytest
 
 from conftest import VLRB_FACTS, VLRB_FIXTURE, VLRB_FULL
-from fastjudge import scoring
-from fastjudge.scoring import VLRB_GROUPS, item_class, sample_outcome, score_pairwise, vlrb_group
-
+from fastjudge.data import scoring
+from fastjudge.data.scoring import VLRB_GROUPS, item_class, sample_outcome, score_pairwise, vlrb_group
 
 
 def item(index: int, ranking=(0, 1), group: str = "general") -> dict:

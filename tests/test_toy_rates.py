@@ -7,17 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from fastjudge import data, loop, prompts, toy_rates, world
-from fastjudge import filter as filter_stage
+from fastjudge import data, loop
 from fastjudge.config import LoopConfig
+from fastjudge.data import prompts
 from fastjudge.models import ToyAdapter
+from fastjudge.stages import filter as filter_stage
+from fastjudge.toy import files as toy_files
+from fastjudge.toy import rates as toy_rates
+from fastjudge.toy import world
 
 SMALL = dict(iterations=1, prompts_per_iteration=6, n_samples=4, min_votes=2, answer_tokens=10, judge_tokens=12,
              epochs=1, batch_size=4, min_gain=-1.0, batch_rows=64)
 
 
 def test_label_rates_compare_each_pair_with_the_truth():
-    truth = data.toy_prompt_truth(40, seed=5)
+    truth = toy_files.toy_prompt_truth(40, seed=5)
     pairs = []
     for pid, q in truth.items():
         right = world.response_for(q)
@@ -34,13 +38,13 @@ def test_label_rates_compare_each_pair_with_the_truth():
 
 
 def test_toy_prompt_truth_is_the_pool_that_was_written(tmp_path):
-    path = data.write_toy_prompts(tmp_path, 12, seed=9, closed_fraction=0.5)
+    path = toy_files.write_toy_prompts(tmp_path, 12, seed=9, closed_fraction=0.5)
     records = data.read_jsonl(path)
-    truth = data.toy_prompt_truth(12, seed=9, closed_fraction=0.5)
+    truth = toy_files.toy_prompt_truth(12, seed=9, closed_fraction=0.5)
     assert [r["id"] for r in records] == list(truth)
     assert [r["instruction"] for r in records] == [q.instruction for q in truth.values()]
     # a longer pool starts with the same prompts: the truth of a run's pool does not depend on its length
-    assert list(data.toy_prompt_truth(20, seed=9).items())[:12] == list(truth.items())
+    assert list(toy_files.toy_prompt_truth(20, seed=9).items())[:12] == list(truth.items())
 
 
 def _output(own, a_yes, b_yes, verdict):
@@ -68,12 +72,12 @@ def test_bench_rates_read_own_answer_checks_and_verdict():
 
 def test_filter_trains_on_greedy_reasoning_with_the_verdict_sampled(tiny_toy_dir, tmp_path):
     judge = ToyAdapter.load(tiny_toy_dir)
-    folder = data.write_toy_prompts(tmp_path, 4, seed=2).parent
+    folder = toy_files.write_toy_prompts(tmp_path, 4, seed=2).parent
     pairs = [{"id": f"p{i}", "image": str(folder / f"images/p{i:05d}.png"),
               "instruction": "how many objects are there ?", "good": "the answer is 2 .",
               "bad": "the answer is 3 .", "source": "vote"} for i in range(4)]
     cfg = LoopConfig(out=str(tmp_path), model=str(tiny_toy_dir), judge_tokens=12, filter_reasoning="greedy")
-    result = filter_stage.run(judge, pairs, cfg, seed=1)
+    result = filter_stage.run(judge, pairs, cfg.filter_options(), seed=1)
     images = data.load_images([p["image"] for p in pairs for _ in range(2)])
     judge_prompts = [prompts.judge_prompt(p["instruction"], a, b) for p in pairs
                      for a, b in ((p["good"], p["bad"]), (p["bad"], p["good"]))]
@@ -85,8 +89,8 @@ def test_filter_trains_on_greedy_reasoning_with_the_verdict_sampled(tiny_toy_dir
 
 
 def _toy_preset(tmp_path, tiny_toy_dir, monkeypatch, **extra):
-    monkeypatch.setattr(loop, "TOY_BENCHMARK_PER_CATEGORY", 2)
-    return LoopConfig(out=str(tmp_path / "run"), model=str(tiny_toy_dir), **(SMALL | extra))
+    return LoopConfig(out=str(tmp_path / "run"), model=str(tiny_toy_dir), toy_bench_per_category=2,
+                      **(SMALL | extra))
 
 
 def test_toy_preset_records_the_rates_of_every_iteration(tmp_path, tiny_toy_dir, monkeypatch):
@@ -116,7 +120,8 @@ def test_the_loop_never_reads_the_scene_ground_truth(tmp_path, tiny_toy_dir, mon
 
     for name in ("random_scene", "questions", "benchmark_item", "render", "caption", "response_for"):
         monkeypatch.setattr(world, name, forbidden)
-    monkeypatch.setattr(data, "toy_prompt_truth", forbidden)
+    monkeypatch.setattr(toy_files, "toy_prompt_truth", forbidden)
+    monkeypatch.setattr(loop, "toy_prompt_truth", forbidden)
     monkeypatch.setattr(toy_rates, "toy_prompt_truth", forbidden)
     monkeypatch.setattr(loop, "measures_rates", lambda cfg: False)  # the rates are measured with the truth
     summary = loop.run(LoopConfig(**(vars(cfg) | {"resume": True})))
@@ -152,7 +157,7 @@ def test_ablation_oracle_votes_labels_closed_pairs_with_the_true_answer(tmp_path
     cfg = _toy_preset(tmp_path, tiny_toy_dir, monkeypatch, ablation="oracle-votes", prompts_per_iteration=24,
                       closed_fraction=1.0, n_samples=8, min_votes=1)
     loop.run(cfg)
-    truth = data.toy_prompt_truth(24, cfg.seed, 1.0)
+    truth = toy_files.toy_prompt_truth(24, cfg.seed, 1.0)
     for pair in data.read_jsonl(Path(cfg.out) / "iter_1" / "pairs.jsonl"):
         question = truth[pair["id"]]
         assert toy_rates.says_truth(pair["good"], question) and not toy_rates.says_truth(pair["bad"], question)

@@ -5,10 +5,12 @@ import random
 import torch
 from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
-from fastjudge import prompts, toy, train, world
-from fastjudge.config import LoopConfig
+from fastjudge.data import prompts
 from fastjudge.loop import save_checkpoint
 from fastjudge.models import ToyAdapter
+from fastjudge.stages import train
+from fastjudge.toy import model as toy
+from fastjudge.toy import world
 
 
 def _traces(tmp_path, count: int, seed: int):
@@ -49,7 +51,7 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_plain_checkpoint(tiny_toy_dir, 
     with torch.no_grad():
         before = adapter.sft_loss(images, [t["prompt"] for t in batch], [t["target"] for t in batch]).item()
     vision_before = {n: p.clone() for n, p in adapter.model.named_parameters() if "vision_model" in n}
-    stats = train.run(adapter, traces, LoopConfig(epochs=4, batch_size=4, lr=3e-3), seed=0)
+    stats = train.run(adapter, traces, train.TrainOptions(epochs=4, batch_size=4, lr=3e-3), seed=0)
     assert stats["steps"] == 16
     assert stats["loss_last"] < stats["loss_first"]
     with torch.no_grad():

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from fastjudge import _C
-from fastjudge.voting import Vote, majority_vote, majority_vote_reference, normalize_answer
+from fastjudge.core.voting import Vote, majority_vote, majority_vote_reference, normalize_answer
 
 NORMALIZE = {"python": normalize_answer, "c++": _C.normalize_answer}
 VOTE = {"python": majority_vote_reference, "c++": majority_vote}
@@ -20,7 +20,7 @@ def as_tuples(votes: list[Vote]) -> list[tuple]:
     return [(v.winner, list(v.counts.items()), list(v.indices.items())) for v in votes]
 
 
-# (text, expected normalized answer), one group per rule in the fastjudge.voting docstring.
+# (text, expected normalized answer), one group per rule in the fastjudge.core.voting docstring.
 NORMALIZATION_TABLE = [
     # white space: stripped, internal runs collapsed (ASCII white space only)
     ("  Paris  ", "paris"),

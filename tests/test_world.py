@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from fastjudge import world
-from fastjudge.world import Obj, Scene
+from fastjudge.core.answers import extract_answer
+from fastjudge.toy import world
+from fastjudge.toy.world import Obj, Scene
 
 N_SCENES = 150  # random scenes per property test: cheap (no rendering unless needed)
 
@@ -184,7 +185,7 @@ def test_rewrite_with_error_on_captions_and_closed_responses(rng):
     for answer, pool in [("red", world.COLOURS), ("triangle", world.SHAPES), ("large", world.SIZES),
                          ("no", ("yes", "no")), ("bottom left", tuple(world.POSITIONS.values()))]:
         out = world.rewrite_with_error(world.closed_response(answer), rng)
-        new = world.extract_final_answer(out)
+        new = extract_answer(out)
         assert out == world.closed_response(new) and new != answer and new in pool
     out = world.rewrite_with_error("the answer is ( b ) .", rng)
     assert out in ("the answer is ( a ) .", "the answer is ( c ) .")
@@ -196,7 +197,7 @@ def test_rewrite_with_error_on_every_digit(number):
     for seed in range(5):
         out = world.rewrite_with_error(world.closed_response(str(number)), random.Random(seed))
         assert out is not None
-        new = world.extract_final_answer(out)
+        new = extract_answer(out)
         assert out == world.closed_response(new) and new.isdigit() and new != str(number)
 
 
@@ -302,6 +303,6 @@ def test_benchmark_item_pairs_truth_with_one_error(rng, category):
             assert category in ("count", "vqa", "spatial") and question.topic == category
             assert question.answer == oracle(scene, question.instruction)
             assert good == world.closed_response(question.answer)
-            bad_answer = world.extract_final_answer(bad)
+            bad_answer = extract_answer(bad)
             assert bad == world.closed_response(bad_answer) and bad_answer != question.answer
     assert made >= 30

@@ -1,7 +1,7 @@
 """Stage 3, train: supervised fine-tuning of the judge on the kept traces (prompt -> reasoning + verdict).
 
 The loss covers the assistant tokens only. Training starts from the previous iteration's weights; the vision
-tower is frozen by default (`cfg.train == "text"`); "lora" trains LoRA adapters that are merged into the
+tower is frozen by default (`TrainOptions.train == "text"`); "lora" trains LoRA adapters that are merged into the
 weights afterwards, so every checkpoint is a plain one.
 """
 
@@ -10,13 +10,25 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from fastjudge.config import LoopConfig
-from fastjudge.data import load_images
+from fastjudge.data.io import load_images
 from fastjudge.models import Adapter
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Fine-tuning settings (the loop's `LoopConfig.train_options()`)."""
+    lr: float = 1e-5  # peak learning rate (linear warm-up over 10% of the steps, then cosine to 0)
+    epochs: int = 3
+    batch_size: int = 32
+    micro_batches: int = 2  # forward passes per step, over examples sorted by length
+    train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
 
 
 class MasterWeights:
@@ -45,32 +57,32 @@ class MasterWeights:
                 p.copy_(m)
 
 
-def run(adapter: Adapter, traces: list[dict], cfg: LoopConfig, seed: int) -> dict:
+def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int) -> dict:
     """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}."""
     if not traces:
         return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
     rng = random.Random(seed)
-    params = adapter.begin_training(cfg.train, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    params = adapter.begin_training(options.train, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
     try:
         weights = MasterWeights(params)
-        opt = torch.optim.AdamW(weights.master, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(weights.master, lr=options.lr, weight_decay=0.0, betas=(0.9, 0.98))
         images = dict(zip([t["image"] for t in traces], load_images([t["image"] for t in traces])))
-        batches_per_epoch = (len(traces) + cfg.batch_size - 1) // cfg.batch_size
-        total = batches_per_epoch * cfg.epochs
+        batches_per_epoch = (len(traces) + options.batch_size - 1) // options.batch_size
+        total = batches_per_epoch * options.epochs
         warmup = max(1, total // 10)
         adapter.model.train()
         losses, step, t0 = [], 0, time.time()
         with tqdm(total=total, desc="train", unit="step") as bar:
-            for _ in range(cfg.epochs):
+            for _ in range(options.epochs):
                 order = list(range(len(traces)))
                 rng.shuffle(order)
-                for start in range(0, len(order), cfg.batch_size):
-                    batch = [traces[i] for i in order[start:start + cfg.batch_size]]
+                for start in range(0, len(order), options.batch_size):
+                    batch = [traces[i] for i in order[start:start + options.batch_size]]
                     for group in opt.param_groups:
-                        group["lr"] = cosine_lr(step, total, cfg.lr, warmup)
+                        group["lr"] = cosine_lr(step, total, options.lr, warmup)
                     opt.zero_grad(set_to_none=True)
                     loss = adapter.sft_backward([images[t["image"]] for t in batch], [t["prompt"] for t in batch],
-                                                [t["target"] for t in batch], micro_batches=cfg.micro_batches)
+                                                [t["target"] for t in batch], micro_batches=options.micro_batches)
                     weights.grads_to_master()
                     torch.nn.utils.clip_grad_norm_(weights.master, 1.0)
                     opt.step()

@@ -4,7 +4,7 @@ Each sample shows the item's two responses in a random order drawn from (seed, i
 benchmark's own order (VL-RewardBench lists the preferred response first in 1,245 of 1,250 items) cannot
 leak into the score. The prompt is ours (`prompt="ours"`, what the loop trains the judge on) or the
 benchmark's own (`prompt="benchmark"`: VL-RewardBench's "Overall Judgment: Answer X is better", Multimodal
-RewardBench's MT-Bench prompt with [[A]] / [[B]]). One parser (`prompts.parse_verdict`) reads all of them.
+RewardBench's MT-Bench prompt with [[A]] / [[B]]). One parser (`data.prompts.parse_verdict`) reads all of them.
 Predictions are written in the scorer's format (`fastjudge score` reads them) next to the judge's raw outputs.
 """
 
@@ -15,16 +15,30 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from fastjudge import prompts as prompt_texts
-from fastjudge.config import LoopConfig
-from fastjudge.data import load_images
+from fastjudge.data import prompts as prompt_texts
+from fastjudge.data.io import load_images
+from fastjudge.data.scoring import score
 from fastjudge.models import Adapter
-from fastjudge.scoring import score
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How the judge is run on a benchmark (the loop's `LoopConfig.eval_options()`)."""
+    bench: str = "toy"  # the scoring rules: "toy", "vlrewardbench", "mmrb"
+    prompt: str = "ours"  # "ours" (what the loop trains on) or "benchmark" (the benchmark's own)
+    unparsed: str = "wrong"  # mmrb: an unparsed verdict is "wrong" or the official seeded "random" guess
+    k: int = 1  # samples per item; 1 is greedy
+    temperature: float = 0.6  # used when k > 1
+    top_k: int = 50
+    top_p: float = 0.9
+    judge_tokens: int = 1024
+    batch_rows: int = 32
+    batch_tokens: int | None = None
 
 
 @dataclass
 class EvalResult:
-    metrics: dict  # the benchmark scorer's output (scoring.score)
+    metrics: dict  # the benchmark scorer's output (data.scoring.score)
     predictions: list[dict]  # {"index", "shown_first", "verdict"}
     raw: list[dict]  # predictions plus the judge's output text
 
@@ -40,25 +54,25 @@ def judge_prompt_for(judge: Adapter, bench: str, prompt: str, question: str, a: 
     return prompt_texts.judge_prompt(question, a, b, judge.judge_style)
 
 
-def run(judge: Adapter, items: list[dict], cfg: LoopConfig, seed: int,
+def run(judge: Adapter, items: list[dict], options: EvalOptions, seed: int,
         score_items: list[dict] | None = None) -> EvalResult:
     """Judge each of `items` k times; score over `score_items` (default: `items`), so that items that could
     not be run (a missing image) count as unpredicted."""
     calls, images, judge_prompts = [], [], []
     for item, image in zip(items, load_images([item["image"] for item in items])):
-        for sample in range(cfg.k):
+        for sample in range(options.k):
             first = shown_first(seed, item["index"], sample)
             a, b = item["response"][first], item["response"][1 - first]
             calls.append((item["index"], first))
             images.append(image)
-            judge_prompts.append(judge_prompt_for(judge, cfg.bench, cfg.prompt, item["query"], a, b))
-    temperature = 0.0 if cfg.k == 1 else cfg.eval_temperature
+            judge_prompts.append(judge_prompt_for(judge, options.bench, options.prompt, item["query"], a, b))
+    temperature = 0.0 if options.k == 1 else options.temperature
     with tqdm(total=len(calls), desc="eval", unit="judgment") as bar:
-        outputs = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=cfg.judge_tokens,
-                                               temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                               batch_rows=cfg.batch_rows, batch_tokens=cfg.batch_tokens,
+        outputs = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
+                                               temperature=temperature, top_k=options.top_k, top_p=options.top_p,
+                                               batch_rows=options.batch_rows, batch_tokens=options.batch_tokens,
                                                seed=seed, progress=bar.update)]
     predictions = [{"index": index, "shown_first": first, "verdict": prompt_texts.parse_verdict(text)}
                    for (index, first), text in zip(calls, outputs)]
     raw = [dict(p, output=text) for p, text in zip(predictions, outputs)]
-    return EvalResult(score(cfg.bench, score_items or items, predictions, cfg.unparsed), predictions, raw)
+    return EvalResult(score(options.bench, score_items or items, predictions, options.unparsed), predictions, raw)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import random
 
-from fastjudge import prompts, world
-from fastjudge.data import toy_prompt_truth
-from fastjudge.synth import extract_answer
+from fastjudge.core.answers import extract_answer
+from fastjudge.data import prompts
+from fastjudge.toy import world
+from fastjudge.toy.files import toy_prompt_truth
 
 RATE_NAMES = ("labels_right", "labels_inverted", "verdict_agrees_label", "own_answer_right", "reasoning_right",
               "verdict_follows_reasoning")
@@ -35,7 +36,7 @@ def _share(flags: list[bool]) -> float | None:
 
 def says_truth(response: str, question: world.Question) -> bool:
     """Whether a response gives the true answer: for a closed question its final answer as the vote reads it
-    (`synth.extract_answer`), for an open one the true caption word for word."""
+    (`core.answers.extract_answer`), for an open one the true caption word for word."""
     if question.kind == "closed":
         return extract_answer(response, question.answer_type) == extract_answer(
             world.closed_response(question.answer), question.answer_type)

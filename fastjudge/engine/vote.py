@@ -2,8 +2,8 @@
 
 The sampler uses this for closed-ended prompts to stop drawing samples once a prompt's majority is settled,
 without copying tokens to the host each step. It is a token-level approximation of the host pipeline
-(`synth.extract_answer`, then `voting.normalize_answer`, then the C++ vote), which stays the final word on which
-answer wins and which samples make the pair.
+(`core.answers.extract_answer`, then `core.voting.normalize_answer`, then the C++ vote), which stays the final
+word on which answer wins and which samples make the pair.
 
 What is found (per sample):
 - a marker: "answer is", "answer:" or "answer :" (case-insensitive, white space collapsed), matched across token
@@ -27,13 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastjudge.voting import majority_confidence
+from fastjudge.core.answers import NUMBER_WORDS
+from fastjudge.core.voting import majority_confidence
 
 MARKERS = ("answer is", "answer:", "answer :")
 _DROPPED = set(" \t\r\v\f;:!?()[]{}\"'\u201c\u201d\u2018\u2019")  # not part of an answer's identity
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
 _BASE = 1_000_003  # polynomial hash over characters, wrapping modulo 2^64
 _MASK = (1 << 64) - 1
 
@@ -42,8 +40,8 @@ def _piece(text: str) -> str:
     """A token's contribution to its span's identity: lowercased, white space, brackets, quotes and ;:!? left
     out; a whole number word becomes its digits."""
     word = text.strip().lower()
-    if word in _NUMBER_WORDS:
-        return _NUMBER_WORDS[word]
+    if word in NUMBER_WORDS:
+        return NUMBER_WORDS[word]
     return "".join(c for c in word if c not in _DROPPED)
 
 
@@ -212,7 +210,7 @@ class SpanTracker:
 
 class DeviceVote:
     """The votes of B prompts with up to N samples each, and whether each prompt's majority is settled
-    (`voting.sampling_settled`'s rule on the first k samples started that have all ended: a leader with
+    (`core.voting.sampling_settled`'s rule on the first k samples started that have all ended: a leader with
     min_votes votes whose `majority_confidence` reaches `confidence`, or no answer able to reach min_votes any
     more), computed with fixed shapes."""
 

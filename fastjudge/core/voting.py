@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from fastjudge.core.answers import NUMBER_WORDS
+
 __all__ = ["Vote", "majority_vote", "majority_vote_reference", "normalize_answer"]
 
 
@@ -60,13 +62,6 @@ _SPACE_RUN = re.compile("[ \t\n\r\v\f]+")
 _TRAILING_PUNCT = ".,;:!?"
 _QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"))
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
-_NUMBER_WORDS = {
-    word: str(value)
-    for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
 # [0-9], not \d: \d also matches non-ASCII digits, which C++ does not treat as digits.
 _NUMBER = re.compile(r"([+-]?)([0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)?(?:\.([0-9]+))?")
 
@@ -146,7 +141,7 @@ def normalize_answer(text: str) -> str | None:
         letter = _option_letter(_strip_all(s[len("option ") :]))
         if letter is not None:
             return letter
-    word = _NUMBER_WORDS.get(s)
+    word = NUMBER_WORDS.get(s)
     if word is not None:
         return word
     number = _canonical_number(s)

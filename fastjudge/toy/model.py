@@ -7,15 +7,13 @@ judge's words; texts are space-separated words (see `normalize_text`).
 
 from __future__ import annotations
 
-import re
-
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MllamaConfig, MllamaForConditionalGeneration, PreTrainedTokenizerFast
 
-from fastjudge import world
+from fastjudge.models.toy import IMAGE_TOKEN, normalize_text
+from fastjudge.toy import world
 
-IMAGE_TOKEN = "<|image|>"
 SPECIAL_TOKENS = ("<|pad|>", "<|unk|>", IMAGE_TOKEN, "<|user|>", "<|assistant|>", "<|eos|>")
 _WORDS = (
     "a an the is are at of in to with and or which what where how many objects object image answer answers",
@@ -26,16 +24,12 @@ _WORDS = (
 # Words from the world's constants, so a new colour or shape cannot silently become <|unk|>.
 VOCAB = list(SPECIAL_TOKENS) + sorted(
     set(" ".join(_WORDS).split())
-    | set(world.SHAPES) | set(world.COLOURS) | set(world.SIZES) | set(world.NUMBER_WORDS)
+    | set(world.SHAPES) | set(world.COLOURS) | set(world.SIZES) | set(world.DIGITS)
     | {w for name in world.POSITIONS.values() for w in name.split()}
     | {w for text in world.OPEN_INSTRUCTIONS for w in text.split()}
 )
-_SPLIT = re.compile(r"(\[\[|\]\]|[,.?:()])")
-
-
-def normalize_text(text: str) -> str:
-    """Split punctuation off and collapse white space: "a red circle." -> "a red circle ."."""
-    return " ".join(_SPLIT.sub(r" \1 ", text).split())
+__all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "VOCAB", "build_config", "build_model", "build_tokenizer",
+           "normalize_text"]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -6,6 +6,9 @@ its image processor (the PIL one: no torchvision needed). Families:
 - "mllama": MllamaForConditionalGeneration (Llama-3.2-Vision's architecture and chat format), 28x28 tiles,
   up to 2 tiles per image;
 - "qwen2_vl" / "qwen2_5_vl": Qwen2-VL / Qwen2.5-VL with their chat format, 14x14 patches merged 2x2.
+
+`build_mllama_adapter(preset)` builds the benchmarks' random-weight Mllamas (up to Llama-3.2-11B-Vision's shapes)
+with the same tokenizer and chat template: the one place for the models that tests and benches build.
 """
 
 from __future__ import annotations
@@ -150,3 +153,74 @@ def build_checkpoint(family: str, folder: Path | str, seed: int = 0) -> Path:
     else:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     return folder
+
+
+# ---- the benchmarks' Mllamas
+
+LLAMA_11B = dict(
+    vision_config=dict(hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
+                       intermediate_size=5120, image_size=560, patch_size=14, max_num_tiles=4,
+                       intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680),
+    text_config=dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192},
+                     max_position_embeddings=131072, tie_word_embeddings=False),
+)
+
+# A CPU-sized Mllama whose vision tower still dominates the encode: 4 tiles of 224x224 (256 patches each)
+SMALL = dict(
+    vision_config=dict(hidden_size=256, num_hidden_layers=8, num_global_layers=2, attention_heads=4,
+                       intermediate_size=1024, image_size=224, patch_size=14, max_num_tiles=4,
+                       intermediate_layers_indices=[1, 3, 5], vision_output_dim=1024),
+    text_config=dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=768, cross_attention_layers=[1, 3],
+                     max_position_embeddings=4096, tie_word_embeddings=False),
+)
+# The 11B text structure (40 layers, 8 of them cross-attention; 32 query heads over 8 K/V heads) at width 64, with
+# a small vision tower: every operator of a decoding step, at a size that runs on the CPU (bench/decode_ops.py)
+NARROW_11B = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                       attention_heads=2, image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=64,
+                       intermediate_layers_indices=[0]),
+    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=40, num_attention_heads=32,
+                     num_key_value_heads=8, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38]),
+)
+# preset -> (shapes, tile side); the tokenizer's vocabulary where the shapes name none
+MLLAMA_PRESETS = {"llama-3.2-11b": (LLAMA_11B, 560), "small": (SMALL, 224), "narrow-11b": (NARROW_11B, 28)}
+
+
+def build_mllama_adapter(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                         folder: Path | str | None = None):
+    """A random-weight Mllama adapter for benchmarks: "tiny" (`build_checkpoint("mllama", folder)`, loaded), or a
+    preset of MLLAMA_PRESETS built in memory on `device` with this file's Llama tokenizer and chat template."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from fastjudge.models import MllamaAdapter, load_adapter
+    if preset == "tiny":
+        if folder is None:
+            raise ValueError("folder: the tiny preset is written to a checkpoint folder; pass one")
+        build_checkpoint("mllama", folder)
+        return load_adapter(str(folder), device=device, dtype=dtype)
+    if preset not in MLLAMA_PRESETS:
+        raise ValueError(f"preset: expected 'tiny' or one of {list(MLLAMA_PRESETS)}, got {preset!r}")
+    tokenizer = build_tokenizer(LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                pad_token="<|finetune_right_pad_id|>")
+    tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    shapes, tile = MLLAMA_PRESETS[preset]
+    text = {"vocab_size": len(tokenizer) + 8, **shapes["text_config"], "pad_token_id": ids("<|finetune_right_pad_id|>")}
+    config = MllamaConfig(vision_config=shapes["vision_config"], text_config=text, image_token_index=ids("<|image|>"))
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # initialized where it runs: 11B parameters would take minutes on the CPU
+            model = MllamaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = [ids("<|eot_id|>")]
+    processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=4)
+    return MllamaAdapter(model.eval(), tokenizer, processor)

@@ -10,14 +10,14 @@ After transformers' prefill of the B prompts, the decoding steps run here, on th
   (for the 11B model about 210 MB per prompt that `generate(num_return_sequences=n)` stores n times); on a
   GPU the cross layers run fastjudge.kernels.cross_attention_decode over each prompt's key range;
 - with fewer slots than samples, a slot whose sample ends starts the prompt's next sample (its own run from
-  index 0); with early stop the prompt stops once its device vote is settled (answer_spans);
+  index 0); with early stop the prompt stops once its device vote is settled (`engine.vote`);
 - a prompt leaves the batch once all its samples have ended (a slot whose sample ended decodes on, its tokens
   ignored), at the next look from the host (every `sync_every` steps).
 One step is a fixed set of operators whatever the step (`bench/decode_ops.py` counts them; only the width
 read grows): a step of a small batch on a GPU is bound by their launches. On a GPU the step is therefore
-captured as a CUDA graph (one per bucket of widths read, `GRAPH_FIRST_SPAN`) and replayed: one launch instead
-of ~1,600. With graphs, the batch shrinks only when at most half of its prompts are still going (each shrink
-means new captures).
+captured as a CUDA graph (one per bucket of widths read, `DecodeOptions.graph_first_span`) and replayed: one
+launch instead of ~1,600. With graphs, the batch shrinks only when at most half of its prompts are still going
+(each shrink means new captures).
 
 Shapes: B prompts, n samples (slots), Hq query heads in Hkv groups of g, d head size, T prompt length, S image
 keys.
@@ -25,31 +25,17 @@ keys.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from fastjudge.answer_spans import DeviceVote, EarlyStop, SpanTracker
-from fastjudge.decoding import prefill
-from fastjudge.sampling import bad_rows
-
-# the cross layers through fastjudge.kernels.cross_attention_decode: None = on a GPU (unless FASTJUDGE_GPU_KERNELS=0);
-# True = always (the Triton interpreter on the CPU, for tests); False = never (SDPA)
-CROSS_ATTENTION_KERNEL: bool | None = None
-# the decoding step as a CUDA graph: None = on a GPU (unless FASTJUDGE_CUDA_GRAPHS=0); False = never
-CUDA_GRAPHS: bool | None = None
-# the self-attention layers through fastjudge.kernels.shared_prefix_decode_attention (one split-K kernel over the
-# shared prompt and the samples' own keys): False = SDPA (the default until the kernel is timed on a GPU); None =
-# on a GPU; True = always (the Triton interpreter on the CPU, for tests)
-SELF_ATTENTION_KERNEL: bool | None = False
-# the SDPA backends of a decoding step's attention layers (e.g. [SDPBackend.EFFICIENT_ATTENTION]); None: torch's
-# choice. bench/sampler.py --self-attention compares them.
-STEP_SDPA_BACKENDS: list | None = None
-# with graphs, the own-key columns read are bucketed: spans of 16, 32, 64, ... steps (one graph each), so a
-# decoding run of m tokens captures about log2(m / 16) + 1 graphs
-GRAPH_FIRST_SPAN = 16
+from fastjudge.core.sampling import bad_rows
+from fastjudge.engine.options import DecodeOptions
+from fastjudge.engine.prefill import prefill
+from fastjudge.engine.vote import DeviceVote, EarlyStop, SpanTracker
+from fastjudge.kernels.decode_attention import shared_prefix_decode_attention
+from fastjudge.kernels.mllama_cross_attention import cross_attention_decode
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,12 +47,15 @@ class SharedMllamaDecoder:
     """Decoding steps for B prompts x n samples over a prefilled transformers cache (module docstring)."""
 
     def __init__(self, model, cache, prompt_mask: torch.Tensor, image_keys_mask: torch.Tensor | None, n: int,
-                 max_new_tokens: int, graphs: bool = False, bucket_spans: bool | None = None):
+                 max_new_tokens: int, graphs: bool = False, bucket_spans: bool | None = None,
+                 options: DecodeOptions = DecodeOptions()):
         """image_keys_mask (B, S): the image keys the new tokens may see (None: all of them). graphs: run the
         steps as CUDA graphs. bucket_spans: read the own keys in the graphs' buckets of spans (default: with
-        graphs; on the CPU it lets the tests compare the bucketed reads with the exact ones)."""
+        graphs; on the CPU it lets the tests compare the bucketed reads with the exact ones). options: the
+        kernels, SDPA backends and graph buckets (`DecodeOptions`)."""
         text = model.model.language_model
         self.text, self.lm_head, self.n = text, model.lm_head, n
+        self.options = options
         config = text.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -100,19 +89,13 @@ class SharedMllamaDecoder:
         # on a GPU the cross layers run fastjudge.kernels.cross_attention_decode over each prompt's key range:
         # the n samples of a prompt are query rows of one product over the image's keys, read once for all
         self.key_range = None
-        use_kernel = CROSS_ATTENTION_KERNEL
-        if use_kernel is None:
-            use_kernel = prompt_mask.is_cuda and os.environ.get("FASTJUDGE_GPU_KERNELS") != "0"
-        if use_kernel and image_keys:
+        if options.kernel_on(options.cross_attention_kernel, prompt_mask.is_cuda) and image_keys:
             keys = torch.arange(image_keys, device=prompt_mask.device)
             start = torch.where(self.image_keys_mask, keys, image_keys).amin(dim=-1)
             end = torch.where(self.image_keys_mask, keys + 1, 0).amax(dim=-1)
             if bool((self.image_keys_mask.sum(dim=-1) == end - start).all()):  # contiguous: one range each
                 self.key_range = (start.to(torch.int32), end.to(torch.int32))  # (B,) x 2
-        use_kernel = SELF_ATTENTION_KERNEL
-        if use_kernel is None:
-            use_kernel = prompt_mask.is_cuda and os.environ.get("FASTJUDGE_GPU_KERNELS") != "0"
-        self.self_attention_kernel = bool(use_kernel)
+        self.self_attention_kernel = options.kernel_on(options.self_attention_kernel, prompt_mask.is_cuda)
         self.graphs_on = graphs
         self.bucket_spans = graphs if bucket_spans is None else bucket_spans
         # read span -> (graph, its logits (B, n, V)); the graphs share one memory pool (never run at once) and
@@ -125,7 +108,7 @@ class SharedMllamaDecoder:
         """The own-key steps a step reads for `span` steps written: span itself, or its bucket (graphs)."""
         if not self.bucket_spans:
             return span
-        bucket = GRAPH_FIRST_SPAN
+        bucket = self.options.graph_first_span
         while bucket < span:
             bucket *= 2
         return min(bucket, self.max_new)
@@ -205,10 +188,10 @@ class SharedMllamaDecoder:
         if self.self_attention_kernel:
             index = index.to(torch.int32)  # once per step, not in every layer
         image_mask = self.image_keys_mask[:, None, None, :]  # (B, 1, 1, S)
-        if STEP_SDPA_BACKENDS is None:
+        if self.options.step_sdpa_backends is None:
             return self._layers(h, cos, sin, rows, column, index, width, group, self_bias, image_mask)
         from torch.nn.attention import sdpa_kernel
-        with sdpa_kernel(STEP_SDPA_BACKENDS):
+        with sdpa_kernel(list(self.options.step_sdpa_backends)):
             return self._layers(h, cos, sin, rows, column, index, width, group, self_bias, image_mask)
 
     def _self_bias(self, index: torch.Tensor, span: int, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -246,7 +229,6 @@ class SharedMllamaDecoder:
                 q = attn.q_norm(q)
                 k, v = self.image[layer_index]
                 if self.key_range is not None:
-                    from fastjudge.kernels.mllama_cross_attention import cross_attention_decode
                     out = cross_attention_decode(q, k, v, *self.key_range, scale=self.scale,
                                                  backend="triton")  # (B, Hq, n, d)
                 else:  # the n samples are n queries of one row: the image's keys are read once for them all
@@ -271,7 +253,6 @@ class SharedMllamaDecoder:
             keys[rows, :, column] = k.transpose(1, 2)  # (B, n, Hkv, d) at [b, :, column[b, s]]
             values[rows, :, column] = v.transpose(1, 2)
             if self.self_attention_kernel:
-                from fastjudge.kernels.decode_attention import shared_prefix_decode_attention
                 out = shared_prefix_decode_attention(q, keys, values, self.prompt_mask_int8, index, width=width,
                                                      scale=self.scale, backend="triton")  # (B, Hq, n, d)
             else:
@@ -290,20 +271,21 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
                          eos_ids: set[int], sampler: Callable, generator,
                          stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
                          early_stop: EarlyStop | None = None, sync_every: int = 1, check_logits: bool = False,
-                         graphs: bool | None = None) -> list[list[list[int]]]:
-    """`decoding.decode_groups` for Mllama with the shared cache (module docstring): for each of the B prompts,
+                         options: DecodeOptions = DecodeOptions()) -> list[list[list[int]]]:
+    """`engine.decoding.decode_groups` for Mllama with the shared cache (module docstring): for each of the B prompts,
     its finished samples' tokens (EOS excluded), in the order they were started.
 
     slots: samples decoded at once per prompt (default n). With fewer slots than n, a slot whose sample ends
     starts the prompt's next sample at once, from the prompt's prefill (no second prefill, no waiting for the
     prompt's other slots). early_stop: stop a prompt's sampling once its device vote is settled
-    (`answer_spans.DeviceVote`, over the first samples started that have all ended); samples still running
+    (`engine.vote.DeviceVote`, over the first samples started that have all ended); samples still running
     then are dropped, and so are ended samples after the first one still running (they ended early because
     they are short: keeping them would favour short answers). A prompt returns between 1 and n samples when
     min_votes <= n. sync_every: the decoding steps between two looks from the host (prompts that are done leave the
     batch, stop strings are checked); in between, the loop keeps no device value on the host. check_logits:
-    ValueError at the next look if a row of logits had NaN or +inf, or only -inf (`sampling.bad_rows`; for a
-    sampler that does not check them itself). graphs: the steps as CUDA graphs (default `CUDA_GRAPHS`).
+    ValueError at the next look if a row of logits had NaN or +inf, or only -inf (`core.sampling.bad_rows`;
+    for a sampler that does not check them itself). options: kernels, CUDA graphs (`cuda_graphs`: None = on a
+    GPU), SDPA backends (`DecodeOptions`).
     """
     slots = n if slots is None else slots
     if not 1 <= slots <= n:
@@ -318,13 +300,11 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
     if cross is not None:  # (B, images, tiles) -> (B, images * tiles * patches), transformers' key order
         patches = model.model.vision_model.num_patches
         image_keys_mask = cross[:, -1].bool().repeat_interleave(patches, dim=-1).flatten(1)
-    if graphs is None:
-        graphs = CUDA_GRAPHS
-    if graphs is None:
-        graphs = device.type == "cuda" and os.environ.get("FASTJUDGE_CUDA_GRAPHS") != "0"
+    graphs = device.type == "cuda" if options.cuda_graphs is None else options.cuda_graphs
     if graphs and device.type != "cuda":
         raise ValueError(f"graphs: CUDA graphs need a CUDA device, got {device}")
-    decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, slots, max_new_tokens, graphs)
+    decoder = SharedMllamaDecoder(model, cache, attention_mask, image_keys_mask, slots, max_new_tokens, graphs,
+                                  options=options)
     first_logits = out.logits[:, -1]  # (B', V): every sample's first token is drawn from these
     del out, cache  # the prompt's keys now live in the decoder's buffers: free transformers' copy
     batch = attention_mask.shape[0]

@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastjudge import prompts, toy, world
-from fastjudge.models import ToyAdapter
-from fastjudge.train import cosine_lr
+from fastjudge.data import prompts
+from fastjudge.models.toy import ToyAdapter
+from fastjudge.stages.train import cosine_lr
+from fastjudge.toy import model as toy_model
+from fastjudge.toy import world
 
 TASKS = ("caption", "qa", "rewrite", "judge", "match")
 DEFAULT_MIXTURE = {"caption": 0.25, "qa": 0.30, "rewrite": 0.10, "judge": 0.30, "match": 0.05}
@@ -134,12 +136,12 @@ def run(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    tokenizer = toy.build_tokenizer()
+    tokenizer = toy_model.build_tokenizer()
     if cfg.init is not None:
         model = ToyAdapter.load(cfg.init).model
         model.train()
     else:
-        model = toy.build_model(toy.build_config(tokenizer), seed=cfg.seed)
+        model = toy_model.build_model(toy_model.build_config(tokenizer), seed=cfg.seed)
     adapter = ToyAdapter(model, tokenizer)
     adapter.begin_training("all")  # the vision tower learns too (so its features are never cached here)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

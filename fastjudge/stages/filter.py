@@ -5,12 +5,12 @@ verdict. A pair is kept only when both verdicts pick the synthetic preference (A
 two training traces (the judge's own outputs), one with verdict A and one with verdict B, so the kept set is
 balanced by construction.
 
-How the judgments are drawn (`filter_reasoning`):
+How the judgments are drawn (`FilterOptions.reasoning`):
 - "greedy" (default): the reasoning is the judge's greedy reasoning and only the verdict is sampled, at
-  `filter_temperature`, after it. The judge is then trained on reasoning it would write anyway: sampled
+  `FilterOptions.temperature`, after it. The judge is then trained on reasoning it would write anyway: sampled
   reasoning is noisier than greedy reasoning, and training on it wears down what the judge checks (measured on
   the toy: the count checks' accuracy fell from 0.73 to 0.56 over three iterations with sampled reasoning).
-- "sampled": the whole judgment is sampled at `filter_temperature`.
+- "sampled": the whole judgment is sampled at `FilterOptions.temperature`.
 The verdict has to be sampled: a greedy judge with a position bias would say A in both orders and keep nothing.
 """
 
@@ -20,10 +20,22 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from fastjudge import prompts as prompt_texts
-from fastjudge.config import LoopConfig
-from fastjudge.data import load_images
+from fastjudge.data import prompts as prompt_texts
+from fastjudge.data.io import load_images
 from fastjudge.models import Adapter
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """How the judge judges the pairs (the loop's `LoopConfig.filter_options()`)."""
+    judge_tokens: int = 1024  # new tokens per judgment
+    temperature: float = 1.0  # the verdict's (and with reasoning="sampled", the whole judgment's)
+    top_k: int = 50
+    top_p: float = 0.9
+    reasoning: str = "greedy"  # "greedy" or "sampled" (module docstring)
+    batch_rows: int = 32
+    batch_tokens: int | None = None
+    keep_all: bool = False  # the "no-filter" ablation: every judgment becomes a trace, kept or not
 
 
 @dataclass
@@ -33,7 +45,7 @@ class FilterResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> FilterResult:
+def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) -> FilterResult:
     style = judge.judge_style
     images, judge_prompts, expected = [], [], []
     for pair, image in zip(pairs, load_images([pair["image"] for pair in pairs])):
@@ -41,7 +53,7 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
             images.append(image)
             judge_prompts.append(prompt_texts.judge_prompt(pair["instruction"], a, b, style))
             expected.append(verdict)
-    outputs = judge_pairs(judge, images, judge_prompts, cfg, seed)
+    outputs = judge_pairs(judge, images, judge_prompts, options, seed)
     judgments, traces = [], []
     stats = {"pairs": len(pairs), "kept": 0, "one_order": 0, "neither": 0, "unparsed_calls": 0}
     for i, pair in enumerate(pairs):
@@ -54,7 +66,7 @@ def run(judge: Adapter, pairs: list[dict], cfg: LoopConfig, seed: int) -> Filter
                               "output": outputs[j], "verdict": verdict, "expected": expected[j]})
         # the "no-filter" ablation keeps every judgment, whatever its verdict; a kept pair's verdicts are the
         # expected ones
-        if cfg.ablation == "no-filter" or all(calls):
+        if options.keep_all or all(calls):
             stats["kept"] += 1
             for j in (2 * i, 2 * i + 1):
                 traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j],
@@ -70,18 +82,18 @@ VERDICT_START = "[["  # both judge styles open their verdict with it (prompts.ju
 VERDICT_TOKENS = 8  # "[[ A ]]" and its end of turn, with room to spare
 
 
-def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], cfg: LoopConfig, seed: int) -> list[str]:
-    """One judgment per prompt, drawn as `cfg.filter_reasoning` says (see the module's docstring)."""
-    sample = dict(temperature=cfg.filter_temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                  batch_rows=cfg.batch_rows, batch_tokens=cfg.batch_tokens, seed=seed)
-    if cfg.filter_reasoning == "sampled":
+def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], options: FilterOptions, seed: int) -> list[str]:
+    """One judgment per prompt, drawn as `options.reasoning` says (see the module's docstring)."""
+    sample = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                  batch_rows=options.batch_rows, batch_tokens=options.batch_tokens, seed=seed)
+    if options.reasoning == "sampled":
         with tqdm(total=len(judge_prompts), desc="filter", unit="judgment") as bar:
-            return [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=cfg.judge_tokens,
+            return [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
                                                  progress=bar.update, **sample)]
     with tqdm(total=len(judge_prompts), desc="filter: reasoning", unit="judgment") as bar:
-        greedy = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=cfg.judge_tokens,
-                                               temperature=0.0, batch_rows=cfg.batch_rows,
-                                               batch_tokens=cfg.batch_tokens, seed=seed, progress=bar.update)]
+        greedy = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
+                                               temperature=0.0, batch_rows=options.batch_rows,
+                                               batch_tokens=options.batch_tokens, seed=seed, progress=bar.update)]
     # the verdict is sampled after the greedy reasoning; an output without a verdict stays as it is (unparsed)
     open_verdict = [i for i, text in enumerate(greedy) if VERDICT_START in text]
     prefixes = [greedy[i][:greedy[i].index(VERDICT_START) + len(VERDICT_START)] for i in open_verdict]

@@ -9,7 +9,7 @@ The scene ground truth builds the held-out benchmark and the base model's pretra
 sees it: it only sees images and instructions (`Prompt`).
 
 All texts are lower-case words separated by single spaces, punctuation split off (" , " and " . "), so the
-word-level tokenizer in `fastjudge.toy` round-trips them exactly.
+word-level tokenizer of `fastjudge.toy.model` round-trips them exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from fastjudge.core.answers import extract_answer
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -32,7 +34,7 @@ POSITIONS = {
     (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
 }
 POSITION_CELL = {name: cell for cell, name in POSITIONS.items()}
-NUMBER_WORDS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+DIGITS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")  # the toy writes counts as digits
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 30)}
 OPEN_INSTRUCTIONS = ("describe the image .", "what is in the image ?", "list the objects in the image .")
 CATEGORIES = ("attribute", "count", "spatial", "existence", "vqa")
@@ -147,16 +149,6 @@ def parse_caption(text: str) -> list[Obj] | None:
         row, col = POSITION_CELL[position]
         objs.append(Obj(shape, colour, size, row, col))
     return objs
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final answer of a closed response ("the answer is X ."), or None when there is none."""
-    marker = "the answer is "
-    at = text.rfind(marker)
-    if at < 0:
-        return None
-    answer = text[at + len(marker):].strip().rstrip(".").strip()
-    return answer or None
 
 
 def questions(scene: Scene, rng: random.Random) -> list[Question]:
@@ -275,7 +267,7 @@ def rewrite_with_error(response: str, rng: random.Random) -> str | None:
     if objs is not None:
         out = corrupt_caption(objs, rng)
         return out[0] if out else None
-    answer = extract_final_answer(response)
+    answer = extract_answer(response)
     if answer is None:
         return None
     if answer.isdigit():
@@ -293,7 +285,7 @@ def rewrite_with_error(response: str, rng: random.Random) -> str | None:
 def same_answer(x: str, y: str) -> bool:
     """Whether two responses say the same thing: the same final answer when both are closed responses, the
     same words otherwise (captions are canonical, so equal captions are equal texts)."""
-    fx, fy = extract_final_answer(x), extract_final_answer(y)
+    fx, fy = extract_answer(x), extract_answer(y)
     if fx is not None and fy is not None:
         return fx == fy
     return x.split() == y.split()

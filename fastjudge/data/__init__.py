@@ -1,0 +1,10 @@
+"""Data: JSONL and image files with counted skips (`io`), benchmark loaders (`benchmarks`), the benchmarks'
+scoring rules (`scoring`) and every prompt text the judge reads (`prompts`)."""
+
+from fastjudge.data.benchmarks import BENCH_FORMATS, load_bench, load_benchmark
+from fastjudge.data.io import (ANSWER_TYPES, KINDS, PromptRecord, Skip, check_image, load_image, load_images,
+                               load_predictions, load_prompts, read_jsonl, write_json, write_jsonl, write_skips)
+
+__all__ = ["ANSWER_TYPES", "BENCH_FORMATS", "KINDS", "PromptRecord", "Skip", "check_image", "load_bench",
+           "load_benchmark", "load_image", "load_images", "load_predictions", "load_prompts", "read_jsonl",
+           "write_json", "write_jsonl", "write_skips"]

@@ -1,0 +1,121 @@
+"""Benchmarks on disk (`load_bench`), each read into the same item dicts: {"index", "id", "query", "response":
+[2 str], "human_ranking": [2 ranks, lower is better], "image" (absolute path), "category"}:
+- "vlrewardbench": VL-RewardBench's JSONL (id, image_path, query, response[2], human_ranking[2], ...), one item
+  per line (ids repeat); `image_path` is relative to an images folder (default: the JSONL's folder);
+- "toy": the same schema plus "category" (our held-out shapes-world benchmark);
+- "mmrb": Multimodal RewardBench's JSON list of {ID, Text, Image, Output1, Output2, Better, Category}.
+`index` is the item's 0-based position in the file (line among non-empty lines, or list element): the key that
+predictions use. Every rejected entry is a `Skip` naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastjudge.data.io import Skip, check_image, parse_lines
+
+BENCH_FORMATS = ("toy", "vlrewardbench", "mmrb")
+
+
+def load_bench(fmt: str, path: Path | str, images: Path | str | None = None,
+               check_images: bool = True) -> tuple[list[dict], list[Skip]]:
+    """Read a benchmark of format `fmt` (see BENCH_FORMATS) into item dicts (module docstring); every rejected
+    entry is returned as a Skip naming file, line and field. `check_images=False` (scoring) skips the check that
+    each image opens."""
+    if fmt not in BENCH_FORMATS:
+        raise ValueError(f"bench: expected one of {BENCH_FORMATS}, got {fmt!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data: file not found: {path}")
+    root = Path(images) if images is not None else path.parent
+    if fmt == "mmrb":
+        return _load_mmrb(path, root, check_images)
+    return _load_vlrb(path, root, check_images)
+
+
+def load_benchmark(path: Path | str, images: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
+    """A VL-RewardBench-schema JSONL (the toy benchmark's too), images checked."""
+    return load_bench("vlrewardbench", path, images)
+
+
+def _image_problem(root: Path, name, check: bool) -> str | None:
+    if not isinstance(name, str) or not name:
+        return "missing or not a string"
+    return check_image(root / name) if check else None
+
+
+def _load_vlrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], list[Skip]]:
+    items, skips = [], []
+    for number, index, obj in parse_lines(path, skips):
+        responses, ranking = obj.get("response"), obj.get("human_ranking")
+        problem = None
+        if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+            problem = "field 'query': missing or empty"
+        elif not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
+            problem = "field 'response': expected a list of 2 strings"
+        elif not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]
+                  and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ranking)):
+            problem = "field 'human_ranking': expected 2 different numeric ranks"
+        else:
+            problem = _image_problem(root, obj.get("image_path"), check_images)
+            problem = problem and f"field 'image_path': {problem}"
+        if problem:
+            skips.append(Skip(str(path), number, problem))
+            continue
+        items.append(dict(obj, index=index, id=str(obj.get("id", index)),
+                          image=str((root / obj["image_path"]).resolve())))
+    return items, skips
+
+
+def _json_list(path: Path) -> list[tuple[int, object]]:
+    """(line number where it starts, element) for each element of a JSON list file."""
+    text = path.read_text()
+    decoder = json.JSONDecoder()
+    position = len(text) - len(text.lstrip())
+    if not text.startswith("[", position):
+        raise ValueError(f"data: {path}: expected a JSON list (Multimodal RewardBench's all_data.json), not "
+                         f"JSONL or another JSON value")
+    elements = []
+    position += 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return elements
+        try:
+            element, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"data: {path} line {exc.lineno} column {exc.colno}: malformed JSON ({exc.msg})") from None
+        elements.append((text.count("\n", 0, position) + 1, element))
+        position = end
+
+
+def _load_mmrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], list[Skip]]:
+    items, skips = [], []
+    for index, (line, obj) in enumerate(_json_list(path)):
+        problem = None
+        if not isinstance(obj, dict):
+            problem = f"expected a JSON object, got {type(obj).__name__}"
+        elif not isinstance(obj.get("ID"), str) or not obj["ID"]:
+            problem = "field 'ID': missing or not a string"
+        elif not isinstance(obj.get("Text"), str) or not obj["Text"].strip():
+            problem = "field 'Text': missing or empty"
+        elif not all(isinstance(obj.get(f), str) for f in ("Output1", "Output2")):
+            problem = "field 'Output1'/'Output2': expected strings"
+        elif obj.get("Better") not in ("Output1", "Output2"):
+            problem = f"field 'Better': expected 'Output1' or 'Output2', got {obj.get('Better')!r}"
+        elif not isinstance(obj.get("Category"), str) or not obj["Category"]:
+            problem = "field 'Category': missing or not a string"
+        else:
+            problem = _image_problem(root, obj.get("Image"), check_images)
+            problem = problem and f"field 'Image': {problem}"
+        if problem:
+            skips.append(Skip(str(path), line, f"entry {index}: {problem}"))
+            continue
+        first_better = obj["Better"] == "Output1"
+        items.append({"index": index, "id": obj["ID"], "query": obj["Text"],
+                      "response": [obj["Output1"], obj["Output2"]],
+                      "human_ranking": [0, 1] if first_better else [1, 0],
+                      "image": str((root / obj["Image"]).resolve()), "category": obj["Category"]})
+    return items, skips

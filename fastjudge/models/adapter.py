@@ -1,0 +1,447 @@
+"""The adapter base: the one small interface that synth, filter, train and eval use.
+
+An adapter owns a model, its tokenizer and image preprocessing:
+- `generate(images, prompts, n=..., ...) -> list[list[str]]`: n completions per (image, prompt);
+- `sft_loss(images, prompts, targets)` / `sft_backward(...)`: cross-entropy on the assistant tokens only
+  (the target and its end-of-turn token);
+- `begin_training(train)` / `end_training()`: what fine-tuning updates ("text": vision tower frozen, the
+  default; "all"; "lora": LoRA adapters on the language model through peft, merged back at the end);
+- `save(path)`: a checkpoint that plain transformers loads (`AutoModelForImageTextToText`, `AutoTokenizer`,
+  `AutoImageProcessor`).
+
+Families (one module each): `toy.ToyAdapter` (our shapes-world Mllama, word-level tokenizer),
+`mllama.MllamaAdapter` (Llama-3.2-Vision), `qwen2_vl.QwenVLAdapter` (Qwen2-VL and Qwen2.5-VL); real checkpoints
+go through their own chat template (`chat.ChatAdapter`). Image features come from the adapter's
+`feature_cache` (`features.FeatureCache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from fastjudge.engine.decoding import decode_groups
+from fastjudge.engine.options import DecodeOptions
+from fastjudge.engine.vote import EarlyStop, SpanTables
+from fastjudge.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from fastjudge.models.features import VISION_BATCH, FeatureCache, ImageFeatures, chunks, image_hash
+
+Progress = Callable[[int], None]
+TRAIN_MODES = ("text", "all", "lora")
+# LoRA goes on the language model's projections only (vision modules have projections of the same names)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class Adapter:
+    """Shared driver code. A family provides `_preprocess`, `_encode_images`, `_prompt_ids`, `_target_ids`,
+    `_model_inputs`, `decode` and `save`, and names its vision modules in `vision_modules`."""
+
+    model: torch.nn.Module
+    judge_style: str = "natural"
+    vision_modules: tuple[str, ...] = ()  # name fragments of the parameters that "text" training freezes
+    eos_ids: set[int]
+    pad_id: int
+    # image features reused across calls (None: every call encodes its images); `load_adapter` gives one
+    feature_cache: FeatureCache | None = None
+    # how generation decodes (shared Mllama decoder, kernels, CUDA graphs); `generate(options=...)` overrides it
+    decode_options: DecodeOptions = DecodeOptions()
+    _vision_fingerprint: str | None = None
+    _peft = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- images
+
+    def _is_vision(self, name: str) -> bool:
+        return any(fragment in name for fragment in self.vision_modules)
+
+    def vision_fingerprint(self) -> str:
+        """sha256 over the image preprocessing and the vision tower's parameter names and bytes; computed once
+        per set of weights."""
+        if self._vision_fingerprint is None:
+            h = hashlib.sha256(type(self.model).__name__.encode())
+            h.update(self._preprocessing().encode())
+            for name, p in self.model.named_parameters():
+                if self._is_vision(name):
+                    h.update(name.encode())
+                    h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._vision_fingerprint = h.hexdigest()
+        return self._vision_fingerprint
+
+    def _vision_trains(self) -> bool:
+        """Whether image features need gradients now (then they are computed live, not cached)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for name, p in self.model.named_parameters()
+                                               if self._is_vision(name))
+
+    def image_features(self, images: list[Image.Image]) -> list[ImageFeatures]:
+        """Features of each image: from the cache when the vision tower is frozen (misses encoded in batches of
+        VISION_BATCH), computed with gradients when it trains."""
+        if self._vision_trains() or self.feature_cache is None or self.feature_cache.max_bytes <= 0:
+            return self._encode_images(images)
+        fingerprint = self.vision_fingerprint()
+        keys = [(image_hash(im), fingerprint) for im in images]
+        found: dict[tuple[str, str], ImageFeatures] = {}
+        missing: dict[tuple[str, str], Image.Image] = {}
+        for key, image in zip(keys, images):
+            if key in found or key in missing:
+                continue
+            entry = self.feature_cache.get(key)
+            if entry is None:
+                missing[key] = image
+            else:
+                found[key] = entry
+        todo = list(missing.items())
+        training = self.model.training
+        self.model.eval()  # cached features must not depend on the mode (dropout) they were computed in
+        for start, stop in chunks(len(todo), VISION_BATCH):
+            with torch.no_grad():
+                encoded = self._encode_images([image for _, image in todo[start:stop]])
+            for (key, _), entry in zip(todo[start:stop], encoded):
+                # a copy: a view would keep the whole batch's features alive
+                entry = ImageFeatures(entry.features.to("cpu", copy=True), entry.info)
+                found[key] = entry
+                self.feature_cache.put(key, entry)
+        self.model.train(training)
+        return [found[key] for key in keys]
+
+    # ---- generation
+
+    @torch.no_grad()
+    def generate(self, images: list[Image.Image], prompts: list[str], *, n: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+                 stop: list[str] | None = None, batch_rows: int = 256, batch_tokens: int | None = None,
+                 progress: Progress | None = None, slots: int | None = None, early_stop: float = 0.0,
+                 min_votes: int = 1, prefixes: list[str] | None = None,
+                 options: DecodeOptions | None = None, templated: bool = False) -> list[list[str]]:
+        """n completions for each (image, prompt); temperature 0 is greedy (then n must be 1).
+
+        With `prefixes`, the answer of prompt i starts with prefixes[i] (given, not generated) and each
+        completion returned is that prefix followed by what the model wrote after it (`join_prefix`).
+
+        With `early_stop` > 0 (closed-ended prompts; needs `refills`), each prompt decodes `slots` samples at
+        a time, a slot starting the next sample when one ends, and stops once its majority is settled on the
+        device (`fastjudge.engine.vote.DeviceVote` with `min_votes` and confidence `early_stop`): a prompt then gets
+        between 1 and n completions. The host vote (`fastjudge.core.voting.majority_vote`) stays the final word.
+
+        Prompts are the user's text, which goes through the chat template with the image before it; with
+        `templated=True` they are texts already through the template, as transformers' processor takes them
+        (`processor.apply_chat_template(messages, add_generation_prompt=True)`: headers and the image token
+        written). Text of the other form is refused with a ValueError naming the prompt (`check_prompt`).
+
+        `options` (default: the adapter's `decode_options`) chooses how decoding runs: the shared Mllama decoder
+        or the generic one, kernels, CUDA graphs (`fastjudge.engine.options.DecodeOptions`).
+
+        Each prompt and its image are encoded and prefilled once and shared by its n samples (`decode`).
+        A completion ends at an end-of-turn token or just before the first of the `stop` strings it writes.
+        Prompts are batched so that decoding holds at most `batch_rows` rows (prompts x n) and, with
+        `batch_tokens`, at most that many token positions (rows x (longest prompt + max_new_tokens)), a batch
+        holding at least one prompt. Each batch is seeded from (seed, batch index), so a run is reproducible
+        for fixed batch_rows and batch_tokens.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"images and prompts: expected the same length, got {len(images)} and {len(prompts)}")
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"prefixes: expected one per prompt ({len(prompts)}), got {len(prefixes)}")
+        if n < 1:
+            raise ValueError(f"n: expected >= 1, got {n}")
+        if temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        if temperature == 0 and n > 1:
+            raise ValueError("n: greedy decoding (temperature 0) gives one completion per prompt; use n=1")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k: expected >= 0 (0 = off), got {top_k}")
+        if not 0 <= min_p < 1:
+            raise ValueError(f"min_p: expected in [0, 1), got {min_p}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(f"batch_tokens: expected >= 1 or None, got {batch_tokens}")
+        if slots is not None and not 1 <= slots <= n:
+            raise ValueError(f"slots: expected in [1, n={n}] or None, got {slots}")
+        if not 0 <= early_stop <= 1:
+            raise ValueError(f"early_stop: expected a confidence in [0, 1] (0 = off), got {early_stop}")
+        options = options or self.decode_options
+        if (early_stop > 0 or slots is not None) and not (self.refills and options.shared_mllama):
+            raise ValueError(f"early_stop, slots: {type(self).__name__} decodes without the shared Mllama decoder")
+        if not 1 <= min_votes <= n:
+            raise ValueError(f"min_votes: expected in [1, n={n}], got {min_votes}")
+        stopping = None
+        if early_stop > 0:
+            stopping = EarlyStop(self.span_tables(), confidence=early_stop, min_votes=min_votes)
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompts[{i}]: expected a non-empty string, got {prompt!r}")
+            self.check_prompt(i, prompt, templated)
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"images[{i}]: expected a PIL image, got {type(image).__name__}")
+        stops = [s for s in (stop or []) if s]
+        # a stop string of L characters spans at most L tokens that each write a character; byte pieces and
+        # special tokens write none, hence the margin (a late detection only costs steps: `_cut` finds it)
+        # plus the steps between two looks from the host (the decoder checks stops every sync_every <= 8 steps)
+        window = 4 * max(map(len, stops), default=0) + 16
+
+        def stopped(tokens: list[int]) -> bool:
+            tail = self.decode_raw(tokens[-window:])
+            return any(s in tail for s in stops)
+
+        self.model.eval()
+        self.use_gpu_kernels(options)
+        out: list[list[str]] = []
+        per_batch = max(1, batch_rows // (slots or n))
+        batch_index = 0
+        for start, end in chunks(len(prompts), per_batch):
+            features = self.image_features(images[start:end])
+            encode = self._templated_ids if templated else self._prompt_ids
+            rows = [encode(p, f) for p, f in zip(prompts[start:end], features)]
+            if prefixes is not None:
+                rows = [row + self._prefix_ids(x) for row, x in zip(rows, prefixes[start:end])]
+            for first, last in _token_budget(rows, slots or n, max_new_tokens, batch_tokens):
+                inputs = self._model_inputs(rows[first:last], features[first:last], left=True)
+                generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + batch_index)
+                batch_index += 1
+                groups = decode_groups(self.model, inputs, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                       n=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       generator=generator, stop=stopped if stops else None, slots=slots,
+                                       early_stop=stopping, options=options)
+                texts = [[_cut(self.decode(row), stops) for row in group] for group in groups]
+                if prefixes is not None:
+                    texts = [[self.join_prefix(x, t) for t in group]
+                             for x, group in zip(prefixes[start + first:start + last], texts)]
+                out.extend(texts)
+                if progress:
+                    progress(last - first)
+        return out
+
+    def _prefix_ids(self, prefix: str) -> list[int]:
+        """Token ids of the start of an answer (the target's ids without its end-of-turn token)."""
+        return self._target_ids(prefix)[:-1]
+
+    def join_prefix(self, prefix: str, completion: str) -> str:
+        """A given answer start and the model's continuation of it, as one text."""
+        return prefix + completion
+
+    def use_gpu_kernels(self, options: DecodeOptions | None = None) -> None:
+        """Swap in fastjudge's GPU kernels for training and prefill where the family has them (Mllama's
+        cross-attention); nothing by default."""
+
+    @property
+    def refills(self) -> bool:
+        """Whether generation can refill slots and stop early on the device vote (the shared Mllama decoder)."""
+        return (getattr(self.model.config, "model_type", None) == "mllama"
+                and self.decode_options.shared_mllama)
+
+    def span_tables(self) -> SpanTables:
+        """The answer-span tables of this tokenizer and model (`fastjudge.engine.vote`), built once."""
+        if getattr(self, "_span_tables", None) is None:
+            vocab = self.model.get_output_embeddings().out_features
+            self._span_tables = SpanTables.build(self.token_pieces(), vocab, device=self.device)
+        return self._span_tables
+
+    def token_pieces(self) -> list[str]:
+        """The text of each token id as it reads after another token."""
+        raise NotImplementedError
+
+    # ---- training
+
+    def _training_inputs(self, images, prompts, targets) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Inputs with right padding, and labels (B, T): -100 except on the target and its end-of-turn."""
+        features = self.image_features(images)
+        rows, label_rows = [], []
+        for prompt, target, feature in zip(prompts, targets, features):
+            head, tail = self._prompt_ids(prompt, feature), self._target_ids(target)
+            rows.append(head + tail)
+            label_rows.append([-100] * len(head) + tail)
+        return self._model_inputs(rows, features, left=False), _pad(label_rows, -100, left=False).to(self.device)
+
+    def sft_loss(self, images: list[Image.Image], prompts: list[str], targets: list[str],
+                 reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over target tokens (the assistant turn, its end-of-turn token included): their mean,
+        or with reduction="sum" their sum."""
+        return self._loss(*self._training_inputs(images, prompts, targets), reduction=reduction)
+
+    def _loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of the labelled tokens, each predicted from the position before it. The output layer
+        runs on those positions only: (B, T, V) logits over a 128k-152k vocabulary would not fit."""
+        hidden = self.model.model(**inputs).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]
+        keep = targets != -100  # (B, T - 1)
+        head = self.model.get_output_embeddings()
+        # the fused loss: Triton on CUDA, the chunked torch reference on the CPU; rows are already kept ones
+        return fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], bias=head.bias,
+                                          reduction=reduction, drop_ignored=False)
+
+    def sft_backward(self, images: list[Image.Image], prompts: list[str], targets: list[str],
+                     micro_batches: int = 3) -> float:
+        """Backward of the batch's mean target-token loss, run as `micro_batches` forward passes over
+        examples sorted by length; returns the loss. Each pass pads only to its own longest example (in the
+        toy mixture one batch holds 30- and 170-token examples: a single padded pass wastes most of its work).
+        """
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+        size = -(-len(order) // max(1, micro_batches))
+        prepared = [self._training_inputs([images[i] for i in group], [prompts[i] for i in group],
+                                          [targets[i] for i in group])
+                    for group in (order[k:k + size] for k in range(0, len(order), size))]
+        total_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in prepared)
+        total = 0.0
+        for inputs, labels in prepared:
+            loss_sum = self._loss(inputs, labels, reduction="sum")
+            (loss_sum / total_tokens).backward()
+            total += loss_sum.item()
+        return total / total_tokens
+
+    def begin_training(self, train: str = "text", *, lora_rank: int = 16,
+                       lora_alpha: float = 32.0) -> list[torch.nn.Parameter]:
+        """Choose what fine-tuning updates and return those parameters: "text" freezes the vision tower (the
+        default), "all" trains everything, "lora" adds LoRA adapters to the language model's projections
+        (peft) and freezes the rest; `end_training` merges them back."""
+        if train not in TRAIN_MODES:
+            raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
+        if self.device.type == "cuda":
+            apply_liger_kernels(self.model)
+            self.use_gpu_kernels()
+        if train == "lora":
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ValueError("train: 'lora' needs peft (pip install peft)") from None
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            # peft injects the adapters into self.model's own modules: self.model stays the model to call
+            self._peft = get_peft_model(self.model, config)
+            return [p for p in self.model.parameters() if p.requires_grad]
+        params = []
+        for name, p in self.model.named_parameters():
+            frozen = train == "text" and self._is_vision(name)
+            p.requires_grad_(not frozen)
+            if not frozen:
+                params.append(p)
+        if train == "all":
+            self._vision_fingerprint = None  # the vision weights will change
+        return params
+
+    def end_training(self) -> None:
+        """Merge LoRA adapters into the weights (a plain checkpoint again); forget a stale vision fingerprint."""
+        if self._peft is not None:
+            self.model = self._peft.merge_and_unload()
+            self._peft = None
+        self._vision_fingerprint = None
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    # ---- family hooks
+
+    def _preprocessing(self) -> str:
+        """What turns an image into pixels (part of the cache key)."""
+        raise NotImplementedError
+
+    def _encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
+        raise NotImplementedError
+
+    def _prompt_ids(self, prompt: str, image: ImageFeatures) -> list[int]:
+        """Token ids of a user prompt (its text) with its image, up to where the answer starts."""
+        raise NotImplementedError
+
+    def _templated_ids(self, text: str, image: ImageFeatures) -> list[int]:
+        """Token ids of a prompt already through the chat template (families with one)."""
+        raise NotImplementedError
+
+    def check_prompt(self, index: int, prompt: str, templated: bool) -> None:
+        """ValueError naming prompts[index] when it is not of the form asked for (raw user text, or with
+        templated=True text through the chat template); this family has no chat template: raw text only."""
+        if templated:
+            raise ValueError(f"templated: {type(self).__name__} has no chat template; pass the prompts' text")
+
+    def _target_ids(self, target: str) -> list[int]:
+        raise NotImplementedError
+
+    def _model_inputs(self, rows: list[list[int]], features: list[ImageFeatures], left: bool) -> dict:
+        raise NotImplementedError
+
+    def decode(self, tokens: list[int]) -> str:
+        raise NotImplementedError
+
+    def decode_raw(self, tokens: list[int]) -> str:
+        """The text of tokens, white space kept (stop strings may be white space)."""
+        return self.decode(tokens)
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError
+
+
+LIGER_PATCHES = {"mllama": "apply_liger_kernel_to_mllama", "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
+                 "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl"}
+
+
+def apply_liger_kernels(model) -> bool:
+    """liger-kernel's RMSNorm, SwiGLU and RoPE on this model's text model, in place, once; its
+    fused loss off (fastjudge's own is used, and Liger's breaks on `MllamaForConditionalGeneration` in
+    transformers 5.x). Returns whether the model is patched; without liger-kernel installed, warns and leaves
+    the model as it is. Liger also swaps the family's RMSNorm and MLP classes and its rotary function
+    module-wide (later models of the family in this process get them too; on CUDA they serve inference as
+    well)."""
+    done = getattr(model, "_fastjudge_liger", None)
+    if done is not None:
+        return done
+    model._fastjudge_liger = False  # tried: a failure warns once
+    name = LIGER_PATCHES.get(getattr(model.config, "model_type", None))
+    if name is None:
+        return False
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        import warnings
+        warnings.warn("liger-kernel is not installed: training runs without its RMSNorm/SwiGLU/RoPE kernels")
+        return False
+    patch = getattr(liger, name)
+    options = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, cross_entropy=False)
+    if "layer_norm" in inspect.signature(patch).parameters:
+        options["layer_norm"] = False  # the vision tower's LayerNorm: not asked for, and not tested here
+    try:
+        patch(model=model, **options)
+    except ImportError as error:  # liger 0.8.5's Qwen2-VL patch imports a class transformers 5.x lacks
+        import warnings
+        warnings.warn(f"liger-kernel's {name} failed ({error}): training runs without its kernels")
+        return False
+    model._fastjudge_liger = True
+    return True
+
+
+def _token_budget(rows: list[list[int]], n: int, max_new_tokens: int, budget: int | None):
+    """(first, last) spans of consecutive prompts whose decoding holds at most `budget` token positions:
+    prompts x n x (longest prompt + max_new_tokens), at least one prompt per span."""
+    if budget is None:
+        yield 0, len(rows)
+        return
+    first, longest = 0, 0
+    for i, row in enumerate(rows):
+        longest_with = max(longest, len(row))
+        if i > first and (i - first + 1) * n * (longest_with + max_new_tokens) > budget:
+            yield first, i
+            first, longest_with = i, len(row)
+        longest = longest_with
+    yield first, len(rows)
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    """(B, T) int64: each row padded with `value` to the longest row, on the left or on the right."""
+    length = max(map(len, rows))
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = length - len(row) if left else 0
+        out[i, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+    return out

@@ -1,0 +1,221 @@
+"""Mllama (Llama-3.2-Vision and the toy): the text attends to the image through cross-attention layers.
+
+`MllamaFamily` is what both share (vision tower + projector as the features, the cross-attention mask);
+`MllamaAdapter` drives a real checkpoint through its chat template; `patch_mllama` swaps transformers'
+cross-attention for `fastjudge.kernels.cross_attention` on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+from PIL import Image
+
+from fastjudge.engine.options import DecodeOptions
+from fastjudge.kernels.mllama_cross_attention import BACKENDS, MASKED_ROWS, cross_attention
+from fastjudge.models.adapter import Adapter, _pad
+from fastjudge.models.chat import ChatAdapter
+from fastjudge.models.features import ImageFeatures
+
+
+class MllamaFamily(Adapter):
+    """Mllama: the text attends to the image through cross-attention layers. A prompt holds one <|image|>
+    token; tokens from it on see the image's valid tiles (as MllamaProcessor's cross-attention mask)."""
+
+    vision_modules = ("vision_model", "multi_modal_projector")
+    image_token_id: int
+
+    def _pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """pixel_values (N, 1, tiles, 3, S, S), aspect_ratio_ids (N, 1), aspect_ratio_mask (N, 1, tiles)."""
+        raise NotImplementedError
+
+    def _encode_images(self, images):
+        pixels = self._pixel_inputs(images)
+        inner = self.model.model
+        states = inner.vision_model(
+            pixel_values=pixels["pixel_values"].to(self.device, self.model.dtype),
+            aspect_ratio_ids=pixels["aspect_ratio_ids"].to(self.device),
+            aspect_ratio_mask=pixels["aspect_ratio_mask"].to(self.device)).last_hidden_state  # (N, 1, tiles, P, Dv)
+        states = inner.multi_modal_projector(states)  # (N, 1, tiles, P, H)
+        valid_tiles = pixels["aspect_ratio_mask"].sum(dim=(1, 2)).tolist()
+        return [ImageFeatures(states[i].flatten(0, 2), (int(valid_tiles[i]),)) for i in range(len(images))]
+
+    def _model_inputs(self, rows, features, left):
+        ids = _pad(rows, self.pad_id, left)  # (B, T)
+        mask = _pad([[1] * len(row) for row in rows], 0, left)
+        tiles = features[0].features.shape[0] // self._patches_per_tile
+        # (B, T, 1 image, tiles): 1 from the image token on, for the image's valid tiles
+        after_image = (ids == self.image_token_id).long().cumsum(dim=1) > 0
+        cross = torch.zeros(len(rows), ids.shape[1], 1, tiles, dtype=torch.long)
+        for i, f in enumerate(features):
+            cross[i, :, 0, :f.info[0]] = after_image[i, :, None]
+        states = torch.stack([f.features for f in features])  # (B, tiles * P, H)
+        return dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    cross_attention_states=states.to(self.device, self.model.dtype),
+                    cross_attention_mask=cross.to(self.device))
+
+    def use_gpu_kernels(self, options: DecodeOptions | None = None) -> None:
+        """On CUDA, the cross-attention layers run `fastjudge.kernels.cross_attention` (`patch_mllama`, masked
+        rows as transformers), for training and prefill; once per model; off with `gpu_kernels=False`."""
+        options = options or self.decode_options
+        if self.device.type != "cuda" or not options.gpu_kernels:
+            return
+        inner = getattr(self.model, "model", self.model)
+        if getattr(inner, "_fastjudge_cross_attention", None) is None:
+            patch_mllama(self.model, masked_rows="hf")
+
+    @property
+    def _patches_per_tile(self) -> int:
+        return self.model.model.vision_model.num_patches
+
+
+class MllamaAdapter(ChatAdapter, MllamaFamily):
+    """A local Llama-3.2-Vision checkpoint (MllamaForConditionalGeneration)."""
+
+    def __init__(self, model, tokenizer, image_processor, source=None, chat_template=None):
+        super().__init__(model, tokenizer, image_processor, source, chat_template)
+        self.image_token_id = model.config.image_token_index
+
+    def _pixel_inputs(self, images):
+        batch = self.image_processor(images=[[im] for im in images], return_tensors="pt")
+        return {k: batch[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+
+    def _templated_ids(self, text, image):
+        # the template writes <|begin_of_text|> itself
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---- transformers' Mllama with the cross-attention kernel
+
+
+class _PatchState:
+    """What the patched layers of one model share: the key ranges of the current forward call."""
+
+    def __init__(self, masked_rows: str, backend: str, patches: int):
+        self.masked_rows, self.backend, self.patches = masked_rows, backend, patches
+        self.ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def key_ranges(cross_attention_mask: torch.Tensor, patches: int):
+    """From transformers' compact mask (B, T, images, tiles) of 0/1 to (start, end, seen), each (B, T): row t
+    sees keys [start, end) of the (images x tiles x patches) keys; seen is 1.0 where it sees any. None when some
+    row's keys are not one contiguous run (several images with padded tiles between them): transformers' dense
+    path must run then."""
+    batch, rows = cross_attention_mask.shape[:2]
+    valid = cross_attention_mask.reshape(batch, rows, -1) > 0  # (B, T, images * tiles)
+    tiles = valid.shape[-1]
+    seen = valid.any(dim=-1)
+    first = valid.int().argmax(dim=-1)
+    last = tiles - 1 - valid.flip(-1).int().argmax(dim=-1)
+    contiguous = (valid.sum(dim=-1) == last - first + 1) | ~seen
+    if not bool(contiguous.all()):  # one host synchronization per forward call, not per layer
+        return None
+    start = torch.where(seen, first * patches, torch.zeros_like(first))
+    end = torch.where(seen, (last + 1) * patches, torch.zeros_like(last))
+    return start.to(torch.int32), end.to(torch.int32), seen
+
+
+def _current_rows(mask: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The mask's rows of the tokens this call processes, as transformers takes them: a caller may pass the
+    whole mask with a cache (fastjudge's generic decoding; transformers 5.17's generate): rows
+    cache_position, else [past, past + tokens)."""
+    tokens = next((kwargs[name].shape[1] for name in ("input_ids", "inputs_embeds") if kwargs.get(name) is not None),
+                  mask.shape[1])
+    if mask.shape[1] == tokens:
+        return mask
+    position = kwargs.get("cache_position")
+    if position is not None:
+        return mask[:, position]
+    cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    return mask[:, past:past + tokens]
+
+
+def _capture_ranges(state: _PatchState):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("cross_attention_mask")
+        state.ranges = None
+        if mask is not None:
+            ranges = key_ranges(_current_rows(mask, kwargs), state.patches)
+            if ranges is not None:  # transformers builds no dense mask: the patched layers take the ranges
+                state.ranges = ranges
+                kwargs = dict(kwargs, cross_attention_mask=None)
+        return args, kwargs
+    return hook
+
+
+def _patched_cross_layer(layer, state: _PatchState, original):
+    """`MllamaCrossAttentionDecoderLayer.forward` with the attention through `cross_attention` (transformers'
+    order of operations: norm, attention, gate, norm, MLP zeroed on rows that see no image, gate)."""
+    def forward(hidden_states, cross_attention_states=None, cross_attention_mask=None, attention_mask=None,
+                full_text_row_masked_out_mask=None, **kwargs):
+        if cross_attention_mask is not None:  # a dense mask (the hook passes none on): transformers' path
+            return original(hidden_states, cross_attention_states=cross_attention_states,
+                            cross_attention_mask=cross_attention_mask, attention_mask=attention_mask,
+                            full_text_row_masked_out_mask=full_text_row_masked_out_mask, **kwargs)
+        ranges = state.ranges  # this call's (a recomputation in backward must see the same)
+        if layer.training and getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            # the instance's forward replaces the class's, which is where transformers checkpoints
+            return torch.utils.checkpoint.checkpoint(attend, hidden_states, cross_attention_states, kwargs, ranges,
+                                                     use_reentrant=False)
+        return attend(hidden_states, cross_attention_states, kwargs, ranges)
+
+    def attend(hidden_states, cross_attention_states, kwargs, ranges):
+        cache = next((kwargs[name] for name in ("cache", "past_key_values", "past_key_value")
+                      if kwargs.get(name) is not None), None)
+        attn = layer.cross_attn
+        residual = hidden_states
+        x = layer.input_layernorm(hidden_states)
+        batch, rows, _ = x.shape
+        q = attn.q_norm(attn.q_proj(x).view(batch, rows, attn.num_heads, attn.head_dim).transpose(1, 2))
+        if cross_attention_states is not None:
+            k = attn.k_proj(cross_attention_states).view(batch, -1, attn.num_key_value_heads, attn.head_dim)
+            v = attn.v_proj(cross_attention_states).view(batch, -1, attn.num_key_value_heads, attn.head_dim)
+            k, v = attn.k_norm(k.transpose(1, 2)), v.transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(k, v, attn.layer_idx)
+        else:
+            k, v = cache.layers[attn.layer_idx].keys, cache.layers[attn.layer_idx].values
+        if ranges is None:  # no mask given: every row sees every key, as transformers does
+            start = torch.zeros(batch, rows, dtype=torch.int32, device=x.device)
+            end, seen = torch.full_like(start, k.shape[2]), None
+        else:
+            start, end, seen = ranges
+            if start.shape != (batch, rows):
+                raise RuntimeError(f"patch_mllama: key ranges for {tuple(start.shape)} rows, but the layer has "
+                                   f"{(batch, rows)}: a call reached the text model without passing the MllamaModel")
+        out = cross_attention(q, k, v, start, end, scale=attn.scaling, masked_rows=state.masked_rows,
+                              backend=state.backend)  # (B, Hq, T, D)
+        h = residual + layer.cross_attn_attn_gate.tanh() * attn.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))
+        x = layer.mlp(layer.post_attention_layernorm(h))
+        if seen is not None:
+            x = x * seen[..., None].to(x.dtype)
+        return h + layer.cross_attn_mlp_gate.tanh() * x
+    return forward
+
+
+def patch_mllama(model, masked_rows: str = "hf", backend: str = "auto"):
+    """Swap the attention of every cross-attention layer of a `MllamaForConditionalGeneration` (or its
+    `MllamaModel`) for `cross_attention`, in place, for training, prefill and decoding; returns the model.
+
+    A forward pre-hook on the `MllamaModel` turns the compact `cross_attention_mask` (B, T, images, tiles) into
+    key ranges and passes no mask on, so transformers builds no dense (B, 1, T, S) mask; when some row's keys
+    are not contiguous (several images with padded tiles between them), that call runs transformers' own path.
+    masked_rows and backend: as `cross_attention`. Patching twice raises ValueError.
+    """
+    if masked_rows not in MASKED_ROWS:
+        raise ValueError(f"masked_rows: expected one of {MASKED_ROWS}, got {masked_rows!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    inner = getattr(model, "model", model)
+    if not (hasattr(inner, "vision_model") and hasattr(inner, "language_model")):
+        raise ValueError(f"model: expected a MllamaForConditionalGeneration or MllamaModel, got {type(model).__name__}")
+    if getattr(inner, "_fastjudge_cross_attention", None) is not None:
+        raise ValueError("model: already patched")
+    state = _PatchState(masked_rows, backend, inner.vision_model.num_patches)
+    layers = [layer for layer in inner.language_model.layers if hasattr(layer, "cross_attn_attn_gate")]
+    for layer in layers:
+        layer.forward = _patched_cross_layer(layer, state, layer.forward)
+    inner.register_forward_pre_hook(_capture_ranges(state), with_kwargs=True)
+    inner._fastjudge_cross_attention = state
+    return model
