@@ -74,7 +74,7 @@ bool is_sequence(PyObject* obj) { return PyList_Check(obj) || PyTuple_Check(obj)
 }
 
 // answers must be a list (or tuple) of lists (or tuples) of str | None; the messages, and which error
-// comes first (row-major order), match fastjudge/voting.py. Items are checked while converting.
+// comes first (row-major order), match fastjudge/core/voting.py. Items are checked while converting.
 PyObject* check_answers(py::handle answers) {
   PyObject* outer = answers.ptr();
   if (!is_sequence(outer)) {
@@ -161,7 +161,7 @@ class GcPause {
 };
 
 // Builds one result: a `vote_type` instance when given, else a (winner, counts, indices) tuple.
-// vote_type is a frozen dataclass (fastjudge.voting.Vote). Its generated __init__ only calls
+// vote_type is a frozen dataclass (fastjudge.core.voting.Vote). Its generated __init__ only calls
 // object.__setattr__ per field; doing the same here skips three interpreter frames per prompt.
 class ResultBuilder {
  public:
@@ -496,16 +496,16 @@ py::array_t<int64_t> sample_logits(const py::array& logits, const py::array& uni
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "fastjudge C++ core: answer normalization and majority voting (see fastjudge.voting), token sampling\n"
-      "(see fastjudge.sampling).";
+      "fastjudge C++ core: answer normalization and majority voting (see fastjudge.core.voting), token sampling\n"
+      "(see fastjudge.core.sampling).";
 
   m.def("normalize_answer", &normalize_answer, py::arg("text"),
-        "Canonical form of one answer, or None when nothing is left (rules: fastjudge.voting).");
+        "Canonical form of one answer, or None when nothing is left (rules: fastjudge.core.voting).");
 
   m.def("majority_vote", &majority_vote, py::arg("answers"), py::arg("min_votes") = 1, py::kw_only(),
         py::arg("num_threads") = 0, py::arg("vote_type") = py::none(),
         "Majority vote over (B, N_b) answers. Returns a list of B (winner, counts, indices) tuples,\n"
-        "or of vote_type instances (a frozen dataclass with those fields, e.g. fastjudge.voting.Vote).\n"
+        "or of vote_type instances (a frozen dataclass with those fields, e.g. fastjudge.core.voting.Vote).\n"
         "num_threads counts the calling thread; <= 0 means one per core (at most 8). The GIL is\n"
         "released while this thread votes or waits for votes.");
 
@@ -514,7 +514,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0,
         "One token per row of logits (B, V) (float32, C-contiguous) -> (B,) int64, driven by uniforms\n"
         "(B,) float64 in [0, 1): temperature (0 = argmax), top-k, top-p, min-p, then inverse-CDF over the\n"
-        "kept tokens in index order (rules: fastjudge.sampling). num_threads counts the calling thread;\n"
+        "kept tokens in index order (rules: fastjudge.core.sampling). num_threads counts the calling thread;\n"
         "<= 0 means one per core (at most 8). The GIL is released while sampling. Raises ValueError\n"
         "naming the argument, or the row of logits that holds NaN/+inf or only -inf (temperature > 0).");
 }

@@ -1,4 +1,4 @@
-// Answer normalization and majority voting; the rules are documented in fastjudge/voting.py and
+// Answer normalization and majority voting; the rules are documented in fastjudge/core/voting.py and
 // must stay identical to normalize_answer / majority_vote_reference there.
 //
 // Strings are handled as UTF-8 bytes. Every character the rules look at is ASCII, except the curly
@@ -13,7 +13,7 @@ namespace {
 
 using std::string_view;
 
-// ASCII white space only (Python's str.isspace also knows Unicode spaces; voting.py uses this list).
+// ASCII white space only (Python's str.isspace also knows Unicode spaces; core/voting.py uses this list).
 constexpr bool is_space(char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }

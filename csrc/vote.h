@@ -2,7 +2,7 @@
 //
 // Plain C++17, no Python headers: the binding (bindings.cpp) converts Python lists into
 // AnswerBatch chunks, calls vote_batch on them without the GIL, and builds the Python result.
-// The pure-Python reference in fastjudge/voting.py implements the same rules and is the test oracle.
+// The pure-Python reference in fastjudge/core/voting.py implements the same rules and is the test oracle.
 #pragma once
 
 #include <cstdint>
@@ -41,7 +41,7 @@ struct AnswerBatch {
 };
 
 // Canonical form of a final answer, or nullopt when nothing is left after normalization.
-// Input and output are UTF-8; only ASCII letters are lowercased (rules: fastjudge/voting.py).
+// Input and output are UTF-8; only ASCII letters are lowercased (rules: fastjudge/core/voting.py).
 std::optional<std::string> normalize_answer(std::string_view text);
 
 // Reusable buffers for normalize_answer_view.

@@ -12,8 +12,9 @@ from fastjudge.config import LoopConfig
 
 HELP = {
     "out": "output folder of the run",
-    "model": "local Mllama checkpoint (a toy or a Llama-3.2-Vision directory); default: the shipped toy base model",
-    "prompts": "prompt pool JSONL (see README for the schema); default: a shapes-world pool drawn from --seed",
+    "model": "local checkpoint folder (a toy one, Llama-3.2-Vision, Qwen2-VL or Qwen2.5-VL); default: the shipped "
+             "toy base model",
+    "prompts": "prompt pool JSONL (schema: README, \"Your own prompts\"); default: a shapes-world pool drawn from --seed",
     "seed": "random seed; a CPU run with the same seed is reproducible",
     "device": "torch device for the model (cpu, cuda)",
     "dtype": "model dtype: float32, bfloat16, float16 (default: float32 for the toy and on the CPU, bfloat16 for "
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="continue from this toy checkpoint instead of random weights")
     p.add_argument("--mixture", default=None,
                    help="task weights as task=weight,... over caption, qa, rewrite, judge, match; a task left out "
-                        "has weight 0 (default caption=0.30,qa=0.36,rewrite=0.10,judge=0.14,match=0.10)")
+                        "has weight 0 (default caption=0.25,qa=0.30,rewrite=0.10,judge=0.30,match=0.05)")
     p.add_argument("--verdict-follow", type=float, default=0.4,
                    help="share of judge examples whose verdict follows the checks; the rest name answer A")
     p.add_argument("--threads", type=int, default=1,

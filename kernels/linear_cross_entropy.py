@@ -15,10 +15,10 @@ sum of exponentials (an online log-sum-exp across vocabulary blocks) and picks t
   memory of Liger-Kernel's chunking). The forward pass computes each row's log-sum-exp; the backward pass
   makes each block again, turns it into its gradient, writes dweight[block] = G.T @ hidden once and adds
   G @ weight[block] to dhidden: 8 N H V FLOPs.
-Measured on an H200 (bench/flce.py, bench/results/flce-h200-2026-11-26-run*.json), bf16, H 4096, V 128256,
-N 4096: "rows" 19.8 ms (1.18x the floor at the card's measured 772 TFLOP/s), "vocab" 24.9 ms, Liger 46.2 ms.
-A third design, logits only as on-chip tiles with float32 atomics for dweight (Cut Cross-Entropy's layout),
-ran at 285 ms and was dropped (commit 7905f7e has it).
+"rows" is the default because it timed fastest on an H200 (bf16, H 4096, V 128256; bench/flce.py; the
+standing figures and their result files are in docs/performance.md). A third design, logits only as on-chip
+tiles with float32 atomics for dweight (Cut Cross-Entropy's layout), timed far slower and was dropped (commit
+7905f7e has it).
 
 Ignored rows (target == ignore_index) are dropped before the matrix products: that needs their count on the
 host, one synchronization per call (`drop_ignored=False` keeps every row, with no synchronization, at the
@@ -269,8 +269,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         design: "rows" (row chunks over the whole vocabulary, the gradients made in the forward pass; the
             faster) or "vocab" (all rows, vocabulary blocks, the logits made twice; about Liger's memory). See
             the module docstring.
-        chunk_rows, chunk_vocab: the block size; default: "rows" 1024 rows x V (measured fastest on an
-            H200, bench/results/flce-h200-2026-11-26.json); "vocab" all rows x H columns (rounded up to 256).
+        chunk_rows, chunk_vocab: the block size; default: "rows" 1024 rows x V (timed fastest on an
+            H200: docs/performance.md); "vocab" all rows x H columns (rounded up to 256).
         drop_ignored: drop ignored rows before the products (one host synchronization) or keep them.
     Returns:
         The loss, float32 whatever the inputs' dtype: a scalar (mean, sum) or (N,) (none). Differentiable in

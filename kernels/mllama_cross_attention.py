@@ -82,7 +82,7 @@ def _block_ranges(start: torch.Tensor, end: torch.Tensor, block: int):
 
 
 # The training kernels' tiles on a GPU, per kernel: (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages).
-# "base" is what the H200 runs of 2026-11-26 timed (Triton's default warps and stages), but for dK/dV at 2 stages:
+# "base" is the preset timed on an H200 (Triton's default warps and stages), but for dK/dV at 2 stages:
 # its loop is pipelined since (bench/kernel_resources.py: at 3 stages only one program fits a multiprocessor, at 2
 # two, as before). The others are candidates from Hopper flash-attention practice (128-row forward blocks over 8
 # warps; dK/dV over 128-key blocks with short query steps, dQ over 128-row blocks, as in Triton's fused-attention

@@ -65,7 +65,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, text_hidden: int = 128, 
 
 def build_model(config: MllamaConfig, seed: int = 0) -> MllamaForConditionalGeneration:
     """A fresh random-weight toy model. Cross-attention gates start at 0.5, not transformers' 0: at 0 a model
-    trained from scratch learns to ignore the image (measured in shared/notes/toy-world-measurements.md)."""
+    trained from scratch learns to ignore the image (measured when the toy world was designed)."""
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config)
     with torch.no_grad():
