@@ -30,6 +30,7 @@ Prints a table, then one JSON line; --out also writes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -57,12 +58,10 @@ def graph_timed(fn, repeats: int) -> float | None:
         return None
 
 
-def ours_with_tiles(preset: str):
-    """cross_attention with the training kernels' tiles of TILE_PRESETS[preset] (read by forward and backward)."""
-    def run(q, k, v, start, end, mask):
-        with mllama_cross_attention.tile_presets(training=preset):
-            return cross_attention(q, k, v, start, end, backend="triton")
-    return run
+def ours_triton(q, k, v, start, end, mask):
+    """cross_attention's Triton kernels, with whatever training tiles are in force (the caller's tile_presets
+    block holds them through the backward pass too)."""
+    return cross_attention(q, k, v, start, end, backend="triton")
 
 
 def dense_mask(start, end, keys, dtype):
@@ -135,8 +134,11 @@ def main() -> None:
         if preset not in mllama_cross_attention.DECODE_TILE_PRESETS:
             parser.error(f"--decode-tiles: {preset!r} is not one of {list(mllama_cross_attention.DECODE_TILE_PRESETS)}")
     providers = {"sdpa": lambda q, k, v, s, e, mask: sdpa(q, k, v, mask)}
+    provider_tiles: dict[str, str] = {}  # provider -> the training tile preset it runs under
     for preset in presets:
-        providers["ours" if presets == ["base"] else f"ours:{preset}"] = ours_with_tiles(preset)
+        name = "ours" if presets == ["base"] else f"ours:{preset}"
+        providers[name] = ours_triton
+        provider_tiles[name] = preset
     flex = flex_provider() if cuda and not args.no_flex else None
     if flex is not None:
         providers["flex"] = flex
@@ -213,12 +215,17 @@ def main() -> None:
             mask = dense_mask(start, end, keys, dtype)
             reference = sdpa(q.float(), k.float(), v.float(), dense_mask(start, end, keys, torch.float32))
             for name, fn in providers.items():
+                # a preset's tiles hold for the forward and the backward pass alike
+                tiles_in_force = (mllama_cross_attention.tile_presets(training=provider_tiles[name])
+                                  if name in provider_tiles else contextlib.nullcontext())
                 try:
-                    error = ((fn(q, k, v, start, end, mask).float() - reference).norm() / reference.norm()).item()
-                    forward = timed(lambda: fn(q, k, v, start, end, mask), args.repeats, cuda)
-                    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-                    grad = torch.randn_like(q)
-                    both = timed(lambda: fn(qq, kk, vv, start, end, mask).backward(grad), args.repeats, cuda)
+                    with tiles_in_force:
+                        error = ((fn(q, k, v, start, end, mask).float() - reference).norm()
+                                 / reference.norm()).item()
+                        forward = timed(lambda: fn(q, k, v, start, end, mask), args.repeats, cuda)
+                        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+                        grad = torch.randn_like(q)
+                        both = timed(lambda: fn(qq, kk, vv, start, end, mask).backward(grad), args.repeats, cuda)
                 except Exception as failure:  # a provider that fails (flex's compiler, say) is reported, not fatal
                     print(f"T {rows} tiles {tiles} {name}: failed: {failure!r}", flush=True)
                     results.append({"case": "train", "rows": rows, "tiles": tiles, "provider": name,

@@ -4,8 +4,8 @@ Llama-3.2-11B-Vision layer structure (40 text layers, 8 of them cross-attention,
     python bench/decode_ops.py [--n 16] [--prompts 4] [--new-tokens 8] [--out FILE]
 
 On a GPU a decoding step of a small batch is bound by kernel launches and Python, not by arithmetic (see the
-H200 sampler figures in docs/performance.md): each operator that computes (views and reshapes excluded) launches at least
-one kernel. This counts them on the CPU, where the count is the same as on a GPU (the same Python code runs;
+H200 sampler figures in docs/performance.md): each operator that computes (views and reshapes excluded) launches
+at least one kernel. This counts them on the CPU, where the count is the same as on a GPU (the same Python code runs;
 the kernel path of the cross layers, GPU-only, is not counted here). The count per step is the total of a run
 with --new-tokens steps minus one with a single step, divided by the difference; prefill and set-up cancel.
 Prints a table, then one JSON line.

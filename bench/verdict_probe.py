@@ -63,7 +63,7 @@ def main() -> None:
     items, _ = data.load_benchmark(args.bench)
     base_raw = evaluate.run(adapter, items, LoopConfig().eval_options(), seed=0).raw  # the base judge's reasoning
     before = verdict_accuracy(adapter, items, base_raw)
-    traces = data.read_jsonl(args.sft)
+    traces = data.read_records(args.sft)
     images = {p: data.load_image(p) for p in {t["image"] for t in traces}}
     opt = torch.optim.AdamW(adapter.begin_training("text"), lr=args.lr)
     rng = random.Random(0)

@@ -9,17 +9,23 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from fastjudge.config import LoopConfig
+from fastjudge.data.runs import open_run_folder
 
 HELP = {
     "out": "output folder of the run",
     "model": "local checkpoint folder (a toy one, Llama-3.2-Vision, Qwen2-VL or Qwen2.5-VL); default: the shipped "
              "toy base model",
-    "prompts": "prompt pool JSONL (schema: README, \"Your own prompts\"); default: a shapes-world pool drawn from --seed",
+    "prompts": "prompt pool JSONL (schema: README, \"Your own prompts\"); default: a shapes-world pool drawn from "
+               "--seed",
     "seed": "random seed; a CPU run with the same seed is reproducible",
     "device": "torch device for the model (cpu, cuda)",
     "dtype": "model dtype: float32, bfloat16, float16 (default: float32 for the toy and on the CPU, bfloat16 for "
              "a real model on a GPU)",
     "feature_cache_gb": "GiB of vision features kept in memory while the vision tower is frozen (0 = off)",
+    "max_image_pixels": "a prompt image with more pixels is downscaled to this many (its copy in the run folder; "
+                        "counted in the summary)",
+    "max_prompt_tokens": "a prompt whose instruction has more tokens is skipped and counted (default: the "
+                         "model's context less --answer-tokens)",
     "iterations": "maximum number of iterations",
     "min_gain": "stop when overall accuracy rises by less than this from one iteration to the next",
     "prompts_per_iteration": "prompts synthesized into pairs per iteration",
@@ -53,7 +59,7 @@ HELP = {
     "lora_alpha": "LoRA alpha (with --train lora)",
     "bench": "benchmark format: toy (our held-out shapes-world benchmark), vlrewardbench, mmrb",
     "bench_data": "the benchmark file (VL-RewardBench JSONL, Multimodal RewardBench JSON); default: the toy one",
-    "toy_bench_per_category": "items per category of the toy benchmark (used when there is no --bench-data)",
+    "toy_bench_per_category": "items per category of the toy benchmark (when there is no --bench-data)",
     "images": "folder that the benchmark's image paths are relative to (default: the data file's folder)",
     "prompt": "judge prompt in eval: 'ours' (what the loop trains on) or 'benchmark' (the benchmark's own)",
     "unparsed": "mmrb: an unparsed verdict counts as 'wrong', or 'random' (the official seeded guess)",
@@ -73,16 +79,23 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None =
             continue
         flag = (aliases or {}).get(f.name, "--" + f.name.replace("_", "-"))
         default = f.default if f.default is not MISSING else None
+        # a flag not given leaves no attribute (SUPPRESS): LoopConfig's default applies, and --resume can tell
+        # the flags given from the ones left out
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=HELP[f.name])
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=default,
+        parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
                             help=f"{HELP[f.name]} (default: {default})")
 
 
+def _given(args: argparse.Namespace) -> set[str]:
+    """The LoopConfig fields the command line set."""
+    return {f.name for f in fields(LoopConfig) if hasattr(args, f.name)}
+
+
 def _config(args: argparse.Namespace, **overrides) -> LoopConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(LoopConfig) if hasattr(args, f.name)}
+    values = {name: getattr(args, name) for name in _given(args)}
     values.update(overrides)
     return LoopConfig(**values)
 
@@ -95,31 +108,37 @@ def _load(path: str | None, cfg: LoopConfig):
 
 def cmd_iterate(args) -> None:
     from fastjudge import loop
-    summary = loop.run(_config(args))
+    overrides = tuple(name.strip().replace("-", "_") for name in args.override.split(",") if name.strip())
+    cfg = _config(args)
+    summary = loop.run(cfg, given=_given(args), overrides=overrides)
     first, last = summary["iterations"][0], summary["iterations"][-1]
     print(json.dumps({"first": first["metrics"]["overall"], "last": last["metrics"]["overall"],
                       "best": summary.get("best"), "iterations": last["iteration"],
-                      "summary": str(Path(args.out) / "summary.json")}))
+                      "summary": str(Path(cfg.out) / "summary.json")}))
 
 
 def cmd_synth(args) -> None:
     from fastjudge import data
     from fastjudge.stages import synth
+    open_run_folder(Path(args.out).parent, "--out")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} is a folder; name the pairs JSONL file to write")
     cfg = _config(args, out=str(Path(args.out).parent), model=args.model)
     records, skips = data.load_prompts(args.prompts)
     data.write_skips(Path(args.out).with_name("skipped.jsonl"), skips)
     result = synth.run(_load(args.model, cfg), records, cfg.synth_options(), cfg.seed)
-    data.write_jsonl(args.out, result.pairs)
+    data.write_records(args.out, result.pairs)
     print(json.dumps({"pairs": len(result.pairs), "skipped_lines": len(skips), **result.stats}))
 
 
 def cmd_filter(args) -> None:
     from fastjudge import data
     from fastjudge.stages import filter as filter_stage
+    open_run_folder(args.out)
     cfg = _config(args, model=args.judge)
-    result = filter_stage.run(_load(args.judge, cfg), data.read_jsonl(args.pairs), cfg.filter_options(), cfg.seed)
+    result = filter_stage.run(_load(args.judge, cfg), data.read_records(args.pairs), cfg.filter_options(), cfg.seed)
     data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
-    data.write_jsonl(Path(args.out) / "sft.jsonl", result.traces)
+    data.write_records(Path(args.out) / "sft.jsonl", result.traces)
     print(json.dumps(result.stats))
 
 
@@ -127,9 +146,10 @@ def cmd_train(args) -> None:
     from fastjudge import data
     from fastjudge.loop import save_checkpoint
     from fastjudge.stages import train
+    open_run_folder(Path(args.out).parent, "--out")
     cfg = _config(args, model=args.judge)
     judge = _load(args.judge, cfg)
-    stats = train.run(judge, data.read_jsonl(args.sft), cfg.train_options(), cfg.seed)
+    stats = train.run(judge, data.read_records(args.sft), cfg.train_options(), cfg.seed)
     save_checkpoint(judge, Path(args.out))
     print(json.dumps(stats))
 
@@ -138,7 +158,7 @@ def cmd_eval(args) -> None:
     from fastjudge import data
     from fastjudge.loop import evaluate_to
     from fastjudge.toy.files import write_toy_benchmark
-    out = Path(args.out)
+    out = open_run_folder(args.out)
     cfg = _config(args, model=args.judge)
     bench_data = cfg.bench_data or str(write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category))
     items, skips = data.load_bench(cfg.bench, bench_data, cfg.images)
@@ -159,7 +179,7 @@ def cmd_score(args) -> None:
     items, skips = data.load_bench(args.format, args.data, check_images=False)
     for skip in skips:
         print(f"skipped {skip.file} line {skip.line}: {skip.reason}", file=sys.stderr)
-    predictions = data.load_predictions(args.predictions)
+    predictions = data.load_predictions(args.predictions, k=args.k)
     known = {item["index"] for item in items}
     skipped_indices = sorted({p["index"] for p in predictions} - known)
     if skipped_indices:
@@ -170,6 +190,7 @@ def cmd_score(args) -> None:
 
 def cmd_toy_data(args) -> None:
     from fastjudge.toy.files import write_toy_benchmark, write_toy_prompts
+    open_run_folder(args.out)
     prompts = write_toy_prompts(Path(args.out) / "world", args.count, args.seed, args.closed_fraction)
     bench = write_toy_benchmark(Path(args.out) / "benchmark", args.per_category)
     print(json.dumps({"prompts": str(prompts), "benchmark": str(bench)}))
@@ -178,6 +199,7 @@ def cmd_toy_data(args) -> None:
 def cmd_toy_pretrain(args) -> None:
     from fastjudge.toy import pretrain
     mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
+    open_run_folder(args.out)
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,
                                   verdict_follow=args.verdict_follow)
@@ -190,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("iterate", help="the whole loop: synth -> filter -> train -> eval, repeated")
     _add_config_flags(p)
+    p.add_argument("--override", default="",
+                   help="with --resume: settings that may differ from the run's config.json, comma-separated, "
+                        "among iterations, min_gain, device, batch_rows, batch_tokens, feature_cache_gb (any other "
+                        "changed flag is an error)")
     p.set_defaults(func=cmd_iterate)
 
     synth_flags = ["seed", "device", "dtype", "feature_cache_gb", "n_samples", "temperature", "top_k", "top_p",
@@ -236,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help='JSONL of {"index", "shown_first", "verdict"}')
     p.add_argument("--unparsed", choices=["wrong", "random"], default="wrong",
                    help="mmrb: an unparsed verdict is wrong, or the official seeded random guess (default: wrong)")
+    p.add_argument("--k", type=int, default=1,
+                   help="judge samples per item in the predictions: an item on more lines is an error (default: 1)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("toy-data", help="write a shapes-world prompt pool and the held-out toy benchmark")

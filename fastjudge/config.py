@@ -9,12 +9,18 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from fastjudge.data.io import write_json
-from fastjudge.stages.evaluate import EvalOptions
-from fastjudge.stages.filter import FilterOptions
-from fastjudge.stages.synth import SynthOptions
-from fastjudge.stages.train import TrainOptions
-from fastjudge.toy.world import rewrite_with_error
+
+if TYPE_CHECKING:
+    from fastjudge.stages.evaluate import EvalOptions
+    from fastjudge.stages.filter import FilterOptions
+    from fastjudge.stages.synth import SynthOptions
+    from fastjudge.stages.train import TrainOptions
+
+# The stages' options are imported where they are built, not here: the stages import torch and transformers,
+# which the command line need not load to parse its flags or to run `fastjudge score`.
 
 
 @dataclass
@@ -26,6 +32,11 @@ class LoopConfig:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 for the toy and on the CPU, bfloat16 for a real model on a GPU
     feature_cache_gb: float = 16.0  # vision features kept in memory (CPU) while the vision tower is frozen
+    # input limits: a prompt image over max_image_pixels is downscaled to it (its copy in the run folder); a
+    # prompt whose instruction has more tokens than max_prompt_tokens is a counted skip (None: the model's
+    # context less answer_tokens)
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_tokens: int | None = None
     iterations: int = 3
     min_gain: float = 0.01  # stop when overall accuracy rises by less than this
     # synth
@@ -90,7 +101,7 @@ class LoopConfig:
                 setattr(self, name, toy_value if toy else real_value)
         positive = ("iterations", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
                     "judge_tokens", "batch_rows", "epochs", "batch_size", "micro_batches", "k", "lora_rank",
-                    "round_size", "toy_bench_per_category")
+                    "round_size", "toy_bench_per_category", "max_image_pixels")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -138,10 +149,14 @@ class LoopConfig:
                              "(no --prompts, no --bench-data)")
         if not 0 <= self.early_stop < 1:
             raise ValueError(f"early_stop: expected a confidence in [0, 1) (0 = off), got {self.early_stop}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens: expected >= 1 or None, got {self.max_prompt_tokens}")
         if self.feature_cache_gb < 0:
             raise ValueError(f"feature_cache_gb: expected >= 0, got {self.feature_cache_gb}")
 
     def synth_options(self) -> SynthOptions:
+        from fastjudge.stages.synth import SynthOptions
+        from fastjudge.toy.world import rewrite_with_error
         # "rules": the shapes world's rule-based corrupter (toy texts only)
         corrupter = rewrite_with_error if self.corrupter == "rules" else None
         return SynthOptions(n_samples=self.n_samples, temperature=self.temperature, top_k=self.top_k,
@@ -151,16 +166,19 @@ class LoopConfig:
                             batch_tokens=self.batch_tokens, corrupter=corrupter)
 
     def filter_options(self) -> FilterOptions:
+        from fastjudge.stages.filter import FilterOptions
         return FilterOptions(judge_tokens=self.judge_tokens, temperature=self.filter_temperature, top_k=self.top_k,
                              top_p=self.top_p, reasoning=self.filter_reasoning, batch_rows=self.batch_rows,
                              batch_tokens=self.batch_tokens, keep_all=self.ablation == "no-filter")
 
     def train_options(self) -> TrainOptions:
+        from fastjudge.stages.train import TrainOptions
         return TrainOptions(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                             micro_batches=self.micro_batches, train=self.train, lora_rank=self.lora_rank,
                             lora_alpha=self.lora_alpha)
 
     def eval_options(self) -> EvalOptions:
+        from fastjudge.stages.evaluate import EvalOptions
         return EvalOptions(bench=self.bench, prompt=self.prompt, unparsed=self.unparsed, k=self.k,
                            temperature=self.eval_temperature, top_k=self.top_k, top_p=self.top_p,
                            judge_tokens=self.judge_tokens, batch_rows=self.batch_rows,

@@ -19,16 +19,19 @@ stopped run from its last completed stage.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from fastjudge import data
 from fastjudge.config import LoopConfig
+from fastjudge.data.runs import RunLock, open_run_folder, run_files
 from fastjudge.data.scoring import headline
 from fastjudge.models import Adapter, FeatureCache, load_adapter
 from fastjudge.stages import evaluate, synth, train
@@ -37,8 +40,6 @@ from fastjudge.toy import rates as toy_rates
 from fastjudge.toy import world
 from fastjudge.toy.files import toy_prompt_truth, write_toy_benchmark, write_toy_prompts
 
-RESUME_OVERRIDES = ("iterations", "min_gain", "device", "batch_rows", "batch_tokens", "feature_cache_gb",
-                    "resume")
 
 
 def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord], list[dict], list[dict]]:
@@ -57,6 +58,7 @@ def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord],
         if not bench_path.exists():
             write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category)
     records, skips = data.load_prompts(prompts_path)
+    records = stage_prompt_images(records, out, cfg.max_image_pixels)
     items, bench_skips = data.load_bench(cfg.bench, bench_path, cfg.images)
     data.write_skips(out / "skipped.jsonl", skips + bench_skips)
     if skips or bench_skips:
@@ -66,6 +68,58 @@ def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord],
     if not items:
         raise ValueError(f"bench: no usable item in {bench_path} (see {out / 'skipped.jsonl'})")
     return records, items, data.load_bench(cfg.bench, bench_path, cfg.images, check_images=False)[0]
+
+
+def stage_prompt_images(records: list[data.PromptRecord], out: Path, max_pixels: int) -> list[data.PromptRecord]:
+    """The records with their images inside the run folder: an image outside it gets a copy under out/images/
+    (hard-linked, or converted to RGB and downscaled to `max_pixels`), so that the run can be moved; images
+    already inside (the toy pool's) are taken as they are. What was done is counted in out/inputs.json and said
+    when an image was changed."""
+    counts: dict[str, int] = {}
+    staged: dict[str, str] = {}
+    out = out.resolve()
+    for record in records:
+        source = Path(record.image)
+        if record.image in staged or source.is_relative_to(out):
+            continue
+        target, action = data.stage_image(source, out / "images", max_pixels)
+        staged[record.image] = str(target)
+        counts[action] = counts.get(action, 0) + 1
+    data.write_json(out / "inputs.json", {"images": counts, "max_image_pixels": max_pixels})
+    changed = {action: n for action, n in counts.items() if action in ("converted", "downscaled")}
+    if changed:
+        print(f"prompt images: {', '.join(f'{n} {action}' for action, n in changed.items())} "
+              f"(RGB, at most {max_pixels} pixels; copies under {out / 'images'})")
+    return [dataclasses.replace(r, image=staged.get(r.image, r.image)) for r in records]
+
+
+def within_context(adapter: Adapter, records: list[data.PromptRecord], cfg: LoopConfig,
+                   out: Path) -> list[data.PromptRecord]:
+    """The records whose prompt fits the model: at most cfg.max_prompt_tokens tokens (default: the model's
+    context less cfg.answer_tokens); the others are counted skips, added to out/skipped.jsonl."""
+    limit = cfg.max_prompt_tokens
+    if limit is None and adapter.context_length is not None:
+        limit = adapter.context_length - cfg.answer_tokens
+    if limit is None:
+        return records
+    kept, skips = [], []
+    for record in records:
+        tokens = adapter.prompt_tokens(record.instruction)
+        if tokens > limit:
+            skips.append(data.Skip(record.source, record.line, f"field 'instruction': {tokens} tokens, more than "
+                                   f"the {limit} a prompt may have (--max-prompt-tokens)"))
+        else:
+            kept.append(record)
+    if skips:
+        path = out / "skipped.jsonl"
+        known = data.read_jsonl(path) if path.exists() else []
+        seen = {(s["file"], s["line"]) for s in known}
+        new = [s for s in skips if (s.file, s.line) not in seen]
+        data.write_jsonl(path, known + [dataclasses.asdict(s) for s in new])
+        print(f"skipped {len(skips)} prompts longer than {limit} tokens: see {path}")
+    if not kept:
+        raise ValueError(f"prompts: every prompt is longer than {limit} tokens (see {out / 'skipped.jsonl'})")
+    return kept
 
 
 def prompts_for(records: list[data.PromptRecord], cfg: LoopConfig, iteration: int) -> list[data.PromptRecord]:
@@ -89,16 +143,23 @@ def save_checkpoint(adapter: Adapter, folder: Path) -> None:
 
 
 def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig,
-                score_items: list[dict] | None = None) -> dict:
+                score_items: list[dict] | None = None, before_done: Callable[[], None] | None = None) -> dict:
+    """Evaluate and write predictions.jsonl, outputs.jsonl, then metrics.json, the file that marks the stage
+    done; `before_done` runs just before it (the stage's record, so that a run cut in between redoes the
+    stage rather than lose its record)."""
     result = evaluate.run(judge, items, cfg.eval_options(), seed=cfg.seed, score_items=score_items)
     data.write_jsonl(folder / "predictions.jsonl", result.predictions)
     data.write_jsonl(folder / "outputs.jsonl", result.raw)
+    if before_done is not None:
+        before_done()
     data.write_json(folder / "metrics.json", result.metrics)
     return result.metrics
 
 
 class _Stages:
-    """iter_<k>/stages.json: seconds and counts of each finished stage, rewritten after each stage."""
+    """iter_<k>/stages.json: seconds and counts of each finished stage. A stage's record is written before the
+    file that marks the stage done (pairs.jsonl, sft.jsonl, the checkpoint, metrics.json): a run cut between
+    the two redoes the stage and writes its record again; the other order would lose it."""
 
     def __init__(self, folder: Path):
         self.path = folder / "stages.json"
@@ -130,29 +191,29 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
             for pair in result.pairs:
                 if swap.random() < 0.5:
                     pair["good"], pair["bad"] = pair["bad"], pair["good"]
-        data.write_jsonl(folder / "pairs.jsonl", result.pairs)
         stages.done("synth", time.time() - t0, result.stats)
-    pairs = data.read_jsonl(folder / "pairs.jsonl")
+        data.write_records(folder / "pairs.jsonl", result.pairs)
+    pairs = data.read_records(folder / "pairs.jsonl")
 
     if not (folder / "sft.jsonl").exists():
         t0 = time.time()
         result = filter_stage.run(judge, pairs, cfg.filter_options(), seed + 10)
         data.write_jsonl(folder / "judgments.jsonl", result.judgments)
-        data.write_jsonl(folder / "sft.jsonl", result.traces)
         stages.done("filter", time.time() - t0, result.stats)
-    traces = data.read_jsonl(folder / "sft.jsonl")
+        data.write_records(folder / "sft.jsonl", result.traces)
+    traces = data.read_records(folder / "sft.jsonl")
 
     checkpoint = folder / "checkpoint"
     if not checkpoint.exists():
         t0 = time.time()
         stats = train.run(judge, traces, cfg.train_options(), seed + 20)
-        save_checkpoint(judge, checkpoint)
         stages.done("train", time.time() - t0, stats)
+        save_checkpoint(judge, checkpoint)
 
     if not (folder / "metrics.json").exists():
         t0 = time.time()
-        evaluate_to(folder, judge, items, cfg, score_items)
-        stages.done("eval", time.time() - t0, {"feature_cache_so_far": dict(judge.feature_cache.stats)})
+        evaluate_to(folder, judge, items, cfg, score_items, before_done=lambda: stages.done(
+            "eval", time.time() - t0, {"feature_cache_so_far": dict(judge.feature_cache.stats)}))
     metrics = json.loads((folder / "metrics.json").read_text())
     kept = len(traces) // 2  # each kept pair gives one A and one B trace
     return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
@@ -170,7 +231,7 @@ def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict]) -> dict:
     folder = out / f"iter_{k}"
     path = folder / "rates.json"
     if not path.exists():
-        pairs = data.read_jsonl(folder / "pairs.jsonl") if k > 0 else []
+        pairs = data.read_records(folder / "pairs.jsonl") if k > 0 else []
         judgments = data.read_jsonl(folder / "judgments.jsonl") if k > 0 else []
         rates = toy_rates.iteration_rates(pairs, judgments, items, data.read_jsonl(folder / "outputs.jsonl"),
                                           cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
@@ -179,23 +240,56 @@ def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict]) -> dict:
     return json.loads(path.read_text())
 
 
-def run(cfg: LoopConfig) -> dict:
-    """Run (or, with cfg.resume, continue) the loop; returns the summary written to DIR/summary.json."""
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise ValueError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.resume and (out / "config.json").exists():
-        # what the run computes comes from the saved configuration; how far and where it runs may change
-        saved = LoopConfig.load(out / "config.json")
-        for name in RESUME_OVERRIDES:
-            setattr(saved, name, getattr(cfg, name))
-        print(f"--resume: continuing with {out / 'config.json'} (taking {', '.join(RESUME_OVERRIDES)} "
-              f"from the command line)")
-        cfg = saved
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("model", "prompts", "bench_data", "images"):  # absolute, so that a resume works from anywhere
+def run(cfg: LoopConfig, given: set[str] | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    """Run (or, with cfg.resume, continue) the loop; returns the summary written to DIR/summary.json.
+
+    The run folder is held by this process for the whole run (`data.runs.RunLock`). On --resume the saved
+    config.json decides: a setting in `given` (the flags the command line gave; None: every field of `cfg`) that
+    differs from the saved one is a ValueError naming each, except those of RESUMABLE that `overrides` names."""
+    out = open_run_folder(cfg.out)
+    with RunLock(out):
+        return _run_locked(_resolved(cfg, out, given, overrides), out)
+
+
+# what may change when a run resumes, with --override: how far it goes and where and in what batches it runs
+# (batch_rows and batch_tokens re-seed the sampling of the stages still to run)
+RESUMABLE = ("iterations", "min_gain", "device", "batch_rows", "batch_tokens", "feature_cache_gb")
+_PATHS = ("model", "prompts", "bench_data", "images")
+
+
+def _resolved(cfg: LoopConfig, out: Path, given: set[str] | None, overrides: tuple[str, ...]) -> LoopConfig:
+    """The configuration the run goes on with: `cfg` for a new run, the saved one on --resume (module docstring
+    of `run`). Paths are made absolute, so that a resume works from anywhere."""
+    unknown = [name for name in overrides if name not in RESUMABLE]
+    if unknown:
+        raise ValueError(f"override: {', '.join(unknown)} cannot change on --resume (only {', '.join(RESUMABLE)})")
+    for name in _PATHS:
         if getattr(cfg, name) is not None:
             setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
+    if run_files(out) and not cfg.resume:
+        raise ValueError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
+    if not (cfg.resume and (out / "config.json").exists()):
+        return cfg
+    saved = LoopConfig.load(out / "config.json")
+    names = set(given) if given is not None else {f for f in vars(cfg)}
+    changed = sorted(name for name in names - {"resume", "out"} if getattr(cfg, name) != getattr(saved, name))
+    refused = [name for name in changed if name not in overrides]
+    if refused:
+        said = "; ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} (the run has "
+                         f"{getattr(saved, name)!r})" for name in refused)
+        hint = [name for name in refused if name in RESUMABLE]
+        raise ValueError(f"resume: {out / 'config.json'} was run with other settings: {said}. "
+                         + (f"To change {', '.join(hint)}, pass --override {','.join(hint)}; " if hint else "")
+                         + "to run other settings, choose another --out")
+    for name in changed:
+        setattr(saved, name, getattr(cfg, name))
+    saved.out = cfg.out  # where the run is now (it may have been moved)
+    print(f"--resume: continuing {out / 'config.json'}"
+          + (f" with {', '.join(f'{n} {getattr(saved, n)!r}' for n in changed)} changed" if changed else ""))
+    return saved
+
+
+def _run_locked(cfg: LoopConfig, out: Path) -> dict:
     cfg.save(out / "config.json")
     torch.manual_seed(cfg.seed)
     records, items, score_items = prepare_inputs(cfg, out)
@@ -206,12 +300,16 @@ def run(cfg: LoopConfig) -> dict:
         return load_adapter(path, device=cfg.device, dtype=cfg.dtype, feature_cache=cache)
 
     base = load(cfg.model)
-    summary: dict = {"iterations": []}
+    records = within_context(base, records, cfg, out)
+    skipped = out / "skipped.jsonl"
+    summary: dict = {"inputs": {"prompts": len(records), "skipped_lines": len(data.read_jsonl(skipped)),
+                                "images": json.loads((out / "inputs.json").read_text())["images"]},
+                     "iterations": []}
     folder0 = out / "iter_0"
     if not (folder0 / "metrics.json").exists():
         t0 = time.time()
-        evaluate_to(folder0, base, items, cfg, score_items)
-        _Stages(folder0).done("eval", time.time() - t0, {})
+        evaluate_to(folder0, base, items, cfg, score_items,
+                    before_done=lambda: _Stages(folder0).done("eval", time.time() - t0, {}))
     summary["iterations"].append({"iteration": 0, "metrics": headline(json.loads((folder0 / "metrics.json").read_text())),
                                   "pairs": 0, "kept": 0, "keep_rate": None, "seconds": _Stages(folder0).record["seconds"]})
     if measures_rates(cfg):

@@ -22,6 +22,7 @@ from PIL import Image
 
 from fastjudge.core.sampling import sample_logits, sample_logits_reference
 from fastjudge.core.voting import Vote, majority_vote, majority_vote_reference, normalize_answer
+from fastjudge.engine.options import DecodeOptions
 from fastjudge.models import FAMILIES
 
 __all__ = ["Vote", "adapter_for", "generate", "majority_vote", "majority_vote_reference", "normalize_answer",
@@ -46,9 +47,11 @@ def generate(model, processor, images: list[Image.Image], prompts: list[str], *,
              max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, seed: int = 0, stop: list[str] | None = None,
              batch_rows: int = 64, slots: int | None = None, early_stop: float = 0.0,
-             min_votes: int = 1, templated: bool = False) -> list[list[str]]:
+             min_votes: int = 1, templated: bool = False,
+             options: DecodeOptions | None = None) -> list[list[str]]:
     """n decoded completions for each (image, prompt), as a list per prompt. prompts: the user's text, or with
-    templated=True text already through the chat template (module docstring).
+    templated=True text already through the chat template (module docstring). options: how decoding runs
+    (`fastjudge.engine.options.DecodeOptions`; default: from the environment, as every adapter's).
 
     temperature 0 is greedy (n must then be 1) and gives exactly the tokens of transformers' greedy
     `generate` on the same model. Sampling is reproducible for a fixed seed and batch_rows. A completion ends
@@ -64,4 +67,4 @@ def generate(model, processor, images: list[Image.Image], prompts: list[str], *,
     return adapter_for(model, processor).generate(
         list(images), list(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p, seed=seed, stop=stop, batch_rows=batch_rows, slots=slots,
-        early_stop=early_stop, min_votes=min_votes, templated=templated)
+        early_stop=early_stop, min_votes=min_votes, templated=templated, options=options)

@@ -11,7 +11,8 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 # The decoding kernels' (cross_attention_decode's and shared_prefix_decode_attention's) key tile, warps and stages
 # on a GPU for 16-bit inputs: "base" the default, the others candidates that `bench/cross_attention.py
-# --decode-tiles` times beside it (docs/performance.md). Their query rows are the G x n rows of a K/V head (at most 64 a block).
+# --decode-tiles` times beside it (docs/performance.md). Their query rows are the G x n rows of a K/V head (at
+# most 64 a block).
 DECODE_TILE_PRESETS = {"base": (64, 4, 3), "keys-128": (128, 4, 3), "warps-8": (64, 8, 3), "stages-4": (64, 4, 4)}
 DECODE_TILES = DECODE_TILE_PRESETS["base"]
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.utils.checkpoint
 
 from fastjudge.kernels import _flash
 from fastjudge.kernels._flash import (BACKENDS, check_decode_arguments, gpu_tiles_apply, launch_config,

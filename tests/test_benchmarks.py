@@ -315,8 +315,12 @@ def test_cli_score_vlrewardbench(vlrb, tmp_path, capsys, rng):
     predictions = hand_predictions(vlrb_items)
     rng.shuffle(predictions)  # file order does not matter for VL-RewardBench
     path = write_predictions(tmp_path / "predictions.jsonl", predictions)
+    k = max(Counter(p["index"] for p in predictions).values())  # judge samples per item
     code, out, err = run_cli(capsys, ["score", "--format", "vlrewardbench", "--data", str(data_path),
-                                      "--predictions", str(path)])
+                                      "--predictions", str(path), "--k", str(k - 1)])
+    assert code == 2 and "more than k=" in err  # one sample fewer declared than the file holds
+    code, out, err = run_cli(capsys, ["score", "--format", "vlrewardbench", "--data", str(data_path),
+                                      "--predictions", str(path), "--k", str(k)])
     assert code == 0, err
     result = last_json(out)
     assert result["items"] == expected["items"]
@@ -339,9 +343,9 @@ BAD_PREDICTION_LINES = [
 def test_cli_score_bad_predictions_line(tmp_path, capsys, bad, fmt, mmrb_file):
     data = VLRB_FIXTURE if fmt == "vlrewardbench" else mmrb_file[0]
     # line 1 good, line 2 blank, line 3 good, line 4 bad, line 5 good: the error names physical line 4
-    good = json.dumps(pred(0, 0, "A"))
+    good = [json.dumps(pred(index, 0, "A")) for index in (5, 6, 7)]
     path = tmp_path / "preds.jsonl"
-    path.write_text(f"{good}\n\n{good}\n{bad}\n{good}\n")
+    path.write_text(f"{good[0]}\n\n{good[1]}\n{bad}\n{good[2]}\n")
     code, out, err = run_cli(capsys, ["score", "--format", fmt, "--data", str(data), "--predictions", str(path)])
     assert code == 2
     assert str(path) in err and "line 4" in err
@@ -632,7 +636,8 @@ def test_cli_score_mmrb(tmp_path, capsys, mmrb_file, rng, unparsed):
     extra = random_mmrb_predictions(rng, len(MMRB_ENTRIES))
     predictions += [p for p in extra if p["index"] != 3]  # more samples, more unparsed, in file order
     pred_path = write_predictions(tmp_path / "predictions.jsonl", predictions)
-    argv = ["score", "--format", "mmrb", "--data", str(path), "--predictions", str(pred_path)]
+    k = max(Counter(p["index"] for p in predictions).values())  # judge samples per item
+    argv = ["score", "--format", "mmrb", "--data", str(path), "--predictions", str(pred_path), "--k", str(k)]
     if unparsed:
         argv += ["--unparsed", unparsed]
     code, out, err = run_cli(capsys, argv)
@@ -752,7 +757,7 @@ def test_parse_verdict_overall_judgment_after_a_therefore():
 
 
 def test_load_predictions_round_trip(tmp_path, rng):
-    rows = [pred(rng.randrange(1000), rng.randint(0, 1), rng.choice(["A", "B", None])) for _ in range(50)]
+    rows = [pred(index, rng.randint(0, 1), rng.choice(["A", "B", None])) for index in rng.sample(range(1000), 50)]
     lines = []
     for row in rows:
         lines.append(json.dumps(dict(row, output="the judge's text", sample=3)))  # extra fields are dropped
@@ -783,14 +788,15 @@ BAD_LINES = [
     ('{"index": 0, "shown_first": 0, "verdict": "a"}', "verdict"),
     ('{"index": 0, "shown_first": 0, "verdict": "[[A]]"}', "verdict"),
     ('{"index": 0, "shown_first": 0, "verdict": 1}', "verdict"),
+    ('{"index": 0, "shown_first": 0}', "verdict"),  # missing: null says "not parsed", absence says nothing
 ]
 
 
 @pytest.mark.parametrize("bad, field", BAD_LINES)
 @pytest.mark.parametrize("where", [1, 5])
 def test_load_predictions_bad_line(tmp_path, bad, field, where):
-    good = json.dumps(pred(0, 1, "B"))
-    lines = [good, "", good, good, good, good]
+    lines = [json.dumps(pred(index, 1, "B")) for index in (10, 11, 12, 13, 14, 15)]
+    lines[1] = ""
     lines[where - 1] = bad
     path = tmp_path / "predictions.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -798,6 +804,25 @@ def test_load_predictions_bad_line(tmp_path, bad, field, where):
         load_predictions(path)
     message = str(info.value)
     assert str(path) in message and f"line {where}" in message and field in message
+
+
+def test_load_predictions_refuses_a_byte_that_is_not_utf8_naming_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"index": 0, "shown_first": 0, "verdict": "A"}\n'
+                     b'{"index": 1, "shown_first": 0, "verdict": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"line 2: not UTF-8: byte 0xff at column 44"):
+        load_predictions(path)
+
+
+def test_load_predictions_takes_k_samples_per_item_and_no_more(tmp_path):
+    rows = [pred(0, 0, "A"), pred(1, 1, "B"), pred(0, 1, None), pred(1, 0, "A")]
+    path = write_predictions(tmp_path / "p.jsonl", rows)
+    with pytest.raises(ValueError, match=r"line 3: field 'index': item 0 is predicted on lines 1, 3, more than k=1"):
+        load_predictions(path)
+    assert load_predictions(path, k=2) == rows
+    path = write_predictions(tmp_path / "q.jsonl", rows + [pred(0, 0, "B")])
+    with pytest.raises(ValueError, match=r"line 5: .*lines 1, 3, 5, more than k=2"):
+        load_predictions(path, k=2)
 
 
 def test_load_predictions_missing_file(tmp_path):

@@ -322,6 +322,9 @@ def test_decode_options_validate_and_read_the_environment_in_one_place(monkeypat
     assert DecodeOptions().kernel_on(None, on_cuda=True) and not DecodeOptions().kernel_on(None, on_cuda=False)
     assert DecodeOptions().kernel_on(True, on_cuda=False) and not DecodeOptions().kernel_on(False, on_cuda=True)
     assert load_adapter(None).decode_options == options  # the loader takes the environment's
+    from fastjudge.models.toy import base_model_dir
+    assert ToyAdapter.load(base_model_dir()).decode_options == options  # and so does an adapter built directly
+    assert load_adapter(None, decode_options=DecodeOptions()).decode_options == DecodeOptions()
 
 
 def test_adapters_of_a_run_share_one_feature_cache(tiny_toy_dir):

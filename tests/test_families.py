@@ -305,7 +305,10 @@ def test_eval_command_writes_predictions_that_score_reproduces(checkpoint, tmp_p
     assert {p["shown_first"] for p in predictions} == {0, 1}  # seeded random order per sample
     metrics = json.loads((out / "metrics.json").read_text())
     assert cli.main(["score", "--format", bench, "--data", str(data_file), "--predictions",
-                     str(out / "predictions.jsonl")]) == 0
+                     str(out / "predictions.jsonl")]) == 2  # 3 samples an item, not declared
+    assert "more than k=1" in capsys.readouterr().err
+    assert cli.main(["score", "--format", bench, "--data", str(data_file), "--predictions",
+                     str(out / "predictions.jsonl"), "--k", "3"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
     assert printed["overall"] == metrics["overall"]
 

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from fastjudge.core.answers import extract_answer
 from fastjudge.toy import world
 from fastjudge.toy.world import Obj, Scene
 
@@ -185,7 +184,7 @@ def test_rewrite_with_error_on_captions_and_closed_responses(rng):
     for answer, pool in [("red", world.COLOURS), ("triangle", world.SHAPES), ("large", world.SIZES),
                          ("no", ("yes", "no")), ("bottom left", tuple(world.POSITIONS.values()))]:
         out = world.rewrite_with_error(world.closed_response(answer), rng)
-        new = extract_answer(out)
+        new = world.final_answer(out)
         assert out == world.closed_response(new) and new != answer and new in pool
     out = world.rewrite_with_error("the answer is ( b ) .", rng)
     assert out in ("the answer is ( a ) .", "the answer is ( c ) .")
@@ -197,7 +196,7 @@ def test_rewrite_with_error_on_every_digit(number):
     for seed in range(5):
         out = world.rewrite_with_error(world.closed_response(str(number)), random.Random(seed))
         assert out is not None
-        new = extract_answer(out)
+        new = world.final_answer(out)
         assert out == world.closed_response(new) and new.isdigit() and new != str(number)
 
 
@@ -303,6 +302,6 @@ def test_benchmark_item_pairs_truth_with_one_error(rng, category):
             assert category in ("count", "vqa", "spatial") and question.topic == category
             assert question.answer == oracle(scene, question.instruction)
             assert good == world.closed_response(question.answer)
-            bad_answer = extract_answer(bad)
+            bad_answer = world.final_answer(bad)
             assert bad == world.closed_response(bad_answer) and bad_answer != question.answer
     assert made >= 30

@@ -11,6 +11,7 @@ predictions use. Every rejected entry is a `Skip` naming file, line and field.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fastjudge.data.io import Skip, check_image, parse_lines
@@ -68,9 +69,13 @@ def _load_vlrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], 
     return items, skips
 
 
-def _json_list(path: Path) -> list[tuple[int, object]]:
-    """(line number where it starts, element) for each element of a JSON list file."""
-    text = path.read_text()
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape decodes it
+
+
+def _json_list(path: Path) -> list[tuple[int, object, str | None]]:
+    """(line number where it starts, element, problem) for each element of a JSON list file; problem names a
+    byte that is not UTF-8 inside the element (that element alone is then skipped)."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     decoder = json.JSONDecoder()
     position = len(text) - len(text.lstrip())
     if not text.startswith("[", position):
@@ -87,15 +92,23 @@ def _json_list(path: Path) -> list[tuple[int, object]]:
             element, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
             raise ValueError(f"data: {path} line {exc.lineno} column {exc.colno}: malformed JSON ({exc.msg})") from None
-        elements.append((text.count("\n", 0, position) + 1, element))
+        line = text.count("\n", 0, position) + 1
+        bad = _NOT_UTF8.search(text, position, end)
+        problem = None
+        if bad:
+            column = bad.start() - text.rfind("\n", 0, bad.start())
+            problem = (f"not UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x} at line "
+                       f"{text.count(chr(10), 0, bad.start()) + 1} column {column}")
+        elements.append((line, element, problem))
         position = end
 
 
 def _load_mmrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], list[Skip]]:
     items, skips = [], []
-    for index, (line, obj) in enumerate(_json_list(path)):
-        problem = None
-        if not isinstance(obj, dict):
+    for index, (line, obj, problem) in enumerate(_json_list(path)):
+        if problem:  # a byte that is not UTF-8: the entry is skipped, whatever its fields
+            pass
+        elif not isinstance(obj, dict):
             problem = f"expected a JSON object, got {type(obj).__name__}"
         elif not isinstance(obj.get("ID"), str) or not obj["ID"]:
             problem = "field 'ID': missing or not a string"

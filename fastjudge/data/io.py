@@ -16,12 +16,15 @@ the run writes to `skipped.jsonl` and counts in its summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from PIL import Image
 
 KINDS = ("open", "closed")
@@ -42,6 +45,8 @@ class PromptRecord:
     instruction: str
     kind: str
     answer_type: str | None
+    source: str = ""  # the pool file and line it came from (for a skip decided later)
+    line: int = 0
 
 
 def write_jsonl(path: Path | str, rows: Iterable[dict]) -> int:
@@ -76,6 +81,21 @@ def read_jsonl(path: Path | str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_records(path: Path | str, rows: list[dict]) -> int:
+    """`write_jsonl` of rows that name an image (pairs, SFT traces): each "image" written relative to the file's
+    folder, so that a run folder that holds its images can be moved."""
+    folder = Path(path).parent.resolve()
+    return write_jsonl(path, ({**row, "image": os.path.relpath(row["image"], folder)} if "image" in row else row
+                              for row in rows))
+
+
+def read_records(path: Path | str) -> list[dict]:
+    """`read_jsonl` of a file `write_records` wrote: each relative "image" resolved against the file's folder."""
+    folder = Path(path).parent.resolve()
+    return [{**row, "image": str((folder / row["image"]).resolve())} if "image" in row else row
+            for row in read_jsonl(path)]
+
+
 def check_image(path: Path) -> str | None:
     """None when the image opens and decodes, else the reason it does not."""
     if not path.is_file():
@@ -88,9 +108,73 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image: grayscale, bilevel, CMYK and palette images converted; transparency
+    (RGBA, LA, palette with a transparent colour) composited over white; 16- and 32-bit integer grayscale scaled
+    down to 8 bits (PIL's own conversion clips them: a 16-bit image would come out nearly white); float
+    grayscale clipped to [0, 255]."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.int64)
+        top = 65535 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else int(values.max())
+        gray = np.clip(values * 255.0 / max(top, 1) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """`image` downscaled (Lanczos, aspect ratio kept) to at most `max_pixels` pixels; unchanged when it fits."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = (max_pixels / (width * height)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    while size[0] * size[1] > max_pixels:  # rounding may leave a few pixels too many
+        size = (max(1, size[0] - 1), size[1]) if size[0] >= size[1] else (size[0], max(1, size[1] - 1))
+    return image.resize(size, Image.LANCZOS)
+
+
 def load_image(path: str | Path) -> Image.Image:
+    """The image at `path`, decoded, as 8-bit RGB (`to_rgb`)."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im.load()
+        rgb = to_rgb(im)
+        return im.copy() if rgb is im else rgb  # the file closes here: nothing may read it lazily later
+
+
+def stage_image(source: Path, folder: Path, max_pixels: int) -> tuple[Path, str]:
+    """A run's own copy of an input image under `folder` (its bytes' sha256 as the name), so that the run folder
+    holds every image it uses and can be moved: RGB within `max_pixels` pixels is hard-linked (copied across
+    file systems); any other image is written as an RGB PNG, downscaled when over the limit. Returns the path
+    and what was done: "linked", "copied", "converted" or "downscaled". A staged image is reused."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:32]
+    with Image.open(source) as im:
+        keep = im.mode == "RGB" and im.width * im.height <= max_pixels and im.format in ("PNG", "JPEG", "WEBP")
+        action = "downscaled" if im.width * im.height > max_pixels else "converted"
+        target = folder / (f"{digest}{source.suffix.lower()}" if keep else f"{digest}-{max_pixels}.png")
+        if target.exists():
+            return target, "reused"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        if keep:
+            try:
+                os.link(source, tmp)
+                action = "linked"
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, tmp)
+                action = "copied"
+        else:
+            fit_pixels(to_rgb(im), max_pixels).save(tmp, format="PNG")
+    os.replace(tmp, target)
+    return target, action
 
 
 def load_images(paths: list[str]) -> list[Image.Image]:
@@ -99,24 +183,37 @@ def load_images(paths: list[str]) -> list[Image.Image]:
     return [cache[p] if p in cache else cache.setdefault(p, load_image(p)) for p in paths]
 
 
+def decoded_lines(path: Path):
+    """(line number, text or None, reason) for each line of a file read as bytes: a line that is not UTF-8 gives
+    None and says where (one bad byte must not stop the lines around it from being read)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8"), None
+            except UnicodeDecodeError as exc:
+                yield number, None, f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+
+
 def parse_lines(path: Path, skips: list[Skip]):
     """(line number, position, object) for each parseable line, where position counts non-empty lines from 0
-    (unparseable ones included); the unparseable lines become skips."""
+    (unparseable ones included); the unparseable lines (not UTF-8, malformed JSON, not an object) become skips."""
     position = -1
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            position += 1
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skips.append(Skip(str(path), number, f"malformed JSON: {exc.msg} at column {exc.colno}"))
-                continue
-            if not isinstance(obj, dict):
-                skips.append(Skip(str(path), number, f"expected a JSON object, got {type(obj).__name__}"))
-                continue
-            yield number, position, obj
+    for number, line, problem in decoded_lines(path):
+        if line is not None and not line.strip():
+            continue
+        position += 1
+        if problem:
+            skips.append(Skip(str(path), number, problem))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            skips.append(Skip(str(path), number, f"malformed JSON: {exc.msg} at column {exc.colno}"))
+            continue
+        if not isinstance(obj, dict):
+            skips.append(Skip(str(path), number, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        yield number, position, obj
 
 
 def load_prompts(path: Path | str) -> tuple[list[PromptRecord], list[Skip]]:
@@ -125,9 +222,18 @@ def load_prompts(path: Path | str) -> tuple[list[PromptRecord], list[Skip]]:
     if not path.is_file():
         raise ValueError(f"--prompts: file not found: {path}")
     records, skips = [], []
+    ids: dict[str, int] = {}  # prompt id -> the line that defined it
     for number, _, obj in parse_lines(path, skips):
         def skip(reason: str) -> None:
             skips.append(Skip(str(path), number, reason))
+
+        prompt_id = obj.get("id", f"{path.stem}-{number}")
+        if not isinstance(prompt_id, (str, int)) or isinstance(prompt_id, bool) or str(prompt_id) == "":
+            skip(f"field 'id': expected a non-empty string, got {prompt_id!r}")
+            continue
+        if str(prompt_id) in ids:
+            skip(f"field 'id': {str(prompt_id)!r} already used on line {ids[str(prompt_id)]} (the first is kept)")
+            continue
 
         image, instruction, kind = obj.get("image"), obj.get("instruction"), obj.get("kind")
         if not isinstance(image, str) or not image:
@@ -148,37 +254,50 @@ def load_prompts(path: Path | str) -> tuple[list[PromptRecord], list[Skip]]:
         if problem:
             skip(f"field 'image': {problem}")
             continue
-        records.append(PromptRecord(str(obj.get("id", f"{path.stem}-{number}")), str(image_path),
-                                    instruction.strip(), kind, answer_type))
+        ids[str(prompt_id)] = number
+        records.append(PromptRecord(str(prompt_id), str(image_path), instruction.strip(), kind, answer_type,
+                                    str(path), number))
     return records, skips
 
 
-def load_predictions(path: Path | str) -> list[dict]:
+def load_predictions(path: Path | str, k: int = 1) -> list[dict]:
     """Read a predictions JSONL strictly: a bad line is an error naming file, line and field (a score computed
-    over silently dropped predictions would be wrong)."""
+    over silently dropped predictions would be wrong). Each line needs "verdict" (null for an unparsed one); an
+    item index may occur on at most `k` lines (k judge samples per item): more is an error naming the line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"predictions: file not found: {path}")
+    if k < 1:
+        raise ValueError(f"k: expected >= 1, got {k}")
     predictions = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"predictions: {path} line {number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            index, first, verdict = obj.get("index"), obj.get("shown_first"), obj.get("verdict")
-            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-                raise ValueError(f"{where}: field 'index': expected an integer >= 0, got {index!r}")
-            if type(first) is not int or first not in (0, 1):
-                raise ValueError(f"{where}: field 'shown_first': expected 0 or 1, got {first!r}")
-            if verdict not in ("A", "B", None):
-                raise ValueError(f"{where}: field 'verdict': expected \"A\", \"B\" or null, got {verdict!r}")
-            predictions.append({"index": index, "shown_first": first, "verdict": verdict})
+    seen: dict[int, list[int]] = {}  # item index -> the lines that predict it
+    for number, line, problem in decoded_lines(path):
+        where = f"predictions: {path} line {number}"
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: malformed JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        index, first, verdict = obj.get("index"), obj.get("shown_first"), obj.get("verdict")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"{where}: field 'index': expected an integer >= 0, got {index!r}")
+        if type(first) is not int or first not in (0, 1):
+            raise ValueError(f"{where}: field 'shown_first': expected 0 or 1, got {first!r}")
+        if "verdict" not in obj:
+            raise ValueError(f"{where}: field 'verdict': missing (write null for a verdict that was not parsed)")
+        if verdict not in ("A", "B", None):
+            raise ValueError(f"{where}: field 'verdict': expected \"A\", \"B\" or null, got {verdict!r}")
+        lines = seen.setdefault(index, [])
+        lines.append(number)
+        if len(lines) > k:
+            raise ValueError(f"{where}: field 'index': item {index} is predicted on lines "
+                             f"{', '.join(map(str, lines))}, more than k={k} samples per item (pass --k)")
+        predictions.append({"index": index, "shown_first": first, "verdict": verdict})
     return predictions
 
 

@@ -43,13 +43,14 @@ def load_adapter(model_path: str | None, *, device: str = "cpu", dtype: torch.dt
     fastjudge_toy.json), Llama-3.2-Vision (model_type "mllama"), Qwen2-VL or Qwen2.5-VL.
 
     feature_cache: the image-feature cache the adapter uses (a run hands the same one to every adapter it
-    loads; default: a cache of the adapter's own, 4 GiB). decode_options: how it decodes (default:
+    loads; default: a cache of the adapter's own, 16 GiB). decode_options: how it decodes (default:
     `DecodeOptions.from_environment()`)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     adapter = _load(model_path, device, dtype)
     adapter.feature_cache = feature_cache if feature_cache is not None else FeatureCache(DEFAULT_CACHE_BYTES)
-    adapter.decode_options = decode_options if decode_options is not None else DecodeOptions.from_environment()
+    if decode_options is not None:
+        adapter.decode_options = decode_options
     return adapter
 
 

@@ -29,7 +29,7 @@ from fastjudge.engine.decoding import decode_groups
 from fastjudge.engine.options import DecodeOptions
 from fastjudge.engine.vote import EarlyStop, SpanTables
 from fastjudge.kernels.linear_cross_entropy import fused_linear_cross_entropy
-from fastjudge.models.features import VISION_BATCH, FeatureCache, ImageFeatures, chunks, image_hash
+from fastjudge.models.features import VISION_BATCH, VISION_BATCH_CPU, FeatureCache, ImageFeatures, chunks, image_hash
 
 Progress = Callable[[int], None]
 TRAIN_MODES = ("text", "all", "lora")
@@ -48,10 +48,22 @@ class Adapter:
     pad_id: int
     # image features reused across calls (None: every call encodes its images); `load_adapter` gives one
     feature_cache: FeatureCache | None = None
-    # how generation decodes (shared Mllama decoder, kernels, CUDA graphs); `generate(options=...)` overrides it
-    decode_options: DecodeOptions = DecodeOptions()
+    _decode_options: DecodeOptions | None = None
     _vision_fingerprint: str | None = None
     _peft = None
+
+    @property
+    def decode_options(self) -> DecodeOptions:
+        """How generation decodes (shared Mllama decoder, kernels, CUDA graphs); `generate(options=...)`
+        overrides it for a call. Default: `DecodeOptions.from_environment()` (FASTJUDGE_GPU_KERNELS=0,
+        FASTJUDGE_CUDA_GRAPHS=0 honoured), read when first needed."""
+        if self._decode_options is None:
+            self._decode_options = DecodeOptions.from_environment()
+        return self._decode_options
+
+    @decode_options.setter
+    def decode_options(self, options: DecodeOptions) -> None:
+        self._decode_options = options
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +94,7 @@ class Adapter:
 
     def image_features(self, images: list[Image.Image]) -> list[ImageFeatures]:
         """Features of each image: from the cache when the vision tower is frozen (misses encoded in batches of
-        VISION_BATCH), computed with gradients when it trains."""
+        VISION_BATCH, VISION_BATCH_CPU on the CPU), computed with gradients when it trains."""
         if self._vision_trains() or self.feature_cache is None or self.feature_cache.max_bytes <= 0:
             return self._encode_images(images)
         fingerprint = self.vision_fingerprint()
@@ -100,7 +112,8 @@ class Adapter:
         todo = list(missing.items())
         training = self.model.training
         self.model.eval()  # cached features must not depend on the mode (dropout) they were computed in
-        for start, stop in chunks(len(todo), VISION_BATCH):
+        per_batch = VISION_BATCH if self.device.type == "cuda" else VISION_BATCH_CPU
+        for start, stop in chunks(len(todo), per_batch):
             with torch.no_grad():
                 encoded = self._encode_images([image for _, image in todo[start:stop]])
             for (key, _), entry in zip(todo[start:stop], encoded):
@@ -119,7 +132,7 @@ class Adapter:
                  stop: list[str] | None = None, batch_rows: int = 256, batch_tokens: int | None = None,
                  progress: Progress | None = None, slots: int | None = None, early_stop: float = 0.0,
                  min_votes: int = 1, prefixes: list[str] | None = None,
-                 options: DecodeOptions | None = None, templated: bool = False) -> list[list[str]]:
+                 options: DecodeOptions | None = None, templated: bool | None = None) -> list[list[str]]:
         """n completions for each (image, prompt); temperature 0 is greedy (then n must be 1).
 
         With `prefixes`, the answer of prompt i starts with prefixes[i] (given, not generated) and each
@@ -133,7 +146,9 @@ class Adapter:
         Prompts are the user's text, which goes through the chat template with the image before it; with
         `templated=True` they are texts already through the template, as transformers' processor takes them
         (`processor.apply_chat_template(messages, add_generation_prompt=True)`: headers and the image token
-        written). Text of the other form is refused with a ValueError naming the prompt (`check_prompt`).
+        written). With `templated` True or False, text of the other form is refused with a ValueError naming
+        the prompt (`check_prompt`); None (the stages' calls, whose prompts embed model outputs and benchmark
+        responses verbatim) is raw text, unchecked.
 
         `options` (default: the adapter's `decode_options`) chooses how decoding runs: the shared Mllama decoder
         or the generic one, kernels, CUDA graphs (`fastjudge.engine.options.DecodeOptions`).
@@ -170,7 +185,7 @@ class Adapter:
         if not 0 <= early_stop <= 1:
             raise ValueError(f"early_stop: expected a confidence in [0, 1] (0 = off), got {early_stop}")
         options = options or self.decode_options
-        if (early_stop > 0 or slots is not None) and not (self.refills and options.shared_mllama):
+        if (early_stop > 0 or slots is not None) and not self.refills_with(options):
             raise ValueError(f"early_stop, slots: {type(self).__name__} decodes without the shared Mllama decoder")
         if not 1 <= min_votes <= n:
             raise ValueError(f"min_votes: expected in [1, n={n}], got {min_votes}")
@@ -180,13 +195,15 @@ class Adapter:
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompts[{i}]: expected a non-empty string, got {prompt!r}")
-            self.check_prompt(i, prompt, templated)
+            if templated is not None:
+                self.check_prompt(i, prompt, templated)
             if not isinstance(image, Image.Image):
                 raise ValueError(f"images[{i}]: expected a PIL image, got {type(image).__name__}")
         stops = [s for s in (stop or []) if s]
         # a stop string of L characters spans at most L tokens that each write a character; byte pieces and
         # special tokens write none, hence the margin (a late detection only costs steps: `_cut` finds it)
-        # plus the steps between two looks from the host (the decoder checks stops every sync_every <= 8 steps)
+        # plus the steps between two looks from the host (the decoder checks stops every sync_every steps, 8 by
+        # default on a GPU; a larger sync_every only costs steps)
         window = 4 * max(map(len, stops), default=0) + 16
 
         def stopped(tokens: list[int]) -> bool:
@@ -221,6 +238,17 @@ class Adapter:
                     progress(last - first)
         return out
 
+    @property
+    def context_length(self) -> int | None:
+        """The positions the language model takes (its config's max_position_embeddings), None if it names none."""
+        config = self.model.config
+        return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of a prompt as the model reads it, up to where the answer starts (an image counts as its one
+        image token: Qwen's expansion to the image's patches comes on top)."""
+        raise NotImplementedError
+
     def _prefix_ids(self, prefix: str) -> list[int]:
         """Token ids of the start of an answer (the target's ids without its end-of-turn token)."""
         return self._target_ids(prefix)[:-1]
@@ -235,9 +263,13 @@ class Adapter:
 
     @property
     def refills(self) -> bool:
-        """Whether generation can refill slots and stop early on the device vote (the shared Mllama decoder)."""
-        return (getattr(self.model.config, "model_type", None) == "mllama"
-                and self.decode_options.shared_mllama)
+        """Whether generation with the adapter's own options can refill slots and stop early on the device vote
+        (the shared Mllama decoder)."""
+        return self.refills_with(self.decode_options)
+
+    def refills_with(self, options: DecodeOptions) -> bool:
+        """Whether generation with `options` can refill slots and stop early (Mllama, shared decoder on)."""
+        return getattr(self.model.config, "model_type", None) == "mllama" and options.shared_mllama
 
     def span_tables(self) -> SpanTables:
         """The answer-span tables of this tokenizer and model (`fastjudge.engine.vote`), built once."""

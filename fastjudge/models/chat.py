@@ -63,6 +63,9 @@ class ChatAdapter(Adapter):
     def _prompt_ids(self, prompt, image):
         return self._templated_ids(self._chat(prompt), image)
 
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer.encode(self._chat(prompt), add_special_tokens=False))
+
     def _template_markers(self) -> list[str]:
         """The special tokens the chat template writes around a user turn with an image (headers, the image
         token): text that holds one is already templated."""

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-VISION_BATCH = 16  # images per vision-tower forward on a cache miss
-DEFAULT_CACHE_BYTES = 4 << 30  # an adapter's own cache when the caller hands it none
+# images per vision-tower forward on a cache miss: 16 on a GPU; one on the CPU, where a matrix product's last bits
+# depend on how many rows it has, so that an image's features do not depend on which other images missed the
+# cache with it (a resumed run, whose cache starts cold, then reproduces an uninterrupted one exactly)
+VISION_BATCH = 16
+VISION_BATCH_CPU = 1
+DEFAULT_CACHE_BYTES = 16 << 30  # an adapter's own cache when the caller hands it none
 
 
 def chunks(count: int, size: int):

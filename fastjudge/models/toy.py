@@ -75,6 +75,9 @@ class ToyAdapter(MllamaFamily):
     def _prompt_ids(self, prompt, image):
         return self.encode_prompt(prompt)
 
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.encode_prompt(prompt))
+
     def _target_ids(self, target):
         return self._words(target) + [self.tokenizer.eos_token_id]
 

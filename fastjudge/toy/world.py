@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from fastjudge.core.answers import extract_answer
-
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
 SIZES = ("small", "large")
@@ -151,6 +149,19 @@ def parse_caption(text: str) -> list[Obj] | None:
     return objs
 
 
+def final_answer(text: str) -> str | None:
+    """The final answer of a closed toy response ("the answer is X ."): everything after the last "the answer is ",
+    its trailing "." dropped; None when there is none. The toy's own reading of its canonical texts, stricter than
+    `fastjudge.core.answers.extract_answer` (which reads any model's responses: there "the answer is 8 . x"
+    answers "8", here "8 . x", a response the toy world never writes)."""
+    marker = "the answer is "
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    answer = text[at + len(marker):].strip().rstrip(".").strip()
+    return answer or None
+
+
 def questions(scene: Scene, rng: random.Random) -> list[Question]:
     """Every question family for this scene, one random instance each (the caller picks among them)."""
     objs = scene.objects
@@ -267,7 +278,7 @@ def rewrite_with_error(response: str, rng: random.Random) -> str | None:
     if objs is not None:
         out = corrupt_caption(objs, rng)
         return out[0] if out else None
-    answer = extract_answer(response)
+    answer = final_answer(response)
     if answer is None:
         return None
     if answer.isdigit():
@@ -285,7 +296,7 @@ def rewrite_with_error(response: str, rng: random.Random) -> str | None:
 def same_answer(x: str, y: str) -> bool:
     """Whether two responses say the same thing: the same final answer when both are closed responses, the
     same words otherwise (captions are canonical, so equal captions are equal texts)."""
-    fx, fy = extract_answer(x), extract_answer(y)
+    fx, fy = final_answer(x), final_answer(y)
     if fx is not None and fy is not None:
         return fx == fy
     return x.split() == y.split()

@@ -1,0 +1,132 @@
+"""Run folders: one-line errors for a bad --out, one process at a time (the lock), and --resume that refuses a
+changed setting instead of ignoring it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastjudge import cli, loop
+from fastjudge.config import LoopConfig
+from fastjudge.data.runs import LOCK_NAME, RunLock, open_run_folder
+from test_loop import SMALL, inputs  # noqa: F401 (the module's prompt pool and benchmark fixture)
+
+
+def run_cli(capsys, argv):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_out_that_is_a_file_or_under_a_file_is_a_one_line_error(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "run"):
+        with pytest.raises(ValueError, match="^--out: .*a file"):
+            open_run_folder(out)
+        code, _, err = run_cli(capsys, ["iterate", "--out", str(out)])
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and str(afile) in err
+    for argv in (["toy-data", "--out", str(afile)], ["eval", "--out", str(afile)],
+                 ["filter", "--pairs", str(afile), "--out", str(afile)]):
+        code, _, err = run_cli(capsys, argv)
+        assert code == 2 and err.count("\n") == 1 and "a file, not a folder" in err, argv
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_out_in_a_read_only_folder_is_a_one_line_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for out in (locked, locked / "run"):
+            code, _, err = run_cli(capsys, ["iterate", "--out", str(out)])
+            assert code == 2 and err.count("\n") == 1 and "permission denied" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_second_holder_is_refused_naming_the_first(tmp_path):
+    with RunLock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(ValueError, match=rf"in use by pid {os.getpid()} on {socket.gethostname()}"):
+            with RunLock(tmp_path):
+                pass
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # released: emptied, not removed
+    with RunLock(tmp_path):  # free again
+        pass
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path):
+    # a process that holds the lock and is killed: the kernel releases it, its name stays in the file
+    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from fastjudge.data.runs import RunLock; lock = RunLock({str(tmp_path)!r}).__enter__(); "
+            f"print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"in use by pid {holder.pid} "):
+            with RunLock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the lock left by pid {holder.pid} "):
+        with RunLock(tmp_path):
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_two_runs_of_one_folder_cannot_overlap(tmp_path, tiny_toy_dir, inputs):  # noqa: F811
+    """A fresh run and a --resume of the same folder, or two fresh runs started together: the second is refused
+    while the first holds the folder (here a process holding its lock)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    code = (f"from fastjudge.data.runs import RunLock; import time; lock = RunLock({str(out)!r}).__enter__(); "
+            f"print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        prompts, bench = inputs
+        for resume in (False, True):
+            cfg = LoopConfig(out=str(out), model=str(tiny_toy_dir), prompts=str(prompts), bench_data=str(bench),
+                             resume=resume, **SMALL)
+            with pytest.raises(ValueError, match=rf"^--out: .* is in use by pid {holder.pid} "):
+                loop.run(cfg)
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_refuses_changed_settings_and_takes_the_safe_ones_with_override(tmp_path, tiny_toy_dir, inputs,  # noqa: F811
+                                                                             capsys):
+    prompts, bench = inputs
+    out = tmp_path / "run"
+    base = ["iterate", "--out", str(out), "--model", str(tiny_toy_dir), "--prompts", str(prompts), "--bench-data",
+            str(bench)] + [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    code, _, err = run_cli(capsys, base)
+    assert code == 0, err
+    saved = (out / "config.json").read_text()
+    # a changed setting that would change what the run computes: refused, each one named, nothing written
+    code, _, err = run_cli(capsys, base + ["--resume", "--seed", "7", "--lr", "0.01"])
+    assert code == 2 and err.count("\n") == 1
+    assert "--seed 7 (the run has 0)" in err and "--lr 0.01 (the run has 0.0005)" in err
+    # a safe one needs --override; with it the run goes on with it
+    code, _, err = run_cli(capsys, base + ["--resume", "--iterations", "2"])
+    assert code == 2 and "pass --override iterations" in err
+    assert (out / "config.json").read_text() == saved
+    code, out_text, err = run_cli(capsys, base + ["--resume", "--iterations", "2", "--override", "iterations"])
+    assert code == 0, err
+    assert "iterations 2 changed" in out_text and LoopConfig.load(out / "config.json").iterations == 2
+    assert json.loads(out_text.strip().splitlines()[-1])["iterations"] == 2
+    # flags left out, or given with the run's own values, go on; an unsafe --override is refused
+    code, _, err = run_cli(capsys, ["iterate", "--out", str(out), "--resume", "--seed", "0"])
+    assert code == 0, err
+    code, _, err = run_cli(capsys, base + ["--resume", "--seed", "1", "--override", "seed"])
+    assert code == 2 and "override: seed cannot change" in err
