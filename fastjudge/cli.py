@@ -26,6 +26,7 @@ HELP = {
                         "counted in the summary)",
     "max_prompt_tokens": "a prompt whose instruction has more tokens is skipped and counted (default: the "
                          "model's context less --answer-tokens)",
+    "dist_timeout_s": "under torchrun: seconds a rank waits for the others at a collective before the job fails",
     "iterations": "maximum number of iterations",
     "min_gain": "stop when overall accuracy rises by less than this from one iteration to the next",
     "prompts_per_iteration": "prompts synthesized into pairs per iteration",
@@ -100,10 +101,18 @@ def _config(args: argparse.Namespace, **overrides) -> LoopConfig:
     return LoopConfig(**values)
 
 
-def _load(path: str | None, cfg: LoopConfig):
+def _job(cfg: LoopConfig):
+    """This process's place in a torchrun job (world size 1 without one)."""
+    from fastjudge.core import dist
+    return dist.start(cfg.dist_timeout_s, cfg.device)
+
+
+def _load(path: str | None, cfg: LoopConfig, job=None):
     from fastjudge.models import FeatureCache, load_adapter
-    return load_adapter(path, device=cfg.device, dtype=cfg.dtype,
-                        feature_cache=FeatureCache(max_bytes=int(cfg.feature_cache_gb * 2**30)))
+    adapter = load_adapter(path, device=cfg.device, dtype=cfg.dtype,
+                           feature_cache=FeatureCache(max_bytes=int(cfg.feature_cache_gb * 2**30)))
+    adapter.shard = job.shard if job is not None else None  # under torchrun: generation split between ranks
+    return adapter
 
 
 def cmd_iterate(args) -> None:
@@ -111,6 +120,8 @@ def cmd_iterate(args) -> None:
     overrides = tuple(name.strip().replace("-", "_") for name in args.override.split(",") if name.strip())
     cfg = _config(args)
     summary = loop.run(cfg, given=_given(args), overrides=overrides)
+    if not _job(cfg).main:
+        return
     first, last = summary["iterations"][0], summary["iterations"][-1]
     print(json.dumps({"first": first["metrics"]["overall"], "last": last["metrics"]["overall"],
                       "best": summary.get("best"), "iterations": last["iteration"],
@@ -124,9 +135,12 @@ def cmd_synth(args) -> None:
     if Path(args.out).is_dir():
         raise ValueError(f"--out: {args.out} is a folder; name the pairs JSONL file to write")
     cfg = _config(args, out=str(Path(args.out).parent), model=args.model)
+    job = _job(cfg)
     records, skips = data.load_prompts(args.prompts)
+    result = synth.run(_load(args.model, cfg, job), records, cfg.synth_options(), cfg.seed)
+    if not job.main:  # every rank holds the whole result; rank 0 writes it
+        return
     data.write_skips(Path(args.out).with_name("skipped.jsonl"), skips)
-    result = synth.run(_load(args.model, cfg), records, cfg.synth_options(), cfg.seed)
     data.write_records(args.out, result.pairs)
     print(json.dumps({"pairs": len(result.pairs), "skipped_lines": len(skips), **result.stats}))
 
@@ -136,7 +150,11 @@ def cmd_filter(args) -> None:
     from fastjudge.stages import filter as filter_stage
     open_run_folder(args.out)
     cfg = _config(args, model=args.judge)
-    result = filter_stage.run(_load(args.judge, cfg), data.read_records(args.pairs), cfg.filter_options(), cfg.seed)
+    job = _job(cfg)
+    result = filter_stage.run(_load(args.judge, cfg, job), data.read_records(args.pairs), cfg.filter_options(),
+                              cfg.seed)
+    if not job.main:
+        return
     data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
     data.write_records(Path(args.out) / "sft.jsonl", result.traces)
     print(json.dumps(result.stats))
@@ -148,6 +166,8 @@ def cmd_train(args) -> None:
     from fastjudge.stages import train
     open_run_folder(Path(args.out).parent, "--out")
     cfg = _config(args, model=args.judge)
+    if not _job(cfg).main:  # fine-tuning runs on rank 0
+        return
     judge = _load(args.judge, cfg)
     stats = train.run(judge, data.read_records(args.sft), cfg.train_options(), cfg.seed)
     save_checkpoint(judge, Path(args.out))
@@ -158,18 +178,26 @@ def cmd_eval(args) -> None:
     from fastjudge import data
     from fastjudge.loop import evaluate_to
     from fastjudge.toy.files import write_toy_benchmark
+    from fastjudge.core import dist
     out = open_run_folder(args.out)
     cfg = _config(args, model=args.judge)
-    bench_data = cfg.bench_data or str(write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category))
+    job = _job(cfg)
+    if job.main and not cfg.bench_data:
+        write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category)
+    dist.barrier()
+    bench_data = cfg.bench_data or str(out / "benchmark" / "benchmark.jsonl")
     items, skips = data.load_bench(cfg.bench, bench_data, cfg.images)
-    data.write_skips(out / "skipped.jsonl", skips)
-    if skips:
+    if job.main:
+        data.write_skips(out / "skipped.jsonl", skips)
+    if skips and job.main:
         print(f"skipped {len(skips)} benchmark entries: see {out / 'skipped.jsonl'}", file=sys.stderr)
     if not items:
         raise ValueError(f"data: no usable item in {bench_data} (see {out / 'skipped.jsonl'})")
-    judge = _load(args.judge, cfg)
+    judge = _load(args.judge, cfg, job)
     score_items = data.load_bench(cfg.bench, bench_data, cfg.images, check_images=False)[0]
-    metrics = evaluate_to(out, judge, items, cfg, score_items)
+    metrics = evaluate_to(out, judge, items, cfg, score_items, world=job)
+    if not job.main:
+        return
     print(json.dumps(dict(metrics, skipped_entries=len(skips))))
 
 
@@ -218,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "changed flag is an error)")
     p.set_defaults(func=cmd_iterate)
 
-    synth_flags = ["seed", "device", "dtype", "feature_cache_gb", "n_samples", "temperature", "top_k", "top_p",
+    synth_flags = ["seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "n_samples", "temperature",
+                   "top_k", "top_p",
                    "min_votes", "early_stop", "round_size", "corrupter",
                    "rewrite_temperature", "answer_tokens", "batch_rows", "batch_tokens"]
     p = sub.add_parser("synth", help="preference pairs from a prompt pool")
@@ -228,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, synth_flags)
     p.set_defaults(func=cmd_synth)
 
-    judge_flags = ["seed", "device", "dtype", "feature_cache_gb", "judge_tokens", "filter_temperature",
+    judge_flags = ["seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "judge_tokens", "filter_temperature",
                    "filter_reasoning", "top_k",
                    "top_p", "batch_rows", "batch_tokens"]
     p = sub.add_parser("filter", help="judge pairs in both orders; keep the agreeing ones as SFT traces")
@@ -250,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", default=None, help="judge checkpoint (default: the toy base model)")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl, outputs.jsonl, metrics.json")
     _add_config_flags(p, ["bench", "bench_data", "images", "prompt", "unparsed", "k", "eval_temperature", "top_k",
-                          "top_p", "seed", "device", "dtype", "feature_cache_gb", "judge_tokens", "batch_rows",
+                          "top_p", "seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "judge_tokens",
+                          "batch_rows",
                           "batch_tokens"],
                       aliases={"bench_data": "--data"})
     p.set_defaults(func=cmd_eval)

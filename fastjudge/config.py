@@ -37,6 +37,8 @@ class LoopConfig:
     # context less answer_tokens)
     max_image_pixels: int = 4096 * 4096
     max_prompt_tokens: int | None = None
+    # a torchrun job: how long a collective waits for the other ranks before the job fails (a dead or stuck rank)
+    dist_timeout_s: float = 1800.0
     iterations: int = 3
     min_gain: float = 0.01  # stop when overall accuracy rises by less than this
     # synth
@@ -151,6 +153,8 @@ class LoopConfig:
             raise ValueError(f"early_stop: expected a confidence in [0, 1) (0 = off), got {self.early_stop}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens: expected >= 1 or None, got {self.max_prompt_tokens}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s: expected > 0, got {self.dist_timeout_s}")
         if self.feature_cache_gb < 0:
             raise ValueError(f"feature_cache_gb: expected >= 0, got {self.feature_cache_gb}")
 

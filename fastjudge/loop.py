@@ -18,6 +18,7 @@ stopped run from its last completed stage.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,21 +32,27 @@ import torch
 
 from fastjudge import data
 from fastjudge.config import LoopConfig
+from fastjudge.core import dist
+from fastjudge.core.dist import World
 from fastjudge.data.runs import RunLock, open_run_folder, run_files
 from fastjudge.data.scoring import headline
 from fastjudge.models import Adapter, FeatureCache, load_adapter
 from fastjudge.stages import evaluate, synth, train
 from fastjudge.stages import filter as filter_stage
 from fastjudge.toy import rates as toy_rates
-from fastjudge.toy import world
+from fastjudge.toy import world as toy_world
 from fastjudge.toy.files import toy_prompt_truth, write_toy_benchmark, write_toy_prompts
 
 
 
-def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord], list[dict], list[dict]]:
+def prepare_inputs(cfg: LoopConfig, out: Path, world: World = World()
+                   ) -> tuple[list[data.PromptRecord], list[dict], list[dict]]:
     """The prompt pool, the benchmark items the judge can run on, and the items the score counts (those too
     whose image is missing: they are unpredicted, as `fastjudge score` counts them); bad lines go to
-    out/skipped.jsonl (and are counted)."""
+    out/skipped.jsonl (and are counted). In a job of several ranks, rank 0 writes the files first and the others
+    read them after it."""
+    if not world.main:
+        dist.barrier()  # rank 0 writes the toy world, the image copies and skipped.jsonl first
     prompts_path = cfg.prompts
     if prompts_path is None:
         prompts_path = out / "world" / "prompts.jsonl"
@@ -58,10 +65,12 @@ def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord],
         if not bench_path.exists():
             write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category)
     records, skips = data.load_prompts(prompts_path)
-    records = stage_prompt_images(records, out, cfg.max_image_pixels)
+    records = stage_prompt_images(records, out, cfg.max_image_pixels, write=world.main)
     items, bench_skips = data.load_bench(cfg.bench, bench_path, cfg.images)
-    data.write_skips(out / "skipped.jsonl", skips + bench_skips)
-    if skips or bench_skips:
+    if world.main:
+        data.write_skips(out / "skipped.jsonl", skips + bench_skips)
+        dist.barrier()
+    if (skips or bench_skips) and world.main:
         print(f"skipped {len(skips)} prompt lines and {len(bench_skips)} benchmark lines: see {out / 'skipped.jsonl'}")
     if not records:
         raise ValueError(f"prompts: no usable prompt in {prompts_path} (see {out / 'skipped.jsonl'})")
@@ -70,7 +79,8 @@ def prepare_inputs(cfg: LoopConfig, out: Path) -> tuple[list[data.PromptRecord],
     return records, items, data.load_bench(cfg.bench, bench_path, cfg.images, check_images=False)[0]
 
 
-def stage_prompt_images(records: list[data.PromptRecord], out: Path, max_pixels: int) -> list[data.PromptRecord]:
+def stage_prompt_images(records: list[data.PromptRecord], out: Path, max_pixels: int,
+                        write: bool = True) -> list[data.PromptRecord]:
     """The records with their images inside the run folder: an image outside it gets a copy under out/images/
     (hard-linked, or converted to RGB and downscaled to `max_pixels`), so that the run can be moved; images
     already inside (the toy pool's) are taken as they are. What was done is counted in out/inputs.json and said
@@ -85,16 +95,17 @@ def stage_prompt_images(records: list[data.PromptRecord], out: Path, max_pixels:
         target, action = data.stage_image(source, out / "images", max_pixels)
         staged[record.image] = str(target)
         counts[action] = counts.get(action, 0) + 1
-    data.write_json(out / "inputs.json", {"images": counts, "max_image_pixels": max_pixels})
+    if write:  # rank 0 of a job; the others find its copies ("reused")
+        data.write_json(out / "inputs.json", {"images": counts, "max_image_pixels": max_pixels})
     changed = {action: n for action, n in counts.items() if action in ("converted", "downscaled")}
-    if changed:
+    if changed and write:
         print(f"prompt images: {', '.join(f'{n} {action}' for action, n in changed.items())} "
               f"(RGB, at most {max_pixels} pixels; copies under {out / 'images'})")
     return [dataclasses.replace(r, image=staged.get(r.image, r.image)) for r in records]
 
 
-def within_context(adapter: Adapter, records: list[data.PromptRecord], cfg: LoopConfig,
-                   out: Path) -> list[data.PromptRecord]:
+def within_context(adapter: Adapter, records: list[data.PromptRecord], cfg: LoopConfig, out: Path,
+                   world: World = World()) -> list[data.PromptRecord]:
     """The records whose prompt fits the model: at most cfg.max_prompt_tokens tokens (default: the model's
     context less cfg.answer_tokens); the others are counted skips, added to out/skipped.jsonl."""
     limit = cfg.max_prompt_tokens
@@ -110,7 +121,7 @@ def within_context(adapter: Adapter, records: list[data.PromptRecord], cfg: Loop
                                    f"the {limit} a prompt may have (--max-prompt-tokens)"))
         else:
             kept.append(record)
-    if skips:
+    if skips and world.main:
         path = out / "skipped.jsonl"
         known = data.read_jsonl(path) if path.exists() else []
         seen = {(s["file"], s["line"]) for s in known}
@@ -143,16 +154,19 @@ def save_checkpoint(adapter: Adapter, folder: Path) -> None:
 
 
 def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig,
-                score_items: list[dict] | None = None, before_done: Callable[[], None] | None = None) -> dict:
+                score_items: list[dict] | None = None, before_done: Callable[[], None] | None = None,
+                world: World = World()) -> dict:
     """Evaluate and write predictions.jsonl, outputs.jsonl, then metrics.json, the file that marks the stage
     done; `before_done` runs just before it (the stage's record, so that a run cut in between redoes the
     stage rather than lose its record)."""
     result = evaluate.run(judge, items, cfg.eval_options(), seed=cfg.seed, score_items=score_items)
-    data.write_jsonl(folder / "predictions.jsonl", result.predictions)
-    data.write_jsonl(folder / "outputs.jsonl", result.raw)
-    if before_done is not None:
-        before_done()
-    data.write_json(folder / "metrics.json", result.metrics)
+    if world.main:  # every rank holds the whole result; one writes it
+        data.write_jsonl(folder / "predictions.jsonl", result.predictions)
+        data.write_jsonl(folder / "outputs.jsonl", result.raw)
+        if before_done is not None:
+            before_done()
+        data.write_json(folder / "metrics.json", result.metrics)
+    dist.barrier()
     return result.metrics
 
 
@@ -161,22 +175,28 @@ class _Stages:
     file that marks the stage done (pairs.jsonl, sft.jsonl, the checkpoint, metrics.json): a run cut between
     the two redoes the stage and writes its record again; the other order would lose it."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / "stages.json"
+    def __init__(self, folder: Path, world: World = World()):
+        self.path, self.world = folder / "stages.json", world
         self.record = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": {}, "stats": {}}
 
     def done(self, stage: str, seconds: float, stats: dict) -> None:
         self.record["seconds"][stage] = round(seconds, 2)
         self.record["stats"][stage] = stats
-        data.write_json(self.path, self.record)
+        if self.world.main:
+            data.write_json(self.path, self.record)
 
 
 def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge: Adapter,
-                  records: list[data.PromptRecord], items: list[dict], score_items: list[dict]) -> dict:
-    """One iteration; `judge` is fine-tuned in place. Stages whose outputs exist are loaded, not redone."""
+                  records: list[data.PromptRecord], items: list[dict], score_items: list[dict],
+                  world: World = World(), reload: Callable[[Path | None], Adapter] | None = None,
+                  source: Path | str | None = None) -> tuple[dict, Adapter]:
+    """One iteration; returns its summary entry and the judge after it (`judge` fine-tuned in place, or on the
+    other ranks of a job, rank 0's checkpoint loaded with `reload`; `source`: the checkpoint the judge was
+    loaded from, None for the shipped toy base). Stages whose outputs exist are loaded, not
+    redone. In a job every rank runs every stage (generation split between them); rank 0 writes the files."""
     folder = out / f"iter_{k}"
     folder.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(folder)
+    stages = _Stages(folder, world)
     seed = cfg.seed * 1000 + k * 100  # stages offset it by 0, 10, 20: no two share a random stream
 
     if not (folder / "pairs.jsonl").exists():
@@ -184,7 +204,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
         oracle = None
         if cfg.ablation == "oracle-votes":  # ground truth trains here, on purpose: the paper's oracle baseline
             truth = toy_prompt_truth(cfg.prompts_per_iteration * cfg.iterations, cfg.seed, cfg.closed_fraction)
-            oracle = {pid: world.closed_response(q.answer) for pid, q in truth.items() if q.kind == "closed"}
+            oracle = {pid: toy_world.closed_response(q.answer) for pid, q in truth.items() if q.kind == "closed"}
         result = synth.run(generator, prompts_for(records, cfg, k), cfg.synth_options(), seed, oracle=oracle)
         if cfg.ablation == "shuffled-labels":
             swap = random.Random(seed + 5)
@@ -192,33 +212,56 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
                 if swap.random() < 0.5:
                     pair["good"], pair["bad"] = pair["bad"], pair["good"]
         stages.done("synth", time.time() - t0, result.stats)
-        data.write_records(folder / "pairs.jsonl", result.pairs)
+        if world.main:
+            data.write_records(folder / "pairs.jsonl", result.pairs)
+        dist.barrier()
     pairs = data.read_records(folder / "pairs.jsonl")
 
     if not (folder / "sft.jsonl").exists():
         t0 = time.time()
         result = filter_stage.run(judge, pairs, cfg.filter_options(), seed + 10)
-        data.write_jsonl(folder / "judgments.jsonl", result.judgments)
+        if world.main:
+            data.write_jsonl(folder / "judgments.jsonl", result.judgments)
         stages.done("filter", time.time() - t0, result.stats)
-        data.write_records(folder / "sft.jsonl", result.traces)
+        if world.main:
+            data.write_records(folder / "sft.jsonl", result.traces)
+        dist.barrier()
     traces = data.read_records(folder / "sft.jsonl")
 
     checkpoint = folder / "checkpoint"
     if not checkpoint.exists():
         t0 = time.time()
-        stats = train.run(judge, traces, cfg.train_options(), seed + 20)
-        stages.done("train", time.time() - t0, stats)
-        save_checkpoint(judge, checkpoint)
+        options = cfg.train_options()
+        if world.size > 1 and train.can_shard(judge, options) and traces:
+            # FSDP2 over the job's ranks; rank 0 writes the gathered weights into a fresh copy of the judge's
+            # source and saves that; every rank then loads the checkpoint (a sharded model cannot generate on
+            # batches that differ between the ranks)
+            stats = train.run(judge, traces, options, seed + 20, world)
+            weights = train.gathered_state_dict(judge)
+            if world.main:
+                fresh = reload(source)
+                fresh.model.load_state_dict(weights)
+                stages.done("train", time.time() - t0, dict(stats, sharded_ranks=world.size))
+                save_checkpoint(fresh, checkpoint)
+        elif world.main:  # otherwise fine-tuning runs on rank 0 alone; the other ranks load its checkpoint
+            stats = train.run(judge, traces, options, seed + 20)
+            stages.done("train", time.time() - t0, stats)
+            save_checkpoint(judge, checkpoint)
+        dist.barrier()
+        if world.size > 1 and (not world.main or judge._sharded):
+            judge = reload(checkpoint)
+            stages = _Stages(folder, world)  # rank 0's record of the stages so far
 
     if not (folder / "metrics.json").exists():
         t0 = time.time()
         evaluate_to(folder, judge, items, cfg, score_items, before_done=lambda: stages.done(
-            "eval", time.time() - t0, {"feature_cache_so_far": dict(judge.feature_cache.stats)}))
+            "eval", time.time() - t0, {"feature_cache_so_far": dict(judge.feature_cache.stats)}), world=world)
     metrics = json.loads((folder / "metrics.json").read_text())
+    stages = _Stages(folder, world)
     kept = len(traces) // 2  # each kept pair gives one A and one B trace
     return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
             "keep_rate": kept / len(pairs) if pairs else None,
-            "seconds": stages.record["seconds"], "stats": stages.record["stats"]}
+            "seconds": stages.record["seconds"], "stats": stages.record["stats"]}, judge
 
 
 def measures_rates(cfg: LoopConfig) -> bool:
@@ -226,8 +269,9 @@ def measures_rates(cfg: LoopConfig) -> bool:
     return cfg.prompts is None and cfg.bench == "toy" and cfg.bench_data is None
 
 
-def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict]) -> dict:
-    """iter_<k>/rates.json, computed once from the iteration's files and the scene ground truth."""
+def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict], world: World = World()) -> dict:
+    """iter_<k>/rates.json, computed once from the iteration's files and the scene ground truth (by every rank
+    of a job alike; rank 0 writes it)."""
     folder = out / f"iter_{k}"
     path = folder / "rates.json"
     if not path.exists():
@@ -236,7 +280,9 @@ def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict]) -> dict:
         rates = toy_rates.iteration_rates(pairs, judgments, items, data.read_jsonl(folder / "outputs.jsonl"),
                                           cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
                                           cfg.closed_fraction)
-        data.write_json(path, rates)
+        if world.main:
+            data.write_json(path, rates)
+        return rates
     return json.loads(path.read_text())
 
 
@@ -246,18 +292,23 @@ def run(cfg: LoopConfig, given: set[str] | None = None, overrides: tuple[str, ..
     The run folder is held by this process for the whole run (`data.runs.RunLock`). On --resume the saved
     config.json decides: a setting in `given` (the flags the command line gave; None: every field of `cfg`) that
     differs from the saved one is a ValueError naming each, except those of RESUMABLE that `overrides` names."""
+    world = dist.start(cfg.dist_timeout_s, cfg.device)
     out = open_run_folder(cfg.out)
-    with RunLock(out):
-        return _run_locked(_resolved(cfg, out, given, overrides), out)
+    # rank 0 holds the folder for the job; every rank checks the configuration before rank 0 writes anything
+    with RunLock(out) if world.main else contextlib.nullcontext():
+        cfg = _resolved(cfg, out, given, overrides, world)
+        dist.barrier()
+        return _run_locked(cfg, out, world)
 
 
 # what may change when a run resumes, with --override: how far it goes and where and in what batches it runs
 # (batch_rows and batch_tokens re-seed the sampling of the stages still to run)
-RESUMABLE = ("iterations", "min_gain", "device", "batch_rows", "batch_tokens", "feature_cache_gb")
+RESUMABLE = ("iterations", "min_gain", "device", "batch_rows", "batch_tokens", "feature_cache_gb", "dist_timeout_s")
 _PATHS = ("model", "prompts", "bench_data", "images")
 
 
-def _resolved(cfg: LoopConfig, out: Path, given: set[str] | None, overrides: tuple[str, ...]) -> LoopConfig:
+def _resolved(cfg: LoopConfig, out: Path, given: set[str] | None, overrides: tuple[str, ...],
+              world: World = World()) -> LoopConfig:
     """The configuration the run goes on with: `cfg` for a new run, the saved one on --resume (module docstring
     of `run`). Paths are made absolute, so that a resume works from anywhere."""
     unknown = [name for name in overrides if name not in RESUMABLE]
@@ -284,23 +335,28 @@ def _resolved(cfg: LoopConfig, out: Path, given: set[str] | None, overrides: tup
     for name in changed:
         setattr(saved, name, getattr(cfg, name))
     saved.out = cfg.out  # where the run is now (it may have been moved)
-    print(f"--resume: continuing {out / 'config.json'}"
-          + (f" with {', '.join(f'{n} {getattr(saved, n)!r}' for n in changed)} changed" if changed else ""))
+    if world.main:
+        print(f"--resume: continuing {out / 'config.json'}"
+              + (f" with {', '.join(f'{n} {getattr(saved, n)!r}' for n in changed)} changed" if changed else ""))
     return saved
 
 
-def _run_locked(cfg: LoopConfig, out: Path) -> dict:
-    cfg.save(out / "config.json")
+def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
+    if world.main:
+        cfg.save(out / "config.json")
     torch.manual_seed(cfg.seed)
-    records, items, score_items = prepare_inputs(cfg, out)
+    records, items, score_items = prepare_inputs(cfg, out, world)
     # the run's one feature cache: the base and every judge after it share a frozen vision tower's entries
     cache = FeatureCache(max_bytes=int(cfg.feature_cache_gb * 2**30))
 
-    def load(path: str | None) -> Adapter:
-        return load_adapter(path, device=cfg.device, dtype=cfg.dtype, feature_cache=cache)
+    def load(path: str | Path | None) -> Adapter:
+        adapter = load_adapter(None if path is None else str(path), device=cfg.device, dtype=cfg.dtype,
+                               feature_cache=cache)
+        adapter.shard = world.shard  # in a job, generation is split between the ranks
+        return adapter
 
     base = load(cfg.model)
-    records = within_context(base, records, cfg, out)
+    records = within_context(base, records, cfg, out, world)
     skipped = out / "skipped.jsonl"
     summary: dict = {"inputs": {"prompts": len(records), "skipped_lines": len(data.read_jsonl(skipped)),
                                 "images": json.loads((out / "inputs.json").read_text())["images"]},
@@ -309,12 +365,12 @@ def _run_locked(cfg: LoopConfig, out: Path) -> dict:
     if not (folder0 / "metrics.json").exists():
         t0 = time.time()
         evaluate_to(folder0, base, items, cfg, score_items,
-                    before_done=lambda: _Stages(folder0).done("eval", time.time() - t0, {}))
+                    before_done=lambda: _Stages(folder0).done("eval", time.time() - t0, {}), world=world)
     summary["iterations"].append({"iteration": 0, "metrics": headline(json.loads((folder0 / "metrics.json").read_text())),
                                   "pairs": 0, "kept": 0, "keep_rate": None, "seconds": _Stages(folder0).record["seconds"]})
     if measures_rates(cfg):
-        summary["iterations"][0]["rates"] = rates_of(0, cfg, out, items)
-    _report(out, summary)
+        summary["iterations"][0]["rates"] = rates_of(0, cfg, out, items, world)
+    _report(out, summary, world)
 
     judge: Adapter | None = None
     for k in range(1, cfg.iterations + 1):
@@ -327,26 +383,31 @@ def _run_locked(cfg: LoopConfig, out: Path) -> dict:
         if (out / f"iter_{k}" / "checkpoint").exists():  # resuming past this iteration's training
             judge = load(str(out / f"iter_{k}" / "checkpoint"))
         generator = base if cfg.synth_model == "base" else judge
-        entry = run_iteration(k, cfg, out, generator, judge, records, items, score_items)
+        source = out / f"iter_{k - 1}" / "checkpoint" if k > 1 else cfg.model
+        entry, judge = run_iteration(k, cfg, out, generator, judge, records, items, score_items, world, load, source)
         if measures_rates(cfg):
-            entry["rates"] = rates_of(k, cfg, out, items)
+            entry["rates"] = rates_of(k, cfg, out, items, world)
         summary["iterations"].append(entry)
-        _report(out, summary)
+        _report(out, summary, world)
         # no scored item (every verdict unparsed) counts as accuracy 0 for the stopping rule
         gain = (entry["metrics"]["overall"] or 0.0) - (summary["iterations"][-2]["metrics"]["overall"] or 0.0)
         if gain < cfg.min_gain:
-            print(f"stopping after iteration {k}: overall accuracy changed by {gain:+.3f} (< min_gain {cfg.min_gain})")
+            if world.main:
+                print(f"stopping after iteration {k}: overall accuracy changed by {gain:+.3f} "
+                      f"(< min_gain {cfg.min_gain})")
             break
     return summary
 
 
-def _report(out: Path, summary: dict) -> None:
+def _report(out: Path, summary: dict, world: World = World()) -> None:
     # the judge to use: the iteration with the best overall accuracy so far (a later one can be worse)
     scored = [e for e in summary["iterations"] if e["metrics"]["overall"] is not None]
     if scored:
         best = max(scored, key=lambda e: (e["metrics"]["overall"], -e["iteration"]))
         summary["best"] = {"iteration": best["iteration"], "overall": best["metrics"]["overall"],
                            "checkpoint": None if best["iteration"] == 0 else f"iter_{best['iteration']}/checkpoint"}
+    if not world.main:
+        return
     data.write_json(out / "summary.json", summary)
     plot_accuracy(summary, out / "accuracy.png")
     last = summary["iterations"][-1]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from fastjudge.engine.decoding import decode_groups
@@ -49,6 +50,9 @@ class Adapter:
     # image features reused across calls (None: every call encodes its images); `load_adapter` gives one
     feature_cache: FeatureCache | None = None
     _decode_options: DecodeOptions | None = None
+    # (rank, size) in a torchrun job: generation split by batches across the ranks (`generate`); None: alone
+    shard: tuple[int, int] | None = None
+    _sharded: tuple[int, int] | None = None  # (rank, size) while the model is sharded for training (FSDP2)
     _vision_fingerprint: str | None = None
     _peft = None
 
@@ -153,6 +157,11 @@ class Adapter:
         `options` (default: the adapter's `decode_options`) chooses how decoding runs: the shared Mllama decoder
         or the generic one, kernels, CUDA graphs (`fastjudge.engine.options.DecodeOptions`).
 
+        With `shard` set to (rank, size) (`core.dist.World.shard`, a torchrun job), this rank generates every
+        size-th batch of prompts, and the ranks exchange their completions: every rank returns them all, the
+        same as one process would (each batch is seeded by its place in the list, never by the rank). Every
+        rank of the job must call generate with the same arguments.
+
         Each prompt and its image are encoded and prefilled once and shared by its n samples (`decode`).
         A completion ends at an end-of-turn token or just before the first of the `stop` strings it writes.
         Prompts are batched so that decoding holds at most `batch_rows` rows (prompts x n) and, with
@@ -212,19 +221,24 @@ class Adapter:
 
         self.model.eval()
         self.use_gpu_kernels(options)
-        out: list[list[str]] = []
         per_batch = max(1, batch_rows // (slots or n))
-        batch_index = 0
-        for start, end in chunks(len(prompts), per_batch):
+        shard = self.shard
+        mine: list[tuple[int, list[list[str]]]] = []  # (chunk, its completions) of this rank's chunks
+        for chunk, (start, end) in enumerate(chunks(len(prompts), per_batch)):
+            if shard is not None and chunk % shard[1] != shard[0]:
+                continue  # another rank's chunk
+            out: list[list[str]] = []
             features = self.image_features(images[start:end])
             encode = self._templated_ids if templated else self._prompt_ids
             rows = [encode(p, f) for p, f in zip(prompts[start:end], features)]
             if prefixes is not None:
                 rows = [row + self._prefix_ids(x) for row, x in zip(rows, prefixes[start:end])]
-            for first, last in _token_budget(rows, slots or n, max_new_tokens, batch_tokens):
+            for part, (first, last) in enumerate(_token_budget(rows, slots or n, max_new_tokens, batch_tokens)):
                 inputs = self._model_inputs(rows[first:last], features[first:last], left=True)
-                generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + batch_index)
-                batch_index += 1
+                # keyed by the batch's place in the whole list (chunk, part of it), never by the rank: any
+                # number of processes draws what one draws
+                generator = torch.Generator(device=self.device).manual_seed(
+                    seed * 1_000_003 + chunk + (part << 32))
                 groups = decode_groups(self.model, inputs, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                        n=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        generator=generator, stop=stopped if stops else None, slots=slots,
@@ -236,7 +250,14 @@ class Adapter:
                 out.extend(texts)
                 if progress:
                     progress(last - first)
-        return out
+            mine.append((chunk, out))
+        if shard is None:
+            return [texts for _, chunk_texts in mine for texts in chunk_texts]
+        # every rank returns every completion: the stages after generation run whole on each rank
+        gathered: list[list[tuple[int, list[list[str]]]]] = [None] * shard[1]  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+        by_chunk = dict(pair for rank in gathered for pair in rank)
+        return [texts for chunk in sorted(by_chunk) for texts in by_chunk[chunk]]
 
     @property
     def context_length(self) -> int | None:
@@ -303,7 +324,10 @@ class Adapter:
     def _loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, reduction: str) -> torch.Tensor:
         """Cross-entropy of the labelled tokens, each predicted from the position before it. The output layer
         runs on those positions only: (B, T, V) logits over a 128k-152k vocabulary would not fit."""
-        hidden = self.model.model(**inputs).last_hidden_state  # (B, T, H)
+        if self._sharded:  # through the root's forward, which gathers its parameters (embeddings, norm, head)
+            hidden = self.model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+        else:
+            hidden = self.model.model(**inputs).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != -100  # (B, T - 1)
         head = self.model.get_output_embeddings()
@@ -316,19 +340,65 @@ class Adapter:
         """Backward of the batch's mean target-token loss, run as `micro_batches` forward passes over
         examples sorted by length; returns the loss. Each pass pads only to its own longest example (in the
         toy mixture one batch holds 30- and 170-token examples: a single padded pass wastes most of its work).
-        """
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
-        size = -(-len(order) // max(1, micro_batches))
-        prepared = [self._training_inputs([images[i] for i in group], [prompts[i] for i in group],
-                                          [targets[i] for i in group])
-                    for group in (order[k:k + size] for k in range(0, len(order), size))]
-        total_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in prepared)
+
+        Sharded for training (`shard_for_training`, a torchrun job of S ranks): rank r takes examples r, r + S,
+        ... of the batch, in exactly `micro_batches` passes (a pass with no example of its own runs one at weight
+        0: every rank must run as many as the others); the token count is summed over the ranks, and the loss
+        scaled by S, as FSDP averages the ranks' gradients."""
+        indices = list(range(len(prompts)))
+        job = self._sharded
+        if job:
+            indices = indices[job[0]::job[1]]
+        order = sorted(indices, key=lambda i: len(prompts[i]) + len(targets[i]))
+        size = max(1, -(-len(order) // max(1, micro_batches)))
+        groups = [order[k:k + size] for k in range(0, len(order), size)]
+        if job:
+            groups += [[] for _ in range(micro_batches - len(groups))]
+        prepared = [(self._training_inputs([images[i] for i in group or [0]], [prompts[i] for i in group or [0]],
+                                           [targets[i] for i in group or [0]]), 1.0 if group else 0.0)
+                    for group in groups]
+        tokens = sum(int((labels[:, 1:] != -100).sum()) for (_, labels), weight in prepared if weight)
+        scale = 1
+        if job:
+            counts = torch.tensor([float(tokens)])
+            dist.all_reduce(counts)
+            tokens, scale = int(counts.item()), job[1]
         total = 0.0
-        for inputs, labels in prepared:
-            loss_sum = self._loss(inputs, labels, reduction="sum")
-            (loss_sum / total_tokens).backward()
+        for (inputs, labels), weight in prepared:
+            loss_sum = self._loss(inputs, labels, reduction="sum") * weight
+            (loss_sum * scale / tokens).backward()
             total += loss_sum.item()
-        return total / total_tokens
+        if job:
+            summed = torch.tensor([total])
+            dist.all_reduce(summed)
+            total = summed.item()
+        return total / tokens
+
+    def shard_for_training(self, job: tuple[int, int], cpu_offload: bool = False) -> None:
+        """FSDP2 (`fully_shard`) for a torchrun job of job[1] ranks, after `begin_training("text")`: each decoder
+        layer (self- and cross-attention) its own shard group, the rest of the language model the root's (kept
+        gathered from its forward to its backward: the fused loss reads the head's weight after the forward); the
+        frozen vision tower stays whole on every rank, its features cached before the first step
+        (`image_features`). Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and fp32
+        gradient reduction. Mllama and the toy only (Qwen's input embeddings are made outside its forward)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        if getattr(self.model.config, "model_type", None) != "mllama":
+            raise ValueError(f"train: sharded fine-tuning supports Mllama models, not {type(self).__name__}")
+        if self._vision_trains():
+            raise ValueError("train: sharded fine-tuning keeps the vision tower frozen (--train text)")
+        cuda = self.device.type == "cuda"
+        mesh = init_device_mesh("cuda" if cuda else "cpu", (job[1],))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda \
+            else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        self.model.float()
+        frozen = {p for name, p in self.model.named_parameters() if self._is_vision(name)}
+        for layer in self.model.model.language_model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=False,
+                    ignored_params=frozen)
+        self._sharded = job
 
     def begin_training(self, train: str = "text", *, lora_rank: int = 16,
                        lora_alpha: float = 32.0) -> list[torch.nn.Parameter]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from fastjudge.core.dist import World
 from fastjudge.data.io import load_images
 from fastjudge.models import Adapter
 
@@ -29,6 +30,7 @@ class TrainOptions:
     train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    cpu_offload: bool = False  # sharded (torchrun) only: parameters, gradients and optimizer state in CPU memory
 
 
 class MasterWeights:
@@ -57,12 +59,25 @@ class MasterWeights:
                 p.copy_(m)
 
 
-def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int) -> dict:
-    """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}."""
+def can_shard(adapter: Adapter, options: TrainOptions) -> bool:
+    """Whether this fine-tuning can run sharded over a job's ranks (FSDP2: Mllama, vision tower frozen)."""
+    return options.train == "text" and getattr(adapter.model.config, "model_type", None) == "mllama"
+
+
+def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
+        job: World = World()) -> dict:
+    """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}.
+
+    In a torchrun job (`job.size` > 1; every rank calls this with the same traces) the model is sharded with
+    FSDP2 (`Adapter.shard_for_training`) and each rank takes its share of every batch; the losses are the whole
+    batch's. The model stays sharded afterwards: `gathered_state_dict` collects its weights."""
     if not traces:
         return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
     rng = random.Random(seed)
     params = adapter.begin_training(options.train, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
+    if job.size > 1:
+        adapter.shard_for_training((job.rank, job.size), cpu_offload=options.cpu_offload)
+        params = [p for p in adapter.model.parameters() if p.requires_grad]  # the sharded ones
     try:
         weights = MasterWeights(params)
         opt = torch.optim.AdamW(weights.master, lr=options.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -72,7 +87,7 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int) 
         warmup = max(1, total // 10)
         adapter.model.train()
         losses, step, t0 = [], 0, time.time()
-        with tqdm(total=total, desc="train", unit="step") as bar:
+        with tqdm(total=total, desc="train", unit="step", disable=not job.main) as bar:
             for _ in range(options.epochs):
                 order = list(range(len(traces)))
                 rng.shuffle(order)
@@ -95,6 +110,12 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int) 
         adapter.end_training()
     return {"steps": step, "examples": len(traces), "loss_first": losses[0], "loss_last": losses[-1],
             "seconds": time.time() - t0}
+
+
+def gathered_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The full weights of a model sharded for training, on rank 0 (in CPU memory); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(adapter.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:

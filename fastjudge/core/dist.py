@@ -1,0 +1,71 @@
+"""More than one process: the run's place in a `torchrun` job (torch.distributed), and nothing else.
+
+`torchrun --nproc-per-node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m fastjudge ...` starts
+N (x M) processes with RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous in their environment; `start()` joins
+them into one process group (NCCL on GPUs, gloo on CPUs) with a collective timeout, so that a rank that dies or
+hangs takes the job down with a clear error rather than a hang. One process (no torchrun) is world size 1:
+nothing is started and every function here is a no-op.
+
+How the work is split is the caller's: the stages hand each rank every `size`-th generation batch
+(`Adapter.generate(shard=...)`), whose random draws are keyed by the batch's place in the whole list, never by
+the rank, so that any number of processes writes the same files as one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank in [0, size)."""
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that writes the run's shared files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(rank, size) for `Adapter.generate(shard=...)`; None for one process."""
+        return (self.rank, self.size) if self.size > 1 else None
+
+
+def current() -> World:
+    """The job this process belongs to (world size 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def start(timeout_s: float = 1800.0, device: str = "cpu") -> World:
+    """Join the `torchrun` job named by the environment (WORLD_SIZE > 1), once; world size 1 otherwise. A
+    collective that waits longer than `timeout_s` raises (a dead or stuck rank)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or not dist.is_available():
+        return current()
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def stop() -> None:
+    """Leave the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,147 @@
+"""More than one process: `torchrun --nproc-per-node 2` (gloo, CPU) writes what one process writes, a rank
+killed mid-stage leaves a run that --resume finishes identically, and a stuck rank fails the job at the
+collective timeout instead of hanging it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ARGS = ["--iterations", "1", "--prompts-per-iteration", "8", "--n-samples", "4", "--min-votes", "2",
+        "--answer-tokens", "40", "--judge-tokens", "80", "--epochs", "1", "--batch-size", "4", "--min-gain", "-1",
+        "--batch-rows", "8", "--toy-bench-per-category", "2"]
+# one thread a process in both, so that the matrix products of one and of two processes round alike
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+
+
+def _torchrun(nproc: int, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(29500 + os.getpid() % 1000), *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def _files(out: Path) -> dict[str, str]:
+    """Every file of a run by path, as a digest; what holds times or cache counts (stages.json, summary.json),
+    the run's own path (config.json) and the fine-tuned weights (`_weights_close`) left out."""
+    skip = {"config.json", "stages.json", "summary.json", ".fastjudge.lock", "model.safetensors"}
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    done = subprocess.run([sys.executable, "-m", "fastjudge", "iterate", "--out", str(out), *ARGS],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_two_processes_write_what_one_writes(tmp_path, one_process):
+    out = tmp_path / "run"
+    done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(out), *ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = _files(one_process), _files(out)
+    assert got.keys() == expected.keys()
+    assert [name for name in expected if got[name] != expected[name]] == []
+    assert "iter_1/pairs.jsonl" in got and "iter_1/checkpoint/tokenizer.json" in got
+    _weights_close(one_process / "iter_1" / "checkpoint", out / "iter_1" / "checkpoint")
+    stats = json.loads((out / "iter_1" / "stages.json").read_text())["stats"]["train"]
+    alone = json.loads((one_process / "iter_1" / "stages.json").read_text())["stats"]["train"]
+    assert stats["sharded_ranks"] == 2 and stats["steps"] == alone["steps"] > 0
+    assert stats["loss_first"] == pytest.approx(alone["loss_first"], rel=1e-6)
+    # one JSON line from rank 0 only
+    assert sum(line.startswith('{"first"') for line in done.stdout.splitlines()) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"][1]["pairs"] > 0
+
+
+def _weights_close(a: Path, b: Path) -> None:
+    """Fine-tuning sharded over 2 ranks (FSDP2: each rank half of each batch, the gradients reduced) against one
+    process: the same weights within 1e-5 relative (the sums run in another order)."""
+    from safetensors.torch import load_file
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    changed = 0
+    for name in x:
+        scale = x[name].abs().max().clamp(min=1e-6)
+        assert float((x[name] - y[name]).abs().max() / scale) < 1e-5, name
+        changed += not torch.equal(x[name], y[name])
+    assert changed  # the sharded run did train (its sums differ in the last bits)
+
+
+KILL_RANK_1_IN_SYNTH = textwrap.dedent("""
+    import os, signal, sys
+    from fastjudge import cli
+    from fastjudge.stages import synth
+    from fastjudge.models.adapter import Adapter
+    if os.environ["RANK"] == "1":  # rank 1 dies at its first generation batch of synth
+        calls, run = [0], synth.run
+        def dying(*args, **kwargs):
+            features = Adapter.image_features
+            def counted(self, images):
+                calls[0] += 1
+                if calls[0] == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return features(self, images)
+            Adapter.image_features = counted
+            return run(*args, **kwargs)
+        synth.run = dying
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_a_rank_killed_in_synth_then_resumed_writes_what_an_uninterrupted_run_writes(tmp_path, one_process):
+    out = tmp_path / "run"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_RANK_1_IN_SYNTH)
+    killed = _torchrun(2, str(script), "iterate", "--out", str(out), *ARGS)
+    assert killed.returncode != 0
+    assert (out / "iter_0" / "metrics.json").exists() and not (out / "iter_1" / "pairs.jsonl").exists()
+    resumed = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _files(one_process), _files(out)
+    assert got.keys() == expected.keys()
+    assert [name for name in expected if got[name] != expected[name]] == []
+
+
+STUCK_RANK = textwrap.dedent("""
+    import os, sys, time
+    from fastjudge.core import dist
+    job = dist.start(timeout_s=float(sys.argv[1]))
+    if job.rank == 1:
+        time.sleep(120)  # stuck: never reaches the barrier
+    dist.barrier()
+""")
+
+
+def test_a_stuck_rank_fails_the_job_at_the_timeout(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RANK)
+    done = _torchrun(2, str(script), "3", timeout=110)
+    assert done.returncode != 0
+
+
+def test_lora_in_a_job_fine_tunes_on_rank_0_and_writes_what_one_process_writes(tmp_path):
+    """--train lora (and all) are not sharded yet: rank 0 fine-tunes alone, the others load its checkpoint, and
+    the run is byte-identical to one process."""
+    lora = [*ARGS, "--train", "lora", "--lora-rank", "4", "--lr", "1e-3"]
+    alone = subprocess.run([sys.executable, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "one"), *lora],
+                           capture_output=True, text=True, env=ENV, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "two"), *lora)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert got.keys() == expected.keys() and [n for n in expected if got[n] != expected[n]] == []
+    from safetensors.torch import load_file
+    x = load_file(tmp_path / "one" / "iter_1" / "checkpoint" / "model.safetensors")
+    y = load_file(tmp_path / "two" / "iter_1" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(x[name], y[name]) for name in x)
