@@ -13,7 +13,9 @@
 #   4. the Mllama cross-attention kernels at the 11B shapes: forward + backward at T 512 and 2048 with one valid
 #      tile for every tile preset, and decoding at n 1 and 16 for every decode tile preset;
 #   5. the fused linear cross-entropy at 4,096 and 8,192 rows (V 128,256, H 4,096, bf16) against Liger's, when
-#      liger-kernel is carried as a wheel in .whl/ where the machine has none: see docs/performance.md.
+#      liger-kernel is carried as a wheel in .whl/ where the machine has none: see docs/performance.md;
+#   6. one FSDP2 fine-tuning step at world size 1 (the fused loss and the cross-attention kernel in the sharded
+#      layers) against the same step unsharded (bench/fsdp_step.py, docs/distributed.md).
 # Each bench prints its rows as it goes into its log under OUT, the result's JSON line last, and writes its JSON
 # file under OUT; a part cut short keeps what it measured. 8 files at most come back.
 export PYTHONUNBUFFERED=1
@@ -23,8 +25,8 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site || exit 1
 fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
-python3 -c 'import sys; sys.path.insert(0, "bench"); import json, _env; print(json.dumps(_env.environment()))' \
-  | tee $OUT/versions.txt
+# versions and revision to the call's output (every result file carries them too)
+python3 -c 'import sys; sys.path.insert(0, "bench"); import json, _env; print(json.dumps(_env.environment()))'
 
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decoder_graphs.py tests/test_kernel_cross_attention.py \
   tests/test_kernel_decode_attention.py tests/test_kernel_flce.py \
@@ -47,3 +49,6 @@ if python3 -c "import liger_kernel" 2> /dev/null; then
 else
   echo "fused loss: skipped (no liger-kernel; carry its wheel in .whl/)"
 fi
+
+timeout 60 python3 -m torch.distributed.run --nproc-per-node 1 bench/fsdp_step.py --device cuda --preset small \
+  --out $OUT/fsdp-step.json 2>&1 | grep -v "Warning\|warn\|Loading\|Writing\|^{" | tail -6; echo "fsdp step rc ${PIPESTATUS[0]}"

@@ -56,6 +56,10 @@ HELP = {
     "micro_batches": "forward passes per fine-tuning step (examples sorted by length pad less)",
     "train": "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA on the "
              "language model, merged into the checkpoint)",
+    "cpu_offload": "under torchrun, sharded fine-tuning (--train text): parameters, gradients and optimizer state "
+                   "in CPU memory",
+    "activation_checkpointing": "under torchrun, sharded fine-tuning: each decoder layer's activations recomputed "
+                                "in the backward pass",
     "lora_rank": "LoRA rank (with --train lora)",
     "lora_alpha": "LoRA alpha (with --train lora)",
     "bench": "benchmark format: toy (our held-out shapes-world benchmark), vlrewardbench, mmrb",
@@ -272,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", required=True, help="sft.jsonl from `fastjudge filter`")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_config_flags(p, ["seed", "device", "dtype", "feature_cache_gb", "epochs", "lr", "batch_size",
-                          "micro_batches", "train", "lora_rank", "lora_alpha"])
+                          "micro_batches", "train", "lora_rank", "lora_alpha", "cpu_offload",
+                          "activation_checkpointing", "dist_timeout_s"])
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="run a judge on a pairwise benchmark and score it with the benchmark's rules")

@@ -76,6 +76,8 @@ class LoopConfig:
     train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    cpu_offload: bool = False  # under torchrun, sharded fine-tuning: its state in CPU memory
+    activation_checkpointing: bool = False  # under torchrun, sharded fine-tuning: recompute layer activations
     # eval
     bench: str = "toy"  # benchmark format: "toy" (held-out shapes world), "vlrewardbench", "mmrb"
     bench_data: str | None = None  # the benchmark file; None: the toy benchmark (generated once, fixed seed)
@@ -179,7 +181,8 @@ class LoopConfig:
         from fastjudge.stages.train import TrainOptions
         return TrainOptions(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                             micro_batches=self.micro_batches, train=self.train, lora_rank=self.lora_rank,
-                            lora_alpha=self.lora_alpha)
+                            lora_alpha=self.lora_alpha, cpu_offload=self.cpu_offload,
+                            activation_checkpointing=self.activation_checkpointing)
 
     def eval_options(self) -> EvalOptions:
         from fastjudge.stages.evaluate import EvalOptions

@@ -46,7 +46,13 @@ def exact_distribution(logits: torch.Tensor, temperature: float, top_k: int, top
 
 
 def chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    """Upper tail of the chi-square statistic over the categories with expected count > 0 (Wilson-Hilferty)."""
+    """Upper tail of the chi-square statistic over the categories with expected count > 0 (Wilson-Hilferty).
+    Categories expected fewer than 5 times are pooled into one, as the statistic's chi-square law needs: a
+    single draw of a token expected 0.02 times would otherwise weigh 48 on its own (a 2% chance per test)."""
+    small = (expected > 0) & (expected < 5)
+    if small.any():
+        observed = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
     keep = expected > 0
     statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     dof = int(keep.sum()) - 1

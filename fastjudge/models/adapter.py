@@ -374,13 +374,16 @@ class Adapter:
             total = summed.item()
         return total / tokens
 
-    def shard_for_training(self, job: tuple[int, int], cpu_offload: bool = False) -> None:
+    def shard_for_training(self, job: tuple[int, int], cpu_offload: bool = False,
+                           activation_checkpointing: bool = False) -> None:
         """FSDP2 (`fully_shard`) for a torchrun job of job[1] ranks, after `begin_training("text")`: each decoder
         layer (self- and cross-attention) its own shard group, the rest of the language model the root's (kept
         gathered from its forward to its backward: the fused loss reads the head's weight after the forward); the
         frozen vision tower stays whole on every rank, its features cached before the first step
         (`image_features`). Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and fp32
-        gradient reduction. Mllama and the toy only (Qwen's input embeddings are made outside its forward)."""
+        gradient reduction; `activation_checkpointing`: each decoder layer's activations recomputed in the
+        backward pass (transformers' own checkpointing, inside the shard groups). Mllama and the toy only
+        (Qwen's input embeddings are made outside its forward)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         if getattr(self.model.config, "model_type", None) != "mllama":
@@ -393,6 +396,11 @@ class Adapter:
             else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         self.model.float()
+        if activation_checkpointing:
+            # transformers 5.25 renamed gradient_checkpointing_enable (an alias until v6)
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or \
+                self.model.gradient_checkpointing_enable
+            enable()
         frozen = {p for name, p in self.model.named_parameters() if self._is_vision(name)}
         for layer in self.model.model.language_model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)

@@ -31,6 +31,7 @@ class TrainOptions:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     cpu_offload: bool = False  # sharded (torchrun) only: parameters, gradients and optimizer state in CPU memory
+    activation_checkpointing: bool = False  # sharded only: decoder layers' activations recomputed in backward
 
 
 class MasterWeights:
@@ -76,7 +77,8 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
     rng = random.Random(seed)
     params = adapter.begin_training(options.train, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
     if job.size > 1:
-        adapter.shard_for_training((job.rank, job.size), cpu_offload=options.cpu_offload)
+        adapter.shard_for_training((job.rank, job.size), cpu_offload=options.cpu_offload,
+                                   activation_checkpointing=options.activation_checkpointing)
         params = [p for p in adapter.model.parameters() if p.requires_grad]  # the sharded ones
     try:
         weights = MasterWeights(params)
