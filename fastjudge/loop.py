@@ -240,7 +240,10 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
             weights = train.gathered_state_dict(judge)
             if world.main:
                 fresh = reload(source)
+                if options.train == "lora":  # the same adapters on the fresh copy, loaded, then merged
+                    fresh.begin_training("lora", lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
                 fresh.model.load_state_dict(weights)
+                fresh.end_training()
                 stages.done("train", time.time() - t0, dict(stats, sharded_ranks=world.size))
                 save_checkpoint(fresh, checkpoint)
         elif world.main:  # otherwise fine-tuning runs on rank 0 alone; the other ranks load its checkpoint

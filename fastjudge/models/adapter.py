@@ -389,7 +389,7 @@ class Adapter:
         if getattr(self.model.config, "model_type", None) != "mllama":
             raise ValueError(f"train: sharded fine-tuning supports Mllama models, not {type(self).__name__}")
         if self._vision_trains():
-            raise ValueError("train: sharded fine-tuning keeps the vision tower frozen (--train text)")
+            raise ValueError("train: sharded fine-tuning keeps the vision tower frozen (--train text or lora)")
         cuda = self.device.type == "cuda"
         mesh = init_device_mesh("cuda" if cuda else "cpu", (job[1],))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda \
@@ -438,8 +438,9 @@ class Adapter:
         return params
 
     def end_training(self) -> None:
-        """Merge LoRA adapters into the weights (a plain checkpoint again); forget a stale vision fingerprint."""
-        if self._peft is not None:
+        """Merge LoRA adapters into the weights (a plain checkpoint again); forget a stale vision fingerprint. A
+        model sharded for training is left unmerged: its gathered weights go into a fresh copy instead."""
+        if self._peft is not None and not self._sharded:
             self.model = self._peft.merge_and_unload()
             self._peft = None
         self._vision_fingerprint = None

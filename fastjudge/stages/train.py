@@ -62,7 +62,7 @@ class MasterWeights:
 
 def can_shard(adapter: Adapter, options: TrainOptions) -> bool:
     """Whether this fine-tuning can run sharded over a job's ranks (FSDP2: Mllama, vision tower frozen)."""
-    return options.train == "text" and getattr(adapter.model.config, "model_type", None) == "mllama"
+    return options.train in ("text", "lora") and getattr(adapter.model.config, "model_type", None) == "mllama"
 
 
 def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
