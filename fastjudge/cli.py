@@ -60,6 +60,8 @@ HELP = {
                    "in CPU memory",
     "activation_checkpointing": "under torchrun, sharded fine-tuning: each decoder layer's activations recomputed "
                                 "in the backward pass",
+    "train_state_every": "under torchrun, sharded fine-tuning: steps between two saves of the model, optimizer "
+                         "and step (torch.distributed.checkpoint), from which a killed job resumes (0: none)",
     "lora_rank": "LoRA rank (with --train lora)",
     "lora_alpha": "LoRA alpha (with --train lora)",
     "bench": "benchmark format: toy (our held-out shapes-world benchmark), vlrewardbench, mmrb",
@@ -276,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", required=True, help="sft.jsonl from `fastjudge filter`")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_config_flags(p, ["seed", "device", "dtype", "feature_cache_gb", "epochs", "lr", "batch_size",
-                          "micro_batches", "train", "lora_rank", "lora_alpha", "cpu_offload",
+                          "micro_batches", "train", "lora_rank", "lora_alpha", "cpu_offload", "train_state_every",
                           "activation_checkpointing", "dist_timeout_s"])
     p.set_defaults(func=cmd_train)
 

@@ -78,6 +78,7 @@ class LoopConfig:
     lora_alpha: float = 32.0
     cpu_offload: bool = False  # under torchrun, sharded fine-tuning: its state in CPU memory
     activation_checkpointing: bool = False  # under torchrun, sharded fine-tuning: recompute layer activations
+    train_state_every: int = 100  # under torchrun, sharded fine-tuning: steps between saves of its state (0: none)
     # eval
     bench: str = "toy"  # benchmark format: "toy" (held-out shapes world), "vlrewardbench", "mmrb"
     bench_data: str | None = None  # the benchmark file; None: the toy benchmark (generated once, fixed seed)
@@ -155,6 +156,8 @@ class LoopConfig:
             raise ValueError(f"early_stop: expected a confidence in [0, 1) (0 = off), got {self.early_stop}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens: expected >= 1 or None, got {self.max_prompt_tokens}")
+        if self.train_state_every < 0:
+            raise ValueError(f"train_state_every: expected >= 0, got {self.train_state_every}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s: expected > 0, got {self.dist_timeout_s}")
         if self.feature_cache_gb < 0:
@@ -182,7 +185,8 @@ class LoopConfig:
         return TrainOptions(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                             micro_batches=self.micro_batches, train=self.train, lora_rank=self.lora_rank,
                             lora_alpha=self.lora_alpha, cpu_offload=self.cpu_offload,
-                            activation_checkpointing=self.activation_checkpointing)
+                            activation_checkpointing=self.activation_checkpointing,
+                            state_every=self.train_state_every)
 
     def eval_options(self) -> EvalOptions:
         from fastjudge.stages.evaluate import EvalOptions

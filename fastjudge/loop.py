@@ -236,7 +236,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
             # FSDP2 over the job's ranks; rank 0 writes the gathered weights into a fresh copy of the judge's
             # source and saves that; every rank then loads the checkpoint (a sharded model cannot generate on
             # batches that differ between the ranks)
-            stats = train.run(judge, traces, options, seed + 20, world)
+            stats = train.run(judge, traces, options, seed + 20, world, state_dir=folder / "train_state")
             weights = train.gathered_state_dict(judge)
             if world.main:
                 fresh = reload(source)
@@ -246,6 +246,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
                 fresh.end_training()
                 stages.done("train", time.time() - t0, dict(stats, sharded_ranks=world.size))
                 save_checkpoint(fresh, checkpoint)
+                shutil.rmtree(folder / "train_state", ignore_errors=True)  # the mid-run state, now done with
         elif world.main:  # otherwise fine-tuning runs on rank 0 alone; the other ranks load its checkpoint
             stats = train.run(judge, traces, options, seed + 20)
             stages.done("train", time.time() - t0, stats)

@@ -160,3 +160,45 @@ def test_one_sharded_step_equals_the_unsharded_step(tmp_path, checkpointing):
     assert result["ranks"] == 2 and result["weights_changed"] > 0
     assert result["loss_sharded"] == pytest.approx(result["loss_unsharded"], rel=1e-6)
     assert result["max_relative_weight_difference"] < 1e-4
+
+
+KILL_RANK_1_IN_TRAINING = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from fastjudge import cli
+    if os.environ["RANK"] == "1":  # rank 1 dies at its fifth optimizer step
+        steps, step = [0], torch.optim.AdamW.step
+        def dying(self, *args, **kwargs):
+            steps[0] += 1
+            if steps[0] == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *args, **kwargs)
+        torch.optim.AdamW.step = dying
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_sharded_fine_tuning_killed_mid_stage_resumes_from_its_saved_state(tmp_path):
+    """The sharded model, optimizer and step saved every 2 steps (torch.distributed.checkpoint); a rank killed at
+    step 5 of 6, the job resumed: it starts from step 4 and writes every file, the weights included, byte for
+    byte as the uninterrupted job."""
+    training = [*ARGS, "--epochs", "3", "--batch-size", "2", "--train-state-every", "2"]
+    done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "whole"), *training)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "whole" / "iter_1" / "stages.json").read_text())["stats"]["train"]
+    assert stats["steps"] == 6 and stats["sharded_ranks"] == 2
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_RANK_1_IN_TRAINING)
+    out = tmp_path / "killed"
+    killed = _torchrun(2, str(script), "iterate", "--out", str(out), *training)
+    assert killed.returncode != 0
+    assert json.loads((out / "iter_1" / "train_state" / "state.json").read_text())["step"] == 4
+    resumed = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (out / "iter_1" / "train_state").exists()
+    skip = {"config.json", "stages.json", "summary.json", ".fastjudge.lock"}
+    files = {str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*")
+             if p.is_file() and p.name not in skip}
+    assert files == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in skip}
+    differ = [name for name in files if (tmp_path / "whole" / name).read_bytes() != (out / name).read_bytes()]
+    assert differ == []

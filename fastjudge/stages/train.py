@@ -7,16 +7,20 @@ weights afterwards, so every checkpoint is a plain one.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from fastjudge.core import dist
 from fastjudge.core.dist import World
-from fastjudge.data.io import load_images
+from fastjudge.data.io import load_images, write_json
 from fastjudge.models import Adapter
 
 
@@ -32,6 +36,7 @@ class TrainOptions:
     lora_alpha: float = 32.0
     cpu_offload: bool = False  # sharded (torchrun) only: parameters, gradients and optimizer state in CPU memory
     activation_checkpointing: bool = False  # sharded only: decoder layers' activations recomputed in backward
+    state_every: int = 100  # sharded only: steps between two saves of the mid-run state (0: none)
 
 
 class MasterWeights:
@@ -66,12 +71,15 @@ def can_shard(adapter: Adapter, options: TrainOptions) -> bool:
 
 
 def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
-        job: World = World()) -> dict:
+        job: World = World(), state_dir: Path | None = None) -> dict:
     """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}.
 
     In a torchrun job (`job.size` > 1; every rank calls this with the same traces) the model is sharded with
     FSDP2 (`Adapter.shard_for_training`) and each rank takes its share of every batch; the losses are the whole
-    batch's. The model stays sharded afterwards: `gathered_state_dict` collects its weights."""
+    batch's. The model stays sharded afterwards: `gathered_state_dict` collects its weights. With `state_dir`,
+    the sharded model, the optimizer and the step reached are saved there every `options.state_every` steps
+    (torch.distributed.checkpoint, each rank its shards); a job killed mid-stage resumes from the last save,
+    skipping the steps it had taken."""
     if not traces:
         return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
     rng = random.Random(seed)
@@ -89,11 +97,19 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
         warmup = max(1, total // 10)
         adapter.model.train()
         losses, step, t0 = [], 0, time.time()
+        state = _TrainState(state_dir, options.state_every) if job.size > 1 and state_dir is not None else None
+        resumed = state.load(adapter.model, opt) if state is not None else None
+        if resumed is not None:
+            losses = resumed["losses"]
         with tqdm(total=total, desc="train", unit="step", disable=not job.main) as bar:
             for _ in range(options.epochs):
                 order = list(range(len(traces)))
-                rng.shuffle(order)
+                rng.shuffle(order)  # drawn for every epoch, resumed or not: the data order stays the same
                 for start in range(0, len(order), options.batch_size):
+                    if resumed is not None and step < resumed["step"]:  # taken before the save
+                        step += 1
+                        bar.update(1)
+                        continue
                     batch = [traces[i] for i in order[start:start + options.batch_size]]
                     for group in opt.param_groups:
                         group["lr"] = cosine_lr(step, total, options.lr, warmup)
@@ -108,10 +124,51 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
                     step += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                    if state is not None and step % state.every == 0 and step < total:
+                        state.save(adapter.model, opt, step, losses, job)
     finally:  # also on an error: merge LoRA back, freeze, eval mode
         adapter.end_training()
     return {"steps": step, "examples": len(traces), "loss_first": losses[0], "loss_last": losses[-1],
             "seconds": time.time() - t0}
+
+
+class _TrainState:
+    """The mid-run state of sharded fine-tuning under `folder`: `state-<step>/` (torch.distributed.checkpoint:
+    the model's and the optimizer's shards, each rank its own) and `state.json`, which names the last complete
+    one and the losses so far; written by rank 0 after every rank has saved, so that a save cut short is never
+    the one resumed from."""
+
+    def __init__(self, folder: Path, every: int):
+        self.folder, self.every = Path(folder), max(0, every) or (1 << 62)
+
+    def save(self, model, optimizer, step: int, losses: list[float], job: World) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(self.folder / f"state-{step}"))
+        dist.barrier()
+        if job.main:
+            previous = self._last()
+            write_json(self.folder / "state.json", {"step": step, "losses": losses})
+            if previous is not None:
+                shutil.rmtree(self.folder / f"state-{previous['step']}", ignore_errors=True)
+
+    def load(self, model, optimizer) -> dict | None:
+        """Restore the last complete save into the model and optimizer; None when there is none."""
+        last = self._last()
+        if last is None:
+            return None
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(self.folder / f"state-{last['step']}"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return last
+
+    def _last(self) -> dict | None:
+        path = self.folder / "state.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
 
 def gathered_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
