@@ -15,7 +15,8 @@
 #   5. the fused linear cross-entropy at 4,096 and 8,192 rows (V 128,256, H 4,096, bf16) against Liger's, when
 #      liger-kernel is carried as a wheel in .whl/ where the machine has none: see docs/performance.md;
 #   6. one FSDP2 fine-tuning step at world size 1 (the fused loss and the cross-attention kernel in the sharded
-#      layers) against the same step unsharded (bench/fsdp_step.py, docs/distributed.md).
+#      layers) against the same step unsharded, with --train text and all (bench/fsdp_step.py,
+#      docs/distributed.md).
 # Each bench prints its rows as it goes into its log under OUT, the result's JSON line last, and writes its JSON
 # file under OUT; a part cut short keeps what it measured. 8 files at most come back.
 export PYTHONUNBUFFERED=1
@@ -50,5 +51,6 @@ else
   echo "fused loss: skipped (no liger-kernel; carry its wheel in .whl/)"
 fi
 
-timeout 60 python3 -m torch.distributed.run --nproc-per-node 1 bench/fsdp_step.py --device cuda --preset small \
-  --out $OUT/fsdp-step.json 2>&1 | grep -v "Warning\|warn\|Loading\|Writing\|^{" | tail -6; echo "fsdp step rc ${PIPESTATUS[0]}"
+timeout 90 python3 -m torch.distributed.run --nproc-per-node 1 bench/fsdp_step.py --device cuda --preset small \
+  --train text,all --out $OUT/fsdp-step.json 2>&1 | grep -v "Warning\|warn\|Loading\|Writing\|^{" | tail -6
+echo "fsdp step rc ${PIPESTATUS[0]}"

@@ -136,6 +136,7 @@ def cmd_iterate(args) -> None:
 
 def cmd_synth(args) -> None:
     from fastjudge import data
+    from fastjudge.loop import drop_stored_batches, stored_batches
     from fastjudge.stages import synth
     open_run_folder(Path(args.out).parent, "--out")
     if Path(args.out).is_dir():
@@ -143,41 +144,51 @@ def cmd_synth(args) -> None:
     cfg = _config(args, out=str(Path(args.out).parent), model=args.model)
     job = _job(cfg)
     records, skips = data.load_prompts(args.prompts)
-    result = synth.run(_load(args.model, cfg, job), records, cfg.synth_options(), cfg.seed)
+    adapter = _load(args.model, cfg, job)
+    # finished batches kept beside --out until it is written: the same command run again picks them up
+    with stored_batches(adapter, Path(args.out).parent, "synth", job):
+        result = synth.run(adapter, records, cfg.synth_options(), cfg.seed)
     if not job.main:  # every rank holds the whole result; rank 0 writes it
         return
     data.write_skips(Path(args.out).with_name("skipped.jsonl"), skips)
     data.write_records(args.out, result.pairs)
+    drop_stored_batches(Path(args.out).parent, job)
     print(json.dumps({"pairs": len(result.pairs), "skipped_lines": len(skips), **result.stats}))
 
 
 def cmd_filter(args) -> None:
     from fastjudge import data
+    from fastjudge.loop import drop_stored_batches, stored_batches
     from fastjudge.stages import filter as filter_stage
     open_run_folder(args.out)
     cfg = _config(args, model=args.judge)
     job = _job(cfg)
-    result = filter_stage.run(_load(args.judge, cfg, job), data.read_records(args.pairs), cfg.filter_options(),
-                              cfg.seed)
+    judge = _load(args.judge, cfg, job)
+    with stored_batches(judge, Path(args.out), "filter", job):
+        result = filter_stage.run(judge, data.read_records(args.pairs), cfg.filter_options(), cfg.seed)
     if not job.main:
         return
     data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
     data.write_records(Path(args.out) / "sft.jsonl", result.traces)
+    drop_stored_batches(Path(args.out), job)
     print(json.dumps(result.stats))
 
 
 def cmd_train(args) -> None:
     from fastjudge import data
-    from fastjudge.loop import save_checkpoint
-    from fastjudge.stages import train
+    from fastjudge.loop import train_to
     open_run_folder(Path(args.out).parent, "--out")
     cfg = _config(args, model=args.judge)
-    if not _job(cfg).main:  # fine-tuning runs on rank 0
-        return
-    judge = _load(args.judge, cfg)
-    stats = train.run(judge, data.read_records(args.sft), cfg.train_options(), cfg.seed)
-    save_checkpoint(judge, Path(args.out))
-    print(json.dumps(stats))
+    job = _job(cfg)
+    records: list[dict] = []  # rank 0's figures
+    # under torchrun (Mllama, the toy) every rank trains its shard; a killed job run again resumes from the
+    # state saved beside --out
+    train_to(Path(args.out), _load(args.judge, cfg, job), data.read_records(args.sft), cfg.train_options(),
+             cfg.seed, job, reload=lambda path: _load(None if path is None else str(path), cfg, job),
+             source=args.judge, on_done=records.append,
+             state_dir=Path(args.out).with_name(Path(args.out).name + ".train_state"), go_on=False)
+    if job.main:
+        print(json.dumps(records[0]))
 
 
 def cmd_eval(args) -> None:
@@ -224,9 +235,14 @@ def cmd_score(args) -> None:
 
 def cmd_toy_data(args) -> None:
     from fastjudge.toy.files import write_toy_benchmark, write_toy_prompts
-    open_run_folder(args.out)
-    prompts = write_toy_prompts(Path(args.out) / "world", args.count, args.seed, args.closed_fraction)
-    bench = write_toy_benchmark(Path(args.out) / "benchmark", args.per_category)
+    from fastjudge.core import dist
+    out = open_run_folder(args.out)
+    job = dist.start()  # under torchrun each rank saves its share of the images, rank 0 the JSONL files
+    shard = job.shard
+    prompts = write_toy_prompts(out / "world", args.count, args.seed, args.closed_fraction, shard=shard)
+    bench = write_toy_benchmark(out / "benchmark", args.per_category, shard=shard)
+    if not job.main:
+        return
     print(json.dumps({"prompts": str(prompts), "benchmark": str(bench)}))
 
 

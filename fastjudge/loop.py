@@ -37,6 +37,7 @@ from fastjudge.core.dist import World
 from fastjudge.data.runs import RunLock, open_run_folder, run_files
 from fastjudge.data.scoring import headline
 from fastjudge.models import Adapter, FeatureCache, load_adapter
+from fastjudge.models.partial import BatchStore
 from fastjudge.stages import evaluate, synth, train
 from fastjudge.stages import filter as filter_stage
 from fastjudge.toy import rates as toy_rates
@@ -159,7 +160,8 @@ def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig
     """Evaluate and write predictions.jsonl, outputs.jsonl, then metrics.json, the file that marks the stage
     done; `before_done` runs just before it (the stage's record, so that a run cut in between redoes the
     stage rather than lose its record)."""
-    result = evaluate.run(judge, items, cfg.eval_options(), seed=cfg.seed, score_items=score_items)
+    with stored_batches(judge, folder, "eval", world):
+        result = evaluate.run(judge, items, cfg.eval_options(), seed=cfg.seed, score_items=score_items)
     if world.main:  # every rank holds the whole result; one writes it
         data.write_jsonl(folder / "predictions.jsonl", result.predictions)
         data.write_jsonl(folder / "outputs.jsonl", result.raw)
@@ -167,7 +169,30 @@ def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig
             before_done()
         data.write_json(folder / "metrics.json", result.metrics)
     dist.barrier()
+    drop_stored_batches(folder, world)
     return result.metrics
+
+
+@contextlib.contextmanager
+def stored_batches(adapter: Adapter, folder: Path, stage: str, world: World = World()):
+    """While the block runs, `adapter.generate` writes each finished batch under folder/partial-batches/<stage>/
+    and reads the batches an interrupted run of the stage left there (`fastjudge.models.partial`)."""
+    store = BatchStore(folder / "partial-batches" / stage)
+    adapter.batch_store = store
+    try:
+        yield store
+    finally:
+        adapter.batch_store = None
+    if store.loaded:
+        print(f"{stage}: {store.loaded} finished generation batches read from {store.folder}"
+              + (f" (rank {world.rank})" if world.size > 1 else ""), flush=True)
+
+
+def drop_stored_batches(folder: Path, world: World = World()) -> None:
+    """Remove folder/partial-batches/ once the stages whose batches it holds have written their files (rank 0,
+    after every rank is past them)."""
+    if world.main:
+        shutil.rmtree(folder / "partial-batches", ignore_errors=True)
 
 
 class _Stages:
@@ -205,7 +230,8 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
         if cfg.ablation == "oracle-votes":  # ground truth trains here, on purpose: the paper's oracle baseline
             truth = toy_prompt_truth(cfg.prompts_per_iteration * cfg.iterations, cfg.seed, cfg.closed_fraction)
             oracle = {pid: toy_world.closed_response(q.answer) for pid, q in truth.items() if q.kind == "closed"}
-        result = synth.run(generator, prompts_for(records, cfg, k), cfg.synth_options(), seed, oracle=oracle)
+        with stored_batches(generator, folder, "synth", world):
+            result = synth.run(generator, prompts_for(records, cfg, k), cfg.synth_options(), seed, oracle=oracle)
         if cfg.ablation == "shuffled-labels":
             swap = random.Random(seed + 5)
             for pair in result.pairs:
@@ -219,7 +245,8 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
 
     if not (folder / "sft.jsonl").exists():
         t0 = time.time()
-        result = filter_stage.run(judge, pairs, cfg.filter_options(), seed + 10)
+        with stored_batches(judge, folder, "filter", world):
+            result = filter_stage.run(judge, pairs, cfg.filter_options(), seed + 10)
         if world.main:
             data.write_jsonl(folder / "judgments.jsonl", result.judgments)
         stages.done("filter", time.time() - t0, result.stats)
@@ -231,41 +258,60 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
     checkpoint = folder / "checkpoint"
     if not checkpoint.exists():
         t0 = time.time()
-        options = cfg.train_options()
-        if world.size > 1 and train.can_shard(judge, options) and traces:
-            # FSDP2 over the job's ranks; rank 0 writes the gathered weights into a fresh copy of the judge's
-            # source and saves that; every rank then loads the checkpoint (a sharded model cannot generate on
-            # batches that differ between the ranks)
-            stats = train.run(judge, traces, options, seed + 20, world, state_dir=folder / "train_state")
-            weights = train.gathered_state_dict(judge)
-            if world.main:
-                fresh = reload(source)
-                if options.train == "lora":  # the same adapters on the fresh copy, loaded, then merged
-                    fresh.begin_training("lora", lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
-                fresh.model.load_state_dict(weights)
-                fresh.end_training()
-                stages.done("train", time.time() - t0, dict(stats, sharded_ranks=world.size))
-                save_checkpoint(fresh, checkpoint)
-                shutil.rmtree(folder / "train_state", ignore_errors=True)  # the mid-run state, now done with
-        elif world.main:  # otherwise fine-tuning runs on rank 0 alone; the other ranks load its checkpoint
-            stats = train.run(judge, traces, options, seed + 20)
-            stages.done("train", time.time() - t0, stats)
-            save_checkpoint(judge, checkpoint)
-        dist.barrier()
-        if world.size > 1 and (not world.main or judge._sharded):
-            judge = reload(checkpoint)
-            stages = _Stages(folder, world)  # rank 0's record of the stages so far
+        judge = train_to(checkpoint, judge, traces, cfg.train_options(), seed + 20, world, reload, source,
+                         on_done=lambda stats: stages.done("train", time.time() - t0, stats),
+                         state_dir=folder / "train_state")
+        stages = _Stages(folder, world)  # rank 0's record of the stages so far
 
     if not (folder / "metrics.json").exists():
         t0 = time.time()
         evaluate_to(folder, judge, items, cfg, score_items, before_done=lambda: stages.done(
             "eval", time.time() - t0, {"feature_cache_so_far": dict(judge.feature_cache.stats)}), world=world)
+    drop_stored_batches(folder, world)  # also those of a run killed between a stage's files and their removal
     metrics = json.loads((folder / "metrics.json").read_text())
     stages = _Stages(folder, world)
     kept = len(traces) // 2  # each kept pair gives one A and one B trace
     return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
             "keep_rate": kept / len(pairs) if pairs else None,
             "seconds": stages.record["seconds"], "stats": stages.record["stats"]}, judge
+
+
+def train_to(checkpoint: Path, judge: Adapter, traces: list[dict], options: train.TrainOptions, seed: int,
+             world: World, reload: Callable[[Path | str | None], Adapter], source: Path | str | None,
+             on_done: Callable[[dict], None] | None = None, state_dir: Path | None = None,
+             go_on: bool = True) -> Adapter | None:
+    """Fine-tune `judge` on `traces` and save it as a plain checkpoint at `checkpoint`; returns the judge to go
+    on with. In a job whose model can be sharded (`train.can_shard`), every rank trains its shard (FSDP2,
+    mid-run state under `state_dir`); rank 0 writes the gathered weights into a fresh copy of the judge's
+    `source` (`reload`) and saves that; every rank then loads the checkpoint (a sharded model cannot generate
+    on batches that differ between the ranks). Otherwise fine-tuning runs on rank 0 alone and the other ranks
+    load its checkpoint. `on_done(stats)` runs on rank 0 before the checkpoint is written (the stage's record).
+    With `go_on` False nothing is loaded afterwards and None is returned (the caller is done with the judge)."""
+    if world.size > 1 and train.can_shard(judge, options) and traces:
+        stats = train.run(judge, traces, options, seed, world, state_dir=state_dir)
+        weights = train.gathered_state_dict(judge)
+        if world.main:
+            fresh = reload(source)
+            if options.train == "lora":  # the same adapters on the fresh copy, loaded, then merged
+                fresh.begin_training("lora", lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
+            fresh.model.load_state_dict(weights)
+            fresh.end_training()
+            if on_done is not None:
+                on_done(dict(stats, sharded_ranks=world.size))
+            save_checkpoint(fresh, checkpoint)
+            if state_dir is not None:
+                shutil.rmtree(state_dir, ignore_errors=True)  # the mid-run state, now done with
+    elif world.main:
+        stats = train.run(judge, traces, options, seed)
+        if on_done is not None:
+            on_done(stats)
+        save_checkpoint(judge, checkpoint)
+    dist.barrier()
+    if not go_on:
+        return None
+    if world.size > 1 and (not world.main or judge._sharded):
+        judge = reload(checkpoint)
+    return judge
 
 
 def measures_rates(cfg: LoopConfig) -> bool:
@@ -370,6 +416,7 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
         t0 = time.time()
         evaluate_to(folder0, base, items, cfg, score_items,
                     before_done=lambda: _Stages(folder0).done("eval", time.time() - t0, {}), world=world)
+    drop_stored_batches(folder0, world)
     summary["iterations"].append({"iteration": 0, "metrics": headline(json.loads((folder0 / "metrics.json").read_text())),
                                   "pairs": 0, "kept": 0, "keep_rate": None, "seconds": _Stages(folder0).record["seconds"]})
     if measures_rates(cfg):

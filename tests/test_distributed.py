@@ -66,14 +66,19 @@ def test_two_processes_write_what_one_writes(tmp_path, one_process):
 
 def _weights_close(a: Path, b: Path) -> None:
     """Fine-tuning sharded over 2 ranks (FSDP2: each rank half of each batch, the gradients reduced) against one
-    process: the same weights within 1e-5 relative (the sums run in another order)."""
+    process: the same weights within 3e-5 relative per tensor, norm-wise (the sums run in another order), and
+    elementwise within 1e-4 of the tensor's largest weight. Adam divides each update by its gradient's own
+    size, which magnifies the last bits of tiny gradients: measured, the worst tensor is the vision tower's last
+    layer-norm bias under --train all at 1.1e-5, every other below 3e-6 (one sharded step alone, in
+    test_one_sharded_step_equals_the_unsharded_step, stays within 1e-5)."""
     from safetensors.torch import load_file
     x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert x.keys() == y.keys()
     changed = 0
     for name in x:
-        scale = x[name].abs().max().clamp(min=1e-6)
-        assert float((x[name] - y[name]).abs().max() / scale) < 1e-5, name
+        difference = (x[name].double() - y[name].double())
+        assert float(difference.norm() / x[name].double().norm().clamp(min=1e-30)) < 3e-5, name
+        assert float(difference.abs().max() / x[name].abs().max().clamp(min=1e-6)) < 1e-4, name
         changed += not torch.equal(x[name], y[name])
     assert changed  # the sharded run did train (its sums differ in the last bits)
 
@@ -83,31 +88,40 @@ KILL_RANK_1_IN_SYNTH = textwrap.dedent("""
     from fastjudge import cli
     from fastjudge.stages import synth
     from fastjudge.models.adapter import Adapter
-    if os.environ["RANK"] == "1":  # rank 1 dies at its first generation batch of synth
-        calls, run = [0], synth.run
+    if os.environ["RANK"] == "1":  # rank 1 dies as synth's second generation call starts: the first one's
+        calls, run = [0], synth.run  # batches are finished and written by both ranks
         def dying(*args, **kwargs):
-            features = Adapter.image_features
-            def counted(self, images):
+            generate = Adapter.generate
+            def counted(self, *a, **k):
                 calls[0] += 1
-                if calls[0] == 1:
+                if calls[0] == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
-                return features(self, images)
-            Adapter.image_features = counted
+                return generate(self, *a, **k)
+            Adapter.generate = counted
             return run(*args, **kwargs)
         synth.run = dying
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
 
+
 def test_a_rank_killed_in_synth_then_resumed_writes_what_an_uninterrupted_run_writes(tmp_path, one_process):
+    """The batches finished before the kill (written under iter_1/partial-batches/synth/ by the rank that made
+    them) are read back, not generated again, and the run's files are those of an uninterrupted run."""
     out = tmp_path / "run"
     script = tmp_path / "kill.py"
     script.write_text(KILL_RANK_1_IN_SYNTH)
     killed = _torchrun(2, str(script), "iterate", "--out", str(out), *ARGS)
     assert killed.returncode != 0
     assert (out / "iter_0" / "metrics.json").exists() and not (out / "iter_1" / "pairs.jsonl").exists()
+    finished = list((out / "iter_1" / "partial-batches" / "synth").rglob("*.json"))
+    assert finished
     resumed = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    read = [int(line.split()[1]) for line in resumed.stdout.splitlines()
+            if line.startswith("synth: ") and "finished generation batches read" in line]
+    assert sum(read) == len(finished)
+    assert not (out / "iter_1" / "partial-batches").exists()
     expected, got = _files(one_process), _files(out)
     assert got.keys() == expected.keys()
     assert [name for name in expected if got[name] != expected[name]] == []
@@ -130,14 +144,17 @@ def test_a_stuck_rank_fails_the_job_at_the_timeout(tmp_path):
     assert done.returncode != 0
 
 
-def test_lora_sharded_in_a_job_writes_what_one_process_writes(tmp_path):
-    """--train lora is sharded too (the adapters in the layers' shard groups; the gathered weights loaded into
-    a fresh copy's adapters, then merged): every file as one process writes it, the merged weights within 1e-5."""
-    lora = [*ARGS, "--train", "lora", "--lora-rank", "4", "--lr", "1e-3"]
-    alone = subprocess.run([sys.executable, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "one"), *lora],
+@pytest.mark.parametrize("train", ["lora", "all"])
+def test_other_training_modes_sharded_in_a_job_write_what_one_process_writes(tmp_path, train):
+    """--train lora (the adapters in the layers' shard groups; the gathered weights loaded into a fresh copy's
+    adapters, then merged) and --train all (the vision tower's layers sharded too, run inside the root's
+    forward) are sharded too: every file as one process writes it, the weights within 1e-5."""
+    extra = {"lora": ["--lora-rank", "4", "--lr", "1e-3"], "all": []}[train]
+    argv = [*ARGS, "--train", train, *extra]
+    alone = subprocess.run([sys.executable, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "one"), *argv],
                            capture_output=True, text=True, env=ENV, timeout=600)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "two"), *lora)
+    done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "two"), *argv)
     assert done.returncode == 0, done.stderr[-3000:]
     expected, got = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert got.keys() == expected.keys() and [n for n in expected if got[n] != expected[n]] == []
@@ -149,17 +166,26 @@ def test_lora_sharded_in_a_job_writes_what_one_process_writes(tmp_path):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_one_sharded_step_equals_the_unsharded_step(tmp_path, checkpointing):
     """bench/fsdp_step.py on 2 CPU processes: one FSDP2 step of a tiny Mllama against the same step in one
-    process: the same loss, the weights within 1e-4 relative (Adam's first step divides by the gradients' size,
-    so it magnifies their last bits), with and without activation checkpointing."""
+    process, for each training mode (with "all" the vision tower is sharded too): the same loss; gradients and
+    updated weights within 1e-5 relative (per tensor, norm-wise); elementwise within 2e-4 of each tensor's
+    largest weight (Adam's first step divides by the gradients' size, so it magnifies the last bits of tiny
+    ones); exactly the mode's tensors updated."""
     bench = Path(__file__).resolve().parent.parent / "bench" / "fsdp_step.py"
     out = tmp_path / "step.json"
     done = _torchrun(2, str(bench), "--device", "cpu", "--preset", "tiny", "--out", str(out),
-                     *(["--activation-checkpointing"] if checkpointing else []))
+                     "--train", "text,all,lora", *(["--activation-checkpointing"] if checkpointing else []))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["ranks"] == 2 and result["weights_changed"] > 0
-    assert result["loss_sharded"] == pytest.approx(result["loss_unsharded"], rel=1e-6)
-    assert result["max_relative_weight_difference"] < 1e-4
+    assert result["ranks"] == 2 and list(result["modes"]) == ["text", "all", "lora"]
+    for train, mode in result["modes"].items():
+        assert mode["loss_sharded"] == pytest.approx(mode["loss_unsharded"], rel=1e-6), train
+        assert mode["max_relative_gradient_difference"] < 1e-5, train
+        assert mode["max_relative_weight_difference"] < 1e-5, train
+        assert mode["max_elementwise_weight_difference"] < 2e-4, train
+        if train == "all":  # every tensor, the vision tower's included
+            assert mode["tensors_updated"] == mode["tensors"]
+        else:  # the language model's (text) or the adapters (lora): never the frozen vision tower
+            assert 0 < mode["tensors_updated"] < mode["tensors"], train
 
 
 KILL_RANK_1_IN_TRAINING = textwrap.dedent("""
@@ -202,3 +228,40 @@ def test_sharded_fine_tuning_killed_mid_stage_resumes_from_its_saved_state(tmp_p
     assert files == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in skip}
     differ = [name for name in files if (tmp_path / "whole" / name).read_bytes() != (out / name).read_bytes()]
     assert differ == []
+
+
+def test_each_stage_command_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """toy-data, synth, filter, train (sharded) and eval, each its own `torchrun -m fastjudge` job of 2
+    processes, against the same commands run alone: the same files (the fine-tuned weights within tolerance)."""
+    def stages(folder: Path, launch) -> dict:
+        steps = [
+            ["toy-data", "--out", str(folder / "data"), "--count", "8", "--per-category", "2"],
+            ["synth", "--prompts", str(folder / "data" / "world" / "prompts.jsonl"), "--out",
+             str(folder / "synth" / "pairs.jsonl"), "--n-samples", "4", "--min-votes", "2", "--answer-tokens", "40",
+             "--batch-rows", "8"],
+            ["filter", "--pairs", str(folder / "synth" / "pairs.jsonl"), "--out", str(folder / "filter"),
+             "--judge-tokens", "80", "--batch-rows", "8"],
+            ["train", "--sft", str(folder / "filter" / "sft.jsonl"), "--out", str(folder / "judge"), "--epochs", "1",
+             "--batch-size", "4"],
+            ["eval", "--judge", str(folder / "judge"), "--out", str(folder / "eval"), "--data",
+             str(folder / "data" / "benchmark" / "benchmark.jsonl"), "--judge-tokens", "80", "--batch-rows", "8"],
+        ]
+        printed = {}
+        for argv in steps:
+            done = launch(argv)
+            assert done.returncode == 0, (argv[0], done.stderr[-3000:])
+            printed[argv[0]] = json.loads(done.stdout.strip().splitlines()[-1])
+        return printed
+
+    def alone(argv):
+        return subprocess.run([sys.executable, "-m", "fastjudge", *argv], capture_output=True, text=True, env=ENV,
+                              timeout=600)
+
+    stages(tmp_path / "one", alone)
+    printed = stages(tmp_path / "two", lambda argv: _torchrun(2, "-m", "fastjudge", *argv))
+    assert printed["train"]["sharded_ranks"] == 2 and printed["train"]["steps"] > 0
+    expected, got = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert got.keys() == expected.keys() and "filter/sft.jsonl" in got and "eval/metrics.json" in got
+    assert [name for name in expected if got[name] != expected[name]] == []
+    assert not list((tmp_path / "two").rglob("partial-batches")) and not list((tmp_path / "two").rglob("*.train_state"))
+    _weights_close(tmp_path / "one" / "judge", tmp_path / "two" / "judge")

@@ -31,6 +31,7 @@ from fastjudge.engine.options import DecodeOptions
 from fastjudge.engine.vote import EarlyStop, SpanTables
 from fastjudge.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from fastjudge.models.features import VISION_BATCH, VISION_BATCH_CPU, FeatureCache, ImageFeatures, chunks, image_hash
+from fastjudge.models.partial import BatchStore
 
 Progress = Callable[[int], None]
 TRAIN_MODES = ("text", "all", "lora")
@@ -52,6 +53,8 @@ class Adapter:
     _decode_options: DecodeOptions | None = None
     # (rank, size) in a torchrun job: generation split by batches across the ranks (`generate`); None: alone
     shard: tuple[int, int] | None = None
+    # finished generation batches written to / read from disk (a stage resumed midway); None: kept in memory only
+    batch_store: BatchStore | None = None
     _sharded: tuple[int, int] | None = None  # (rank, size) while the model is sharded for training (FSDP2)
     _vision_fingerprint: str | None = None
     _peft = None
@@ -160,7 +163,9 @@ class Adapter:
         With `shard` set to (rank, size) (`core.dist.World.shard`, a torchrun job), this rank generates every
         size-th batch of prompts, and the ranks exchange their completions: every rank returns them all, the
         same as one process would (each batch is seeded by its place in the list, never by the rank). Every
-        rank of the job must call generate with the same arguments.
+        rank of the job must call generate with the same arguments. With `batch_store` set
+        (`fastjudge.models.partial.BatchStore`), each finished batch of prompts is written to disk by the rank
+        that made it, and a batch found there (an earlier, interrupted call) is read instead of generated.
 
         Each prompt and its image are encoded and prefilled once and shared by its n samples (`decode`).
         A completion ends at an end-of-turn token or just before the first of the `stop` strings it writes.
@@ -223,10 +228,22 @@ class Adapter:
         self.use_gpu_kernels(options)
         per_batch = max(1, batch_rows // (slots or n))
         shard = self.shard
+        stored = None
+        if self.batch_store is not None:
+            stored = self.batch_store.call(images, prompts, prefixes, dict(
+                n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                seed=seed, stop=stops, batch_rows=batch_rows, batch_tokens=batch_tokens, slots=slots,
+                early_stop=early_stop, min_votes=min_votes, templated=templated))
         mine: list[tuple[int, list[list[str]]]] = []  # (chunk, its completions) of this rank's chunks
         for chunk, (start, end) in enumerate(chunks(len(prompts), per_batch)):
             if shard is not None and chunk % shard[1] != shard[0]:
                 continue  # another rank's chunk
+            done = stored.load(chunk, end - start) if stored is not None else None
+            if done is not None:
+                mine.append((chunk, done))
+                if progress:
+                    progress(end - start)
+                continue
             out: list[list[str]] = []
             features = self.image_features(images[start:end])
             encode = self._templated_ids if templated else self._prompt_ids
@@ -250,6 +267,8 @@ class Adapter:
                 out.extend(texts)
                 if progress:
                     progress(last - first)
+            if stored is not None:
+                stored.save(chunk, out)
             mine.append((chunk, out))
         if shard is None:
             return [texts for _, chunk_texts in mine for texts in chunk_texts]
@@ -306,14 +325,24 @@ class Adapter:
     # ---- training
 
     def _training_inputs(self, images, prompts, targets) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Inputs with right padding, and labels (B, T): -100 except on the target and its end-of-turn."""
-        features = self.image_features(images)
+        """Inputs with right padding, and labels (B, T): -100 except on the target and its end-of-turn. A
+        vision tower sharded for training gets pixels, to run inside the root's forward (FSDP2 gathers a
+        sharded group only there); otherwise the inputs hold the image features (cached or computed live)."""
+        pixels_in = bool(self._sharded) and self._vision_trains()
+        features = [None] * len(images) if pixels_in else self.image_features(images)
         rows, label_rows = [], []
         for prompt, target, feature in zip(prompts, targets, features):
             head, tail = self._prompt_ids(prompt, feature), self._target_ids(target)
             rows.append(head + tail)
             label_rows.append([-100] * len(head) + tail)
-        return self._model_inputs(rows, features, left=False), _pad(label_rows, -100, left=False).to(self.device)
+        inputs = self._pixel_model_inputs(rows, images) if pixels_in else \
+            self._model_inputs(rows, features, left=False)
+        return inputs, _pad(label_rows, -100, left=False).to(self.device)
+
+    def _pixel_model_inputs(self, rows: list[list[int]], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Right-padded inputs holding the images' pixels, for a forward that runs the vision tower itself
+        (families whose training can shard their vision tower)."""
+        raise NotImplementedError
 
     def sft_loss(self, images: list[Image.Image], prompts: list[str], targets: list[str],
                  reduction: str = "mean") -> torch.Tensor:
@@ -354,58 +383,74 @@ class Adapter:
         groups = [order[k:k + size] for k in range(0, len(order), size)]
         if job:
             groups += [[] for _ in range(micro_batches - len(groups))]
-        prepared = [(self._training_inputs([images[i] for i in group or [0]], [prompts[i] for i in group or [0]],
-                                           [targets[i] for i in group or [0]]), 1.0 if group else 0.0)
-                    for group in groups]
-        tokens = sum(int((labels[:, 1:] != -100).sum()) for (_, labels), weight in prepared if weight)
+        # the target tokens (each target's ids, its end-of-turn included), counted before any pass: a pass's
+        # inputs are prepared just before it, so a training vision tower holds one pass's activations at a time
+        tokens = sum(len(self._target_ids(targets[i])) for group in groups for i in group)
         scale = 1
         if job:
-            counts = torch.tensor([float(tokens)])
+            counts = torch.tensor([float(tokens)], device=self.device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(counts)
             tokens, scale = int(counts.item()), job[1]
         total = 0.0
-        for (inputs, labels), weight in prepared:
+        for group in groups:
+            weight = 1.0 if group else 0.0
+            group = group or [0]
+            inputs, labels = self._training_inputs([images[i] for i in group], [prompts[i] for i in group],
+                                                   [targets[i] for i in group])
             loss_sum = self._loss(inputs, labels, reduction="sum") * weight
             (loss_sum * scale / tokens).backward()
             total += loss_sum.item()
         if job:
-            summed = torch.tensor([total])
+            summed = torch.tensor([total], device=self.device)
             dist.all_reduce(summed)
             total = summed.item()
         return total / tokens
 
     def shard_for_training(self, job: tuple[int, int], cpu_offload: bool = False,
                            activation_checkpointing: bool = False) -> None:
-        """FSDP2 (`fully_shard`) for a torchrun job of job[1] ranks, after `begin_training("text")`: each decoder
-        layer (self- and cross-attention) its own shard group, the rest of the language model the root's (kept
-        gathered from its forward to its backward: the fused loss reads the head's weight after the forward); the
-        frozen vision tower stays whole on every rank, its features cached before the first step
-        (`image_features`). Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and fp32
-        gradient reduction; `activation_checkpointing`: each decoder layer's activations recomputed in the
+        """FSDP2 (`fully_shard`) for a torchrun job of job[1] ranks, after `begin_training`: each decoder layer
+        (self- and cross-attention) its own shard group, the rest of the language model the root's (kept gathered
+        from its forward to its backward: the fused loss reads the head's weight after the forward). A frozen
+        vision tower ("text", "lora") stays whole on every rank, its features cached before the first step
+        (`image_features`); a training one ("all") is sharded too: each of its encoder layers (local and global)
+        a group, the rest of the tower one, the projector one (they are called on their own, outside the root's
+        forward, by `_encode_images`). Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and
+        fp32 gradient reduction; `activation_checkpointing`: each decoder layer's activations recomputed in the
         backward pass (transformers' own checkpointing, inside the shard groups). Mllama and the toy only
         (Qwen's input embeddings are made outside its forward)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         if getattr(self.model.config, "model_type", None) != "mllama":
             raise ValueError(f"train: sharded fine-tuning supports Mllama models, not {type(self).__name__}")
-        if self._vision_trains():
-            raise ValueError("train: sharded fine-tuning keeps the vision tower frozen (--train text or lora)")
         cuda = self.device.type == "cuda"
         mesh = init_device_mesh("cuda" if cuda else "cpu", (job[1],))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda \
             else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+
+        def shard(module: torch.nn.Module, **kwargs) -> None:
+            fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=offload, **kwargs)
+
+        vision_trains = self._vision_trains()
         self.model.float()
         if activation_checkpointing:
             # transformers 5.25 renamed gradient_checkpointing_enable (an alias until v6)
             enable = getattr(self.model, "activation_checkpointing_enable", None) or \
                 self.model.gradient_checkpointing_enable
             enable()
-        frozen = {p for name, p in self.model.named_parameters() if self._is_vision(name)}
-        for layer in self.model.model.language_model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=False,
-                    ignored_params=frozen)
+        inner = self.model.model
+        frozen: set[torch.nn.Parameter] = set()
+        if vision_trains:
+            tower = inner.vision_model
+            for layer in [*tower.transformer.layers, *tower.global_transformer.layers]:
+                shard(layer)
+            shard(tower)
+            shard(inner.multi_modal_projector)
+        else:
+            frozen = {p for name, p in self.model.named_parameters() if self._is_vision(name)}
+        for layer in inner.language_model.layers:
+            shard(layer)
+        shard(self.model, reshard_after_forward=False, ignored_params=frozen or None)
         self._sharded = job
 
     def begin_training(self, train: str = "text", *, lora_rank: int = 16,

@@ -41,17 +41,30 @@ class MllamaFamily(Adapter):
         return [ImageFeatures(states[i].flatten(0, 2), (int(valid_tiles[i]),)) for i in range(len(images))]
 
     def _model_inputs(self, rows, features, left):
+        tiles = features[0].features.shape[0] // self._patches_per_tile
+        states = torch.stack([f.features for f in features])  # (B, tiles * P, H)
+        return dict(self._text_inputs(rows, tiles, [f.info[0] for f in features], left),
+                    cross_attention_states=states.to(self.device, self.model.dtype))
+
+    def _pixel_model_inputs(self, rows, images):
+        # the root's forward runs the vision tower and the projector on these (as transformers' own training)
+        pixels = self._pixel_inputs(images)
+        valid_tiles = pixels["aspect_ratio_mask"].sum(dim=(1, 2)).tolist()
+        return dict(self._text_inputs(rows, pixels["pixel_values"].shape[2], valid_tiles, left=False),
+                    pixel_values=pixels["pixel_values"].to(self.device, self.model.dtype),
+                    aspect_ratio_ids=pixels["aspect_ratio_ids"].to(self.device),
+                    aspect_ratio_mask=pixels["aspect_ratio_mask"].to(self.device))
+
+    def _text_inputs(self, rows, tiles: int, valid_tiles: list[int], left: bool) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask (B, T), padded on the left or the right, and the cross-attention mask
+        (B, T, 1 image, tiles): 1 from the image token on, for the image's valid tiles."""
         ids = _pad(rows, self.pad_id, left)  # (B, T)
         mask = _pad([[1] * len(row) for row in rows], 0, left)
-        tiles = features[0].features.shape[0] // self._patches_per_tile
-        # (B, T, 1 image, tiles): 1 from the image token on, for the image's valid tiles
         after_image = (ids == self.image_token_id).long().cumsum(dim=1) > 0
         cross = torch.zeros(len(rows), ids.shape[1], 1, tiles, dtype=torch.long)
-        for i, f in enumerate(features):
-            cross[i, :, 0, :f.info[0]] = after_image[i, :, None]
-        states = torch.stack([f.features for f in features])  # (B, tiles * P, H)
+        for i, valid in enumerate(valid_tiles):
+            cross[i, :, 0, :int(valid)] = after_image[i, :, None]
         return dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                    cross_attention_states=states.to(self.device, self.model.dtype),
                     cross_attention_mask=cross.to(self.device))
 
     def use_gpu_kernels(self, options: DecodeOptions | None = None) -> None:

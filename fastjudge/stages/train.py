@@ -66,8 +66,8 @@ class MasterWeights:
 
 
 def can_shard(adapter: Adapter, options: TrainOptions) -> bool:
-    """Whether this fine-tuning can run sharded over a job's ranks (FSDP2: Mllama, vision tower frozen)."""
-    return options.train in ("text", "lora") and getattr(adapter.model.config, "model_type", None) == "mllama"
+    """Whether this fine-tuning can run sharded over a job's ranks (FSDP2: Mllama and the toy, every mode)."""
+    return getattr(adapter.model.config, "model_type", None) == "mllama"
 
 
 def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
@@ -83,6 +83,9 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
     if not traces:
         return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
     rng = random.Random(seed)
+    # LoRA's initial adapters are drawn from torch's generator: seeded here, every rank of a job and a resumed
+    # run draw the same ones
+    torch.manual_seed(seed)
     params = adapter.begin_training(options.train, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
     if job.size > 1:
         adapter.shard_for_training((job.rank, job.size), cpu_offload=options.cpu_offload,

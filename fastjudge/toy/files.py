@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from fastjudge.core import dist
 from fastjudge.data.io import write_jsonl
 from fastjudge.toy import world
 
@@ -20,23 +21,36 @@ def _toy_prompts(count: int, seed: int, closed_fraction: float):
         yield i, scene, image, (rng.choice(qs[1:]) if rng.random() < closed_fraction else qs[0])
 
 
-def write_toy_prompts(folder: Path | str, count: int, seed: int, closed_fraction: float = 0.5) -> Path:
+def write_toy_prompts(folder: Path | str, count: int, seed: int, closed_fraction: float = 0.5,
+                      shard: tuple[int, int] | None = None) -> Path:
     """A prompt pool of `count` shapes-world prompts (images as PNG) in `folder`; returns the JSONL path.
 
     Only images and instructions are written: the answers stay in the scene generator, unseen by the loop.
+    With `shard` = (rank, size) (a torchrun job; every rank calls this) this process saves images rank,
+    rank + size, ... (every draw is still made in order, so each image is the same whoever saves it) and,
+    once every rank has saved its share, rank 0 writes the JSONL.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, _, image, q in _toy_prompts(count, seed, closed_fraction):
         name = f"images/p{i:05d}.png"
-        image.save(folder / name)
+        if _saves(i, shard):
+            image.save(folder / name)
         row = {"id": f"toy-{seed}-{i}", "image": name, "instruction": q.instruction, "kind": q.kind}
         if q.kind == "closed":
             row["answer_type"] = q.answer_type
         rows.append(row)
-    write_jsonl(folder / "prompts.jsonl", rows)
+    if shard is not None:
+        dist.barrier()  # every image saved before the file that lists them
+    if shard is None or shard[0] == 0:
+        write_jsonl(folder / "prompts.jsonl", rows)
     return folder / "prompts.jsonl"
+
+
+def _saves(index: int, shard: tuple[int, int] | None) -> bool:
+    """Whether this process saves item `index`'s image: all of them alone, its share in a job."""
+    return shard is None or index % shard[1] == shard[0]
 
 
 def toy_prompt_truth(count: int, seed: int, closed_fraction: float = 0.5) -> dict[str, "world.Question"]:
@@ -46,16 +60,20 @@ def toy_prompt_truth(count: int, seed: int, closed_fraction: float = 0.5) -> dic
     return {f"toy-{seed}-{i}": q for i, _, _, q in _toy_prompts(count, seed, closed_fraction)}
 
 
-def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int = 20_251_205) -> Path:
+def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int = 20_251_205,
+                        shard: tuple[int, int] | None = None) -> Path:
     """The held-out toy judge benchmark in VL-RewardBench's schema: for each category, `per_category` pairs
-    of a correct response and one with exactly one error. The preferred response's position is random."""
+    of a correct response and one with exactly one error. The preferred response's position is random.
+    `shard`: as in `write_toy_prompts`."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
-    for category, made, scene, (question, good, bad) in world.benchmark_draws(rng, per_category):
+    for index, (category, made, scene, (question, good, bad)) in enumerate(world.benchmark_draws(rng, per_category)):
         name = f"images/{category}-{made:04d}.png"
-        world.render(scene, rng).save(folder / name)
+        image = world.render(scene, rng)  # drawn by every process: the draws after it depend on it
+        if _saves(index, shard):
+            image.save(folder / name)
         good_first = rng.random() < 0.5
         rows.append({
             "id": f"toy_{category}-{made:04d}", "image_path": name, "query": question.instruction,
@@ -65,5 +83,8 @@ def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int =
             "judge": "scene ground truth", "rationale": None, "query_source": "fastjudge-shapes",
             "category": category, "meta": {"kind": question.kind, "answer_type": question.answer_type},
         })
-    write_jsonl(folder / "benchmark.jsonl", rows)
+    if shard is not None:
+        dist.barrier()  # every image saved before the file that lists them
+    if shard is None or shard[0] == 0:
+        write_jsonl(folder / "benchmark.jsonl", rows)
     return folder / "benchmark.jsonl"

@@ -1,0 +1,67 @@
+"""Finished generation batches on disk, so that a stage killed midway resumes without redoing them.
+
+A stage's generation is split into batches (`Adapter.generate`), each seeded by its place in the call's list of
+prompts, never by the process that ran it: a batch's completions are the same whoever makes them and whenever.
+With a `BatchStore` set on the adapter (`Adapter.batch_store`), the process that finishes a batch writes its
+completions atomically to
+
+    <folder>/<call key>/<batch>.json
+
+and a later call with the same arguments (the resumed stage, with any number of processes) reads them instead
+of generating them again. The call key is a sha256 over everything that decides the completions: the prompts,
+the images' pixels, the answer prefixes and the sampling settings. The stage's owner removes the folder once the
+stage's own files are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from fastjudge.data.io import write_json
+from fastjudge.models.features import image_hash
+
+
+class BatchStore:
+    """Completed batches of the generation calls made under `folder`; counts what it read and wrote."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.loaded = 0  # batches read back (made by an earlier, interrupted run)
+        self.saved = 0
+
+    def call(self, images: list[Image.Image], prompts: list[str], prefixes: list[str] | None,
+             settings: dict) -> "StoredCall":
+        """The stored batches of one `generate` call, named by a digest of its arguments."""
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            h.update(f"\n{i}\0{image_hash(image)}\0{prompt}\0".encode())
+            if prefixes is not None:
+                h.update(prefixes[i].encode())
+        return StoredCall(self, self.folder / h.hexdigest()[:32])
+
+
+class StoredCall:
+    """One call's batches: `load(batch)` gives a finished batch's completions or None, `save` writes one."""
+
+    def __init__(self, store: BatchStore, folder: Path):
+        self.store, self.folder = store, folder
+
+    def load(self, batch: int, prompts: int) -> list[list[str]] | None:
+        """The completions of `batch` ([prompt][sample]) if it was finished, None otherwise; a file that does not
+        hold `prompts` completion lists (not one this call wrote) is a ValueError naming it."""
+        path = self.folder / f"{batch}.json"
+        if not path.exists():
+            return None
+        texts = json.loads(path.read_text())["completions"]
+        if len(texts) != prompts:
+            raise ValueError(f"{path}: expected completions of {prompts} prompts, found {len(texts)}")
+        self.store.loaded += 1
+        return texts
+
+    def save(self, batch: int, texts: list[list[str]]) -> None:
+        write_json(self.folder / f"{batch}.json", {"completions": texts})
+        self.store.saved += 1
