@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu.sh            # needs OUT (a folder for logs and result files)
 #
-# Parts, each with its own time limit (about 8 minutes in all, so that a 15-minute lease leaves time to rerun; a
-# cold Triton cache makes the tests the slowest part):
+# Parts, each with its own time limit (parts 1 to 6 about 8 minutes, part 7 about 2 more: in a 15-minute lease run
+# PARTS=1,2,3,4,5,6 and PARTS=7 as two calls; a cold Triton cache makes the tests the slowest part):
 #   1. build (the compiled core) and print versions and the git revision the results will carry;
 #   2. the tests that only a GPU runs: bf16 kernels against float64, tile presets, CUDA-graph decoding, host
 #      synchronizations, the fused loss on the GPU;
@@ -16,9 +16,13 @@
 #      liger-kernel is carried as a wheel in .whl/ where the machine has none: see docs/performance.md;
 #   6. one FSDP2 fine-tuning step at world size 1 (the fused loss and the cross-attention kernel in the sharded
 #      layers) against the same step unsharded, with --train text and all (bench/fsdp_step.py,
-#      docs/distributed.md).
-# Each bench prints its rows as it goes into its log under OUT, the result's JSON line last, and writes its JSON
-# file under OUT; a part cut short keeps what it measured. 8 files at most come back.
+#      docs/distributed.md);
+#   7. every stage's rate at Llama-3.2-11B-Vision's shapes, ours against transformers (bench/paper_scale.py): the
+#      rates file the cost model (`fastjudge cost`) reads, as OUT/paper-scale.json (commit it as
+#      bench/results/rates-<card>-<date>.json).
+# PARTS (default 1,2,3,4,5,6,7) picks parts: a lease can run them in two calls (part 1 always runs). Each bench
+# appends its rows to OUT/bench.log as it goes, the result's JSON line last, and writes its JSON file under OUT;
+# a part cut short keeps what it measured. 8 files at most come back: pytest.log, bench.log and six results.
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to a folder for the logs and results}"
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -28,29 +32,41 @@ fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
 # versions and revision to the call's output (every result file carries them too)
 python3 -c 'import sys; sys.path.insert(0, "bench"); import json, _env; print(json.dumps(_env.environment()))'
+PARTS=",${PARTS:-1,2,3,4,5,6,7},"
+part() { [[ $PARTS == *",$1,"* ]]; }
+LOG=$OUT/bench.log
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decoder_graphs.py tests/test_kernel_cross_attention.py \
+part 2 && { timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decoder_graphs.py tests/test_kernel_cross_attention.py \
   tests/test_kernel_decode_attention.py tests/test_kernel_flce.py \
   -k "gpu or synchron or graph or tiles or bf16" > $OUT/pytest.log 2>&1
 echo "GPU tests rc $?: $(tail -1 $OUT/pytest.log)"
-grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head -8
+grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head -8; }
 
-timeout 150 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
+part 3 && { echo "== sampler" >> $LOG; timeout 150 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
   --new-tokens 64 --ns 16 --repeats 2 --no-eager --self-attention cudnn,kernel \
-  --out $OUT/sampler.json > $OUT/sampler.log 2>&1; echo "sampler rc $?"
-grep -v "Loading\|Writing\|^{\|Warning\|forward_call\|USDT\|profiler\|warn" $OUT/sampler.log | tail -12
+  --out $OUT/sampler.json >> $LOG 2>&1; echo "sampler rc $?"
+grep -v "Loading\|Writing\|^{\|Warning\|forward_call\|USDT\|profiler\|warn" $LOG | tail -12; }
 
-timeout 110 python3 bench/cross_attention.py --device cuda --tiles 1 --no-flex --tile-presets all \
-  --decode-tiles all --repeats 10 --out $OUT/cross-attention.json > $OUT/cross-attention.log 2>&1
-echo "cross-attention rc $?"; grep -v "^{" $OUT/cross-attention.log | tail -24
+part 4 && { echo "== cross-attention" >> $LOG; timeout 110 python3 bench/cross_attention.py --device cuda --tiles 1 --no-flex --tile-presets all \
+  --decode-tiles all --repeats 10 --out $OUT/cross-attention.json >> $LOG 2>&1
+echo "cross-attention rc $?"; grep -v "^{" $LOG | tail -24; }
 
-if python3 -c "import liger_kernel" 2> /dev/null; then
+if ! part 5; then
+  :
+elif python3 -c "import liger_kernel" 2> /dev/null; then
+  echo "== fused loss" >> $LOG
   timeout 60 python3 bench/flce.py --device cuda --rows 4096,8192 --repeats 5 --skip torch-chunked \
-    --out $OUT/flce.json > $OUT/flce.log 2>&1; echo "fused loss rc $?"; grep -v "^{" $OUT/flce.log | tail -12
+    --out $OUT/flce.json >> $LOG 2>&1; echo "fused loss rc $?"; grep -v "^{" $LOG | tail -12
 else
   echo "fused loss: skipped (no liger-kernel; carry its wheel in .whl/)"
 fi
 
+part 6 && { echo "== fsdp step" >> $LOG
 timeout 90 python3 -m torch.distributed.run --nproc-per-node 1 bench/fsdp_step.py --device cuda --preset small \
-  --train text,all --out $OUT/fsdp-step.json 2>&1 | grep -v "Warning\|warn\|Loading\|Writing\|^{" | tail -6
-echo "fsdp step rc ${PIPESTATUS[0]}"
+  --train text,all --out $OUT/fsdp-step.json >> $LOG 2>&1; echo "fsdp step rc $?"
+grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -6; }
+
+part 7 && { echo "== paper scale" >> $LOG
+timeout 150 python3 bench/paper_scale.py --preset llama-3.2-11b --device cuda --out $OUT/paper-scale.json \
+  >> $LOG 2>&1; echo "paper scale rc $?"
+grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -8; }

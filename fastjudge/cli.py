@@ -54,6 +54,8 @@ HELP = {
     "lr": "fine-tuning peak learning rate",
     "batch_size": "fine-tuning batch size",
     "micro_batches": "forward passes per fine-tuning step (examples sorted by length pad less)",
+    "pack": "fine-tuning packs several examples to a row, each attending only to itself and its own image "
+            "(Mllama and the toy; exact: the loss and gradients of the unpacked batch)",
     "train": "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA on the "
              "language model, merged into the checkpoint)",
     "cpu_offload": "under torchrun, sharded fine-tuning (--train text): parameters, gradients and optimizer state "
@@ -88,8 +90,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None =
         default = f.default if f.default is not MISSING else None
         # a flag not given leaves no attribute (SUPPRESS): LoopConfig's default applies, and --resume can tell
         # the flags given from the ones left out
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
+        if f.type in ("bool", bool):  # on by default: --flag / --no-flag
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=argparse.SUPPRESS,
+                                help=HELP[f.name] + (" (default: on)" if default else ""))
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
@@ -246,6 +250,25 @@ def cmd_toy_data(args) -> None:
     print(json.dumps({"prompts": str(prompts), "benchmark": str(bench)}))
 
 
+def cmd_cost(args) -> None:
+    from fastjudge import cost
+    rates_path = args.rates
+    if rates_path is None:
+        results = Path(__file__).resolve().parent.parent / "bench" / "results"
+        rates_path = cost.newest_rates(results)
+        if rates_path is None:
+            raise ValueError(f"--rates: no rates-*.json in {results}; name a rates file "
+                             "(bench/paper_scale.py writes one on a GPU)")
+    if not Path(rates_path).is_file():
+        raise ValueError(f"--rates: {rates_path} is not a file")
+    recipe = cost.Recipe(**cost.parse_settings(args.settings))
+    result = cost.estimate(recipe, cost.Rates.load(rates_path))
+    print(cost.table(result))
+    if args.out:
+        from fastjudge.data.io import write_json
+        write_json(args.out, result)
+
+
 def cmd_toy_pretrain(args) -> None:
     from fastjudge.toy import pretrain
     mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
@@ -294,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", required=True, help="sft.jsonl from `fastjudge filter`")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_config_flags(p, ["seed", "device", "dtype", "feature_cache_gb", "epochs", "lr", "batch_size",
-                          "micro_batches", "train", "lora_rank", "lora_alpha", "cpu_offload", "train_state_every",
+                          "micro_batches", "pack", "train", "lora_rank", "lora_alpha", "cpu_offload", "train_state_every",
                           "activation_checkpointing", "dist_timeout_s"])
     p.set_defaults(func=cmd_train)
 
@@ -342,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.set_defaults(func=cmd_toy_pretrain)
+
+    p = sub.add_parser("cost", help="a recipe's GPU-hours per stage, ours against transformers, from measured rates")
+    p.add_argument("--rates", default=None,
+                   help="rates file (default: the newest bench/results/rates-*.json of this checkout)")
+    p.add_argument("--set", default="", dest="settings",
+                   help="recipe changes, name=value,... (default: the paper's recipe; see the printed list)")
+    p.add_argument("--out", default=None, help="also write the estimate as JSON here")
+    p.set_defaults(func=cmd_cost)
     return parser
 
 

@@ -73,6 +73,7 @@ class LoopConfig:
     lr: float | None = None  # None: 5e-4 for the toy; a real model 1e-5, or 1e-4 with train="lora"
     batch_size: int = 32
     micro_batches: int = 2  # forward passes per step, over examples sorted by length
+    pack: bool = True  # several examples to a row in fine-tuning (exact: Mllama and the toy)
     train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -183,7 +184,8 @@ class LoopConfig:
     def train_options(self) -> TrainOptions:
         from fastjudge.stages.train import TrainOptions
         return TrainOptions(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
-                            micro_batches=self.micro_batches, train=self.train, lora_rank=self.lora_rank,
+                            micro_batches=self.micro_batches, pack=self.pack, train=self.train,
+                            lora_rank=self.lora_rank,
                             lora_alpha=self.lora_alpha, cpu_offload=self.cpu_offload,
                             activation_checkpointing=self.activation_checkpointing,
                             state_every=self.train_state_every)

@@ -17,7 +17,7 @@ LEVELS = {
     "fastjudge.data": 2,
     "fastjudge.engine": 3,
     "fastjudge.models": 4,
-    "fastjudge.stages": 5, "fastjudge.sampler": 5,
+    "fastjudge.stages": 5, "fastjudge.sampler": 5, "fastjudge.cost": 5,
     "fastjudge.toy": 6,
     "fastjudge.config": 7,
     "fastjudge.loop": 8,

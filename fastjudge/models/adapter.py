@@ -360,43 +360,69 @@ class Adapter:
         targets = labels[:, 1:]
         keep = targets != -100  # (B, T - 1)
         head = self.model.get_output_embeddings()
+        if hidden.dtype == torch.float64:  # a float64 model (the tests' references): the plain product
+            logits = torch.nn.functional.linear(hidden[:, :-1][keep], head.weight, head.bias)
+            return torch.nn.functional.cross_entropy(logits, targets[keep], reduction=reduction)
         # the fused loss: Triton on CUDA, the chunked torch reference on the CPU; rows are already kept ones
         return fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], bias=head.bias,
                                           reduction=reduction, drop_ignored=False)
 
     def sft_backward(self, images: list[Image.Image], prompts: list[str], targets: list[str],
-                     micro_batches: int = 3) -> float:
-        """Backward of the batch's mean target-token loss, run as `micro_batches` forward passes over
-        examples sorted by length; returns the loss. Each pass pads only to its own longest example (in the
-        toy mixture one batch holds 30- and 170-token examples: a single padded pass wastes most of its work).
+                     micro_batches: int = 3, pack: bool = False) -> float:
+        """Backward of the batch's mean target-token loss, run as `micro_batches` forward passes; returns the
+        loss.
+
+        Unpacked, each example is a row of its own and the passes go over examples sorted by length, each pass
+        padded only to its own longest example (in the toy mixture one batch holds 30- and 170-token examples: a
+        single padded pass wastes most of its work). With `pack` (families where `packs` is True), examples are
+        packed several to a row, up to the batch's longest example (`pack_rows`), each attending only to itself
+        and to its own image (`_packed_training_inputs`); the passes go over the rows. The loss and the
+        gradients are those of the unpacked batch (tested against it in float64).
 
         Sharded for training (`shard_for_training`, a torchrun job of S ranks): rank r takes examples r, r + S,
         ... of the batch, in exactly `micro_batches` passes (a pass with no example of its own runs one at weight
         0: every rank must run as many as the others); the token count is summed over the ranks, and the loss
-        scaled by S, as FSDP averages the ranks' gradients."""
+        scaled by S, as FSDP averages the ranks' gradients. With the vision tower training (`--train all`) the
+        batch is not packed: sharded, the tower takes its pixels through the root's forward, one image a row, and
+        one process runs the same rows."""
         indices = list(range(len(prompts)))
         job = self._sharded
         if job:
             indices = indices[job[0]::job[1]]
-        order = sorted(indices, key=lambda i: len(prompts[i]) + len(targets[i]))
-        size = max(1, -(-len(order) // max(1, micro_batches)))
-        groups = [order[k:k + size] for k in range(0, len(order), size)]
+        # a training vision tower is not packed: sharded, it takes its pixels through the root's forward one
+        # image a row; alone, it runs the same unpacked rows, so that any number of processes trains alike
+        packing = pack and self.packs and not self._vision_trains()
+        if packing:
+            heads = {i: self._prompt_ids(prompts[i], None) for i in [*indices, 0]}  # the image token, not its
+            tails = {i: self._target_ids(targets[i]) for i in [*indices, 0]}  # features: no image needed here
+            lengths = [len(heads[i]) + len(tails[i]) for i in indices]
+            rows = [[indices[k] for k in row] for row in pack_rows(lengths, max(lengths, default=1))]
+            size = max(1, -(-len(rows) // max(1, micro_batches)))
+            groups = [rows[k:k + size] for k in range(0, len(rows), size)]
+            count = sum(len(tails[i]) for i in indices)
+        else:
+            order = sorted(indices, key=lambda i: len(prompts[i]) + len(targets[i]))
+            size = max(1, -(-len(order) // max(1, micro_batches)))
+            groups = [order[k:k + size] for k in range(0, len(order), size)]
+            # the target tokens (each target's ids, its end-of-turn included), counted before any pass: a
+            # pass's inputs are prepared just before it, so a training vision tower holds one pass's activations
+            count = sum(len(self._target_ids(targets[i])) for i in indices)
         if job:
             groups += [[] for _ in range(micro_batches - len(groups))]
-        # the target tokens (each target's ids, its end-of-turn included), counted before any pass: a pass's
-        # inputs are prepared just before it, so a training vision tower holds one pass's activations at a time
-        tokens = sum(len(self._target_ids(targets[i])) for group in groups for i in group)
-        scale = 1
+        tokens, scale = count, 1
         if job:
-            counts = torch.tensor([float(tokens)], device=self.device)  # NCCL reduces CUDA tensors only
+            counts = torch.tensor([float(count)], device=self.device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(counts)
             tokens, scale = int(counts.item()), job[1]
         total = 0.0
         for group in groups:
             weight = 1.0 if group else 0.0
-            group = group or [0]
-            inputs, labels = self._training_inputs([images[i] for i in group], [prompts[i] for i in group],
-                                                   [targets[i] for i in group])
+            if packing:
+                inputs, labels = self._packed_training_inputs(images, group or [[0]], heads, tails)
+            else:
+                group = group or [0]
+                inputs, labels = self._training_inputs([images[i] for i in group], [prompts[i] for i in group],
+                                                       [targets[i] for i in group])
             loss_sum = self._loss(inputs, labels, reduction="sum") * weight
             (loss_sum * scale / tokens).backward()
             total += loss_sum.item()
@@ -405,6 +431,17 @@ class Adapter:
             dist.all_reduce(summed)
             total = summed.item()
         return total / tokens
+
+    @property
+    def packs(self) -> bool:
+        """Whether `sft_backward(pack=True)` packs (the family builds packed inputs)."""
+        return False
+
+    def _packed_training_inputs(self, images: list[Image.Image], rows: list[list[int]], heads: dict[int, list[int]],
+                                tails: dict[int, list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Inputs and labels (R, T) of examples packed into rows (rows[r]: the examples of row r, in order):
+        each example attends causally to itself only, at positions from 0, and sees only its own image."""
+        raise NotImplementedError
 
     def shard_for_training(self, job: tuple[int, int], cpu_offload: bool = False,
                            activation_checkpointing: bool = False) -> None:
@@ -591,6 +628,24 @@ def _cut(text: str, stops: list[str]) -> str:
     """`text` up to the first occurrence of any stop string."""
     cut = min((text.find(s) for s in stops if s in text), default=len(text))
     return text[:cut]
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Examples (by index into `lengths`) packed into rows of at most `capacity` tokens, first fit in order of
+    decreasing length (ties by index); an example longer than `capacity` gets a row of its own. Rows come out in
+    the order they were opened, each listing its examples in the order they were placed."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
 
 
 def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:

@@ -55,6 +55,67 @@ class MllamaFamily(Adapter):
                     aspect_ratio_ids=pixels["aspect_ratio_ids"].to(self.device),
                     aspect_ratio_mask=pixels["aspect_ratio_mask"].to(self.device))
 
+    @property
+    def packs(self) -> bool:
+        return True
+
+    def _packed_training_inputs(self, images, rows, heads, tails):
+        # the cross-attention layers read the packed mask as key ranges (`key_ranges`: its 2s), which
+        # transformers' dense path cannot: they run through `patch_mllama` (the kernel on CUDA, its reference
+        # elsewhere) until `end_training`
+        inner = self.model.model
+        if getattr(inner, "_fastjudge_cross_attention", None) is None:
+            patch_mllama(self.model, masked_rows="hf")
+            self._patched_for_packing = True
+        # rows[r] lists its examples; each brings its tokens, its labels and its image, which goes in slot j of
+        # the row's images (slot j of row r: cross-attention keys [j * tiles * P, (j + 1) * tiles * P))
+        flat = [i for row in rows for i in row]
+        features = dict(zip(flat, self.image_features([images[i] for i in flat])))
+        per_image = features[flat[0]].features.shape[0]  # tiles * P (every image the processor's tile count)
+        tiles = per_image // self._patches_per_tile
+        slots = max(map(len, rows))
+        length = max(sum(len(heads[i]) + len(tails[i]) for i in row) for row in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        positions = torch.zeros(len(rows), length, dtype=torch.long)
+        sequence = torch.zeros(len(rows), length, dtype=torch.long)  # which example of the row a token is of
+        cross = torch.zeros(len(rows), length, slots, tiles, dtype=torch.long)  # (R, T, images, tiles)
+        states = []
+        for r, row in enumerate(rows):
+            offset, row_states = 0, []
+            for slot, i in enumerate(row):
+                tokens = heads[i] + tails[i]
+                end = offset + len(tokens)
+                ids[r, offset:end] = torch.tensor(tokens)
+                labels[r, offset + len(heads[i]):end] = torch.tensor(tails[i])
+                positions[r, offset:end] = torch.arange(len(tokens))
+                sequence[r, offset:end] = slot
+                image_at = tokens.index(self.image_token_id) if self.image_token_id in tokens else len(tokens)
+                cross[r, offset:offset + image_at, slot, :] = 2  # before it: every tile of its image, unseen
+                cross[r, offset + image_at:end, slot, :features[i].info[0]] = 1  # from its image token on
+                row_states.append(features[i].features)
+                offset = end
+            positions[r, offset:] = torch.arange(length - offset)  # the padding: a sequence of its own
+            sequence[r, offset:] = slots
+            missing = slots - len(row)
+            if missing:
+                row_states.append(row_states[0].new_zeros(missing * per_image, row_states[0].shape[-1]))
+            states.append(torch.cat(row_states))  # (slots * tiles * P, H)
+        # (R, 1, T, T): token t attends to token u <= t of its own example (the padding to its own run)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
+        inputs = dict(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                      attention_mask=allowed[:, None].to(self.device), use_cache=False,
+                      cross_attention_states=torch.stack(states).to(self.device, self.model.dtype),
+                      cross_attention_mask=cross.to(self.device))
+        return inputs, labels.to(self.device)
+
+    def end_training(self) -> None:
+        super().end_training()
+        if getattr(self, "_patched_for_packing", False):  # generation runs as it did before training
+            unpatch_mllama(self.model)
+            self._patched_for_packing = False
+
     def _text_inputs(self, rows, tiles: int, valid_tiles: list[int], left: bool) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (B, T), padded on the left or the right, and the cross-attention mask
         (B, T, 1 image, tiles): 1 from the image token on, for the image's valid tiles."""
@@ -107,24 +168,30 @@ class _PatchState:
     def __init__(self, masked_rows: str, backend: str, patches: int):
         self.masked_rows, self.backend, self.patches = masked_rows, backend, patches
         self.ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.hook = None  # the model's forward pre-hook (its handle), removed by `unpatch_mllama`
 
 
 def key_ranges(cross_attention_mask: torch.Tensor, patches: int):
-    """From transformers' compact mask (B, T, images, tiles) of 0/1 to (start, end, seen), each (B, T): row t
-    sees keys [start, end) of the (images x tiles x patches) keys; seen is 1.0 where it sees any. None when some
-    row's keys are not one contiguous run (several images with padded tiles between them): transformers' dense
-    path must run then."""
+    """From transformers' compact mask (B, T, images, tiles) to (start, end, seen), each (B, T): row t sees keys
+    [start, end) of the (images x tiles x patches) keys; seen is True where it sees an image. A 1 marks a tile
+    the row sees. A 2 (packed training only: `MllamaFamily._packed_training_inputs`) marks a tile a row that
+    sees no image attends to all the same: unpacked, such a row (a token before its image token) attends to
+    every key of its one image and its MLP output is zeroed, as transformers does; packed, its keys are those
+    of its own image, not those of the row's other examples. None when some row's keys are not one contiguous
+    run (several images with padded tiles between them): transformers' dense path must run then."""
     batch, rows = cross_attention_mask.shape[:2]
-    valid = cross_attention_mask.reshape(batch, rows, -1) > 0  # (B, T, images * tiles)
+    flat = cross_attention_mask.reshape(batch, rows, -1)  # (B, T, images * tiles)
+    valid = flat > 0
     tiles = valid.shape[-1]
-    seen = valid.any(dim=-1)
+    attends = valid.any(dim=-1)
+    seen = (flat == 1).any(dim=-1)
     first = valid.int().argmax(dim=-1)
     last = tiles - 1 - valid.flip(-1).int().argmax(dim=-1)
-    contiguous = (valid.sum(dim=-1) == last - first + 1) | ~seen
+    contiguous = (valid.sum(dim=-1) == last - first + 1) | ~attends
     if not bool(contiguous.all()):  # one host synchronization per forward call, not per layer
         return None
-    start = torch.where(seen, first * patches, torch.zeros_like(first))
-    end = torch.where(seen, (last + 1) * patches, torch.zeros_like(last))
+    start = torch.where(attends, first * patches, torch.zeros_like(first))
+    end = torch.where(attends, (last + 1) * patches, torch.zeros_like(last))
     return start.to(torch.int32), end.to(torch.int32), seen
 
 
@@ -229,6 +296,19 @@ def patch_mllama(model, masked_rows: str = "hf", backend: str = "auto"):
     layers = [layer for layer in inner.language_model.layers if hasattr(layer, "cross_attn_attn_gate")]
     for layer in layers:
         layer.forward = _patched_cross_layer(layer, state, layer.forward)
-    inner.register_forward_pre_hook(_capture_ranges(state), with_kwargs=True)
+    state.hook = inner.register_forward_pre_hook(_capture_ranges(state), with_kwargs=True)
     inner._fastjudge_cross_attention = state
     return model
+
+
+def unpatch_mllama(model) -> None:
+    """Undo `patch_mllama`: the cross-attention layers run transformers' own forward again."""
+    inner = getattr(model, "model", model)
+    state = getattr(inner, "_fastjudge_cross_attention", None)
+    if state is None:
+        return
+    for layer in inner.language_model.layers:
+        if "forward" in vars(layer):  # the patched instance forward; the class's takes over again
+            del layer.forward
+    state.hook.remove()
+    inner._fastjudge_cross_attention = None

@@ -30,7 +30,8 @@ class TrainOptions:
     lr: float = 1e-5  # peak learning rate (linear warm-up over 10% of the steps, then cosine to 0)
     epochs: int = 3
     batch_size: int = 32
-    micro_batches: int = 2  # forward passes per step, over examples sorted by length
+    micro_batches: int = 2  # forward passes per step, over examples sorted by length (or over packed rows)
+    pack: bool = True  # several examples to a row, each seeing only itself (`Adapter.sft_backward(pack=True)`)
     train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -118,7 +119,8 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
                         group["lr"] = cosine_lr(step, total, options.lr, warmup)
                     opt.zero_grad(set_to_none=True)
                     loss = adapter.sft_backward([images[t["image"]] for t in batch], [t["prompt"] for t in batch],
-                                                [t["target"] for t in batch], micro_batches=options.micro_batches)
+                                                [t["target"] for t in batch], micro_batches=options.micro_batches,
+                                                pack=options.pack)
                     weights.grads_to_master()
                     torch.nn.utils.clip_grad_norm_(weights.master, 1.0)
                     opt.step()
