@@ -238,7 +238,7 @@ def cmd_score(args) -> None:
 
 
 def cmd_toy_data(args) -> None:
-    from fastjudge.toy.files import write_toy_benchmark, write_toy_prompts
+    from fastjudge.toy.files import write_judge_examples, write_toy_benchmark, write_toy_prompts
     from fastjudge.core import dist
     out = open_run_folder(args.out)
     job = dist.start()  # under torchrun each rank saves its share of the images, rank 0 the JSONL files
@@ -247,7 +247,9 @@ def cmd_toy_data(args) -> None:
     bench = write_toy_benchmark(out / "benchmark", args.per_category, shard=shard)
     if not job.main:
         return
-    print(json.dumps({"prompts": str(prompts), "benchmark": str(bench)}))
+    pairs, candidates = write_judge_examples(bench, out / "judge")  # inputs for `fastjudge judge` and `rank`
+    print(json.dumps({"prompts": str(prompts), "benchmark": str(bench), "pairs": str(pairs),
+                      "candidates": str(candidates)}))
 
 
 def cmd_cost(args) -> None:
@@ -267,6 +269,71 @@ def cmd_cost(args) -> None:
     if args.out:
         from fastjudge.data.io import write_json
         write_json(args.out, result)
+
+
+def _judge_for(args):
+    from fastjudge.judge import Judge
+    from fastjudge.models import FeatureCache
+    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[args.dtype]
+    import torch
+    judge = Judge.load(args.judge, device=args.device, dtype=getattr(torch, dtype), judge_tokens=args.judge_tokens,
+                       batch_rows=args.batch_rows, seed=args.seed)
+    judge.adapter.feature_cache = FeatureCache(max_bytes=4 << 30)
+    return judge
+
+
+def cmd_judge(args) -> None:
+    from tqdm import tqdm
+    from fastjudge import data
+    out = open_run_folder(args.out)
+    items, skips = data.load_judge_pairs(args.pairs, args.images)
+    data.write_skips(out / "skipped.jsonl", skips)
+    if skips:
+        print(f"skipped {len(skips)} pair lines: see {out / 'skipped.jsonl'}", file=sys.stderr)
+    if not items:
+        raise ValueError(f"--pairs: no usable pair in {args.pairs} (see {out / 'skipped.jsonl'})")
+    judge = _judge_for(args)
+    images = data.load_images([item["image"] for item in items])
+    with tqdm(total=len(items) * (2 if args.both_orders else 1), desc="judge", unit="judgment") as bar:
+        judged = judge.compare_many(images, [i["question"] for i in items], [i["response_a"] for i in items],
+                                    [i["response_b"] for i in items], k=args.k, both_orders=args.both_orders,
+                                    progress=bar.update)
+    rows = [dict(item, p_a=j.p_a, verdict=j.verdict, orders_agree=j.orders_agree, p_a_by_order=j.p_a_by_order,
+                 reasonings=j.reasonings) for item, j in zip(items, judged)]
+    data.write_jsonl(out / "judgments.jsonl", rows)
+    summary = judgment_summary(judged, len(skips))
+    data.write_json(out / "summary.json", summary)
+    print(json.dumps(summary))
+
+
+def judgment_summary(judged, skipped: int) -> dict:
+    """Pairs judged and skipped, how often the two orders agreed (1 - the position-bias rate: verdicts that flip
+    when the order flips), and the mean strength of preference |p_a - 0.5|."""
+    agreements = [j.orders_agree for j in judged if j.orders_agree is not None]
+    agree = sum(agreements) / len(agreements) if agreements else None
+    return {"judged": len(judged), "skipped": skipped, "order_agreement": agree,
+            "position_bias": None if agree is None else 1 - agree,
+            "mean_preference_strength": sum(abs(j.p_a - 0.5) for j in judged) / max(1, len(judged)),
+            "verdicts": {v: sum(j.verdict == v for j in judged) for v in ("A", "B", "tie")}}
+
+
+def cmd_rank(args) -> None:
+    from tqdm import tqdm
+    from fastjudge import data
+    out = open_run_folder(args.out)
+    items, skips = data.load_candidates(args.candidates, args.images)
+    data.write_skips(out / "skipped.jsonl", skips)
+    if skips:
+        print(f"skipped {len(skips)} candidate lines: see {out / 'skipped.jsonl'}", file=sys.stderr)
+    if not items:
+        raise ValueError(f"--candidates: no usable line in {args.candidates} (see {out / 'skipped.jsonl'})")
+    judge = _judge_for(args)
+    rows = []
+    for item, image in zip(tqdm(items, desc="rank", unit="item"), data.load_images([i["image"] for i in items])):
+        order, scores = judge.rank(image, item["question"], item["answers"], k=args.k)
+        rows.append(dict(item, order=order, scores=scores, best=item["answers"][order[0]]))
+    data.write_jsonl(out / "rankings.jsonl", rows)
+    print(json.dumps({"ranked": len(rows), "skipped": len(skips), "rankings": str(out / "rankings.jsonl")}))
 
 
 def cmd_toy_pretrain(args) -> None:
@@ -365,6 +432,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.set_defaults(func=cmd_toy_pretrain)
+
+    for name, helptext in (("judge", "judge your own pairs: p_a (the probability that A is better) in both orders"),
+                           ("rank", "rank N answers per question by a Bradley-Terry fit on the judge's p_a")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--judge", default=None, help="judge checkpoint (default: the shipped toy base)")
+        if name == "judge":
+            p.add_argument("--pairs", required=True,
+                           help='JSONL: {"id", "image", "question", "response_a", "response_b"} a line')
+            p.add_argument("--both-orders", action=argparse.BooleanOptionalAction, default=True,
+                           help="also judge each pair as (b, a) and average (default: on)")
+        else:
+            p.add_argument("--candidates", required=True,
+                           help='JSONL: {"id", "image", "question", "answers": [...]} a line')
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--images", default=None, help="folder the image paths are relative to (default: the file's)")
+        p.add_argument("--k", type=int, default=1, help="reasonings per judgment: 1 greedy, more sampled (T 0.6)")
+        p.add_argument("--judge-tokens", type=int, default=512, help="most tokens of reasoning a judgment")
+        p.add_argument("--batch-rows", type=int, default=32, help="rows a generation batch holds")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=cmd_judge if name == "judge" else cmd_rank)
 
     p = sub.add_parser("cost", help="a recipe's GPU-hours per stage, ours against transformers, from measured rates")
     p.add_argument("--rates", default=None,

@@ -167,10 +167,37 @@ def evaluate_to(folder: Path, judge: Adapter, items: list[dict], cfg: LoopConfig
         data.write_jsonl(folder / "outputs.jsonl", result.raw)
         if before_done is not None:
             before_done()
+        plot_reliability(folder / "reliability.png", result.metrics.get("calibration"))
         data.write_json(folder / "metrics.json", result.metrics)
     dist.barrier()
     drop_stored_batches(folder, world)
     return result.metrics
+
+
+def plot_reliability(path: Path, calibration: dict | None) -> None:
+    """The reliability diagram of an evaluation: accuracy against confidence per bin, and the diagonal."""
+    if not calibration or not calibration.get("judgments"):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bins = [b for b in calibration["bins"] if b["count"]]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0.5, 1.0], [0.5, 1.0], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=0.045, alpha=0.7,
+           label="accuracy")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color="black", linewidth=1)
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("confidence: max(p, 1 - p) of the verdict")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {calibration['ece']:.3f}, {calibration['judgments']} judgments)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 @contextlib.contextmanager

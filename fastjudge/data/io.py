@@ -297,9 +297,76 @@ def load_predictions(path: Path | str, k: int = 1) -> list[dict]:
         if len(lines) > k:
             raise ValueError(f"{where}: field 'index': item {index} is predicted on lines "
                              f"{', '.join(map(str, lines))}, more than k={k} samples per item (pass --k)")
-        predictions.append({"index": index, "shown_first": first, "verdict": verdict})
+        prediction = {"index": index, "shown_first": first, "verdict": verdict}
+        p_first = obj.get("p_first")
+        if p_first is not None:  # optional: the probability of the answer shown first (calibration)
+            if isinstance(p_first, bool) or not isinstance(p_first, (int, float)) or not 0 <= p_first <= 1:
+                raise ValueError(f"{where}: field 'p_first': expected a probability in [0, 1], got {p_first!r}")
+            prediction["p_first"] = float(p_first)
+        predictions.append(prediction)
     return predictions
 
 
 def write_skips(path: Path | str, skips: list[Skip]) -> None:
     write_jsonl(path, (asdict(s) for s in skips))
+
+
+def _judge_item(path: Path, number: int, obj: dict, images: Path | None, ids: dict[str, int],
+                texts: tuple[str, ...], lists: tuple[str, ...] = ()) -> tuple[dict | None, str | None]:
+    """One line of a pairs or candidates file checked: (the item with its image resolved, None) or (None, the
+    reason to skip it)."""
+    item_id = obj.get("id", f"{path.stem}-{number}")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or str(item_id) == "":
+        return None, f"field 'id': expected a non-empty string, got {item_id!r}"
+    if str(item_id) in ids:
+        return None, f"field 'id': {str(item_id)!r} already used on line {ids[str(item_id)]} (the first is kept)"
+    image = obj.get("image")
+    if not isinstance(image, str) or not image:
+        return None, "field 'image': missing or not a string"
+    for name in texts:
+        if not isinstance(obj.get(name), str) or not obj[name].strip():
+            return None, f"field {name!r}: missing or empty"
+    for name in lists:
+        value = obj.get(name)
+        if not isinstance(value, list) or len(value) < 2 or not all(isinstance(x, str) and x.strip() for x in value):
+            return None, f"field {name!r}: expected a list of at least 2 non-empty strings"
+    image_path = ((images or path.parent) / image).resolve()
+    problem = check_image(image_path)
+    if problem:
+        return None, f"field 'image': {problem}"
+    ids[str(item_id)] = number
+    return dict(obj, id=str(item_id), image=str(image_path)), None
+
+
+def load_judge_pairs(path: Path | str, images: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
+    """Pairs to judge, one JSON object a line: {"id", "image" (a path, relative to `images` or else to the file),
+    "question", "response_a", "response_b"}, other fields carried through; every rejected line a Skip."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--pairs: file not found: {path}")
+    items, skips, ids = [], [], {}
+    for number, _, obj in parse_lines(path, skips):
+        item, reason = _judge_item(path, number, obj, Path(images) if images else None, ids,
+                                   ("question", "response_a", "response_b"))
+        if reason:
+            skips.append(Skip(str(path), number, reason))
+        else:
+            items.append(item)
+    return items, skips
+
+
+def load_candidates(path: Path | str, images: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
+    """Answers to rank, one JSON object a line: {"id", "image", "question", "answers": [at least 2]}, other
+    fields carried through; every rejected line a Skip."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--candidates: file not found: {path}")
+    items, skips, ids = [], [], {}
+    for number, _, obj in parse_lines(path, skips):
+        item, reason = _judge_item(path, number, obj, Path(images) if images else None, ids, ("question",),
+                                   ("answers",))
+        if reason:
+            skips.append(Skip(str(path), number, reason))
+        else:
+            items.append(item)
+    return items, skips

@@ -36,6 +36,20 @@ def judge_prompt(question: str, a: str, b: str, style: str = "toy") -> str:
     raise ValueError(f"judge style: expected one of {JUDGE_STYLES}, got {style!r}")
 
 
+# what follows the reasoning up to the verdict's letter, and the letters as they follow it, in each style
+VERDICT_LEAD = {"toy": " verdict : [[", "natural": "\n\n[["}
+VERDICT_CHOICES = {"toy": (" A", " B"), "natural": ("A", "B")}
+
+
+def verdict_prefix(output: str, style: str = "toy") -> str:
+    """A judge output cut just before its verdict's letter: up to its first "[[", or, when it wrote none, the
+    whole output followed by the style's lead-in (the verdict is then read where it would have come)."""
+    start = output.find("[[")
+    if start >= 0:
+        return output[:start + 2]
+    return output.rstrip() + VERDICT_LEAD[style]
+
+
 def judge_target(reasoning: str, verdict: str, style: str = "toy") -> str:
     """The judge's output: its reasoning, then the verdict ("A" or "B")."""
     if style == "toy":

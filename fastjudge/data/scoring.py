@@ -183,14 +183,49 @@ def score_mmrb(items: list[dict], predictions: list[dict], unparsed: str = "wron
 
 def score(bench: str, items: list[dict], predictions: list[dict], unparsed: str = "wrong") -> dict:
     """Score predictions with the rules of `bench`: "vlrewardbench", "mmrb", or "toy" (VL-RewardBench's rules,
-    grouped by the items' own category, except that an excluded item, tie or unparsed, counts as wrong)."""
+    grouped by the items' own category, except that an excluded item, tie or unparsed, counts as wrong). When
+    the predictions carry `p_first` (`fastjudge eval` writes it), "calibration" is added (`calibration`)."""
     if bench == "vlrewardbench":
-        return score_pairwise(items, predictions, lambda item: vlrb_group(item["id"]), VLRB_GROUPS)
-    if bench == "toy":
-        return score_pairwise(items, predictions, lambda item: item["category"], excluded_wrong=True)
-    if bench == "mmrb":
-        return score_mmrb(items, predictions, unparsed)
-    raise ValueError(f"bench: expected 'vlrewardbench', 'mmrb' or 'toy', got {bench!r}")
+        metrics = score_pairwise(items, predictions, lambda item: vlrb_group(item["id"]), VLRB_GROUPS)
+    elif bench == "toy":
+        metrics = score_pairwise(items, predictions, lambda item: item["category"], excluded_wrong=True)
+    elif bench == "mmrb":
+        metrics = score_mmrb(items, predictions, unparsed)
+    else:
+        raise ValueError(f"bench: expected 'vlrewardbench', 'mmrb' or 'toy', got {bench!r}")
+    if any(p.get("p_first") is not None for p in predictions):
+        metrics["calibration"] = calibration(items, predictions)
+    return metrics
+
+
+def calibration(items: list[dict], predictions: list[dict], bins: int = 10) -> dict:
+    """How well the verdict probabilities match the judge's accuracy, over the judgments of items with a
+    strict human preference: each judgment's confidence is max(p, 1 - p) of its `p_first` and it is right when
+    the answer it favours is the preferred one. Expected calibration error over `bins` equal-width confidence
+    bins (the |accuracy - confidence| of each bin, weighted by its share), the bins themselves (for the
+    reliability diagram), and the share of parsed verdicts naming the answer shown first (0.5 for a judge with
+    no position preference on a benchmark whose order is drawn at random)."""
+    ranking = {item["index"]: item["human_ranking"] for item in items}
+    rows = []
+    for p in predictions:
+        rank = ranking.get(p["index"])
+        if rank is None or rank[0] == rank[1] or p.get("p_first") is None:
+            continue
+        preferred_first = (rank[0] < rank[1]) == (p["shown_first"] == 0)  # the preferred answer was shown first
+        favours_first = p["p_first"] >= 0.5
+        rows.append((max(p["p_first"], 1 - p["p_first"]), favours_first == preferred_first))
+    table = []
+    for b in range(bins):
+        low, high = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
+        inside = [(c, ok) for c, ok in rows if low <= c < high or (b == bins - 1 and c == high)]
+        table.append({"low": low, "high": high, "count": len(inside),
+                      "confidence": sum(c for c, _ in inside) / len(inside) if inside else None,
+                      "accuracy": sum(ok for _, ok in inside) / len(inside) if inside else None})
+    ece = sum(abs(t["accuracy"] - t["confidence"]) * t["count"] for t in table if t["count"]) / max(1, len(rows))
+    parsed = [p for p in predictions if p["verdict"] in ("A", "B")]
+    return {"judgments": len(rows), "ece": ece if rows else None, "bins": table,
+            "first_shown_rate": sum(p["verdict"] == "A" for p in parsed) / len(parsed) if parsed else None}
+
 
 
 def headline(metrics: dict) -> dict:

@@ -278,6 +278,37 @@ class Adapter:
         by_chunk = dict(pair for rank in gathered for pair in rank)
         return [texts for chunk in sorted(by_chunk) for texts in by_chunk[chunk]]
 
+    @torch.no_grad()
+    def choice_probabilities(self, images: list[Image.Image], prompts: list[str], prefixes: list[str],
+                             choices: tuple[str, ...], batch_rows: int = 32) -> list[list[float]]:
+        """For each (image, prompt, answer start), the probability of each of `choices` as what the answer says
+        next, read from the logits (no sampling): the softmax over the logits of each choice's first token after
+        the longest token run the choices share, so renormalized over the choices. A choice whose tokens are
+        those of another (nothing tells them apart) is a ValueError."""
+        if not len(images) == len(prompts) == len(prefixes):
+            raise ValueError(f"images, prompts, prefixes: expected the same length, got {len(images)}, "
+                             f"{len(prompts)} and {len(prefixes)}")
+        self.model.eval()
+        self.use_gpu_kernels()
+        features = self.image_features(images)
+        rows, candidates = [], []
+        for i, (prompt, prefix, feature) in enumerate(zip(prompts, prefixes, features)):
+            ids = [self._prefix_ids(prefix + choice) for choice in choices]
+            shared = 0
+            while all(len(x) > shared for x in ids) and len({x[shared] for x in ids}) == 1:
+                shared += 1
+            if any(len(x) <= shared for x in ids) or len({x[shared] for x in ids}) < len(choices):
+                raise ValueError(f"prefixes[{i}]: the choices {choices} give no distinct next tokens after it")
+            rows.append(self._prompt_ids(prompt, feature) + ids[0][:shared])
+            candidates.append([x[shared] for x in ids])
+        out: list[list[float]] = []
+        for start, end in chunks(len(rows), max(1, batch_rows)):
+            inputs = self._model_inputs(rows[start:end], features[start:end], left=True)
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (B, V): the next token's
+            picked = logits.gather(1, torch.tensor(candidates[start:end], device=logits.device))  # (B, choices)
+            out.extend(torch.softmax(picked, dim=-1).tolist())
+        return out
+
     @property
     def context_length(self) -> int | None:
         """The positions the language model takes (its config's max_position_embeddings), None if it names none."""

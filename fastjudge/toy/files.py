@@ -3,6 +3,8 @@ toy judge benchmark in VL-RewardBench's schema; `toy_prompt_truth` is the one wa
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -88,3 +90,21 @@ def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int =
     if shard is None or shard[0] == 0:
         write_jsonl(folder / "benchmark.jsonl", rows)
     return folder / "benchmark.jsonl"
+
+
+def write_judge_examples(benchmark: Path | str, folder: Path | str) -> tuple[Path, Path]:
+    """Inputs for `fastjudge judge` and `fastjudge rank` made from the toy benchmark's items: pairs.jsonl (each
+    item's two responses as response_a and response_b, in the benchmark's order) and candidates.jsonl (each
+    item's two responses and the other items' first response to the same category as a third). Images stay
+    where the benchmark has them (paths relative to the files)."""
+    benchmark, folder = Path(benchmark), Path(folder)
+    items = [json.loads(line) for line in benchmark.read_text().splitlines() if line.strip()]
+    relative = Path(os.path.relpath(benchmark.parent, folder))
+    pairs = [{"id": item["id"], "image": str(relative / item["image_path"]), "question": item["query"],
+              "response_a": item["response"][0], "response_b": item["response"][1]} for item in items]
+    candidates = [{"id": item["id"], "image": str(relative / item["image_path"]), "question": item["query"],
+                   "answers": [*item["response"], items[(i + 1) % len(items)]["response"][0]]}
+                  for i, item in enumerate(items)]
+    write_jsonl(folder / "pairs.jsonl", pairs)
+    write_jsonl(folder / "candidates.jsonl", candidates)
+    return folder / "pairs.jsonl", folder / "candidates.jsonl"

@@ -1,0 +1,143 @@
+"""Use a judge: compare two answers to a question about an image, with the probability that A is better, and
+rank N answers.
+
+    from fastjudge import Judge
+    judge = Judge.load("runs/demo/iter_2/checkpoint")          # or Judge.load(None): the shipped toy base
+    j = judge.compare(image, "How many circles?", "two", "three")
+    j.p_a, j.verdict, j.orders_agree, j.reasonings
+    order, scores = judge.rank(image, "Describe the image.", answers)
+
+`p_a` comes from the model itself: the judge writes its reasoning (greedy, or k samples at a temperature),
+then at the verdict's position the probability of the "A" token against the "B" token is read from the
+logits (`Adapter.choice_probabilities`), no further sampling. With `both_orders` (the default) the pair is
+also shown as (b, a) and that order's probability of "B" counts for a; `p_a` is the mean over orders and
+samples. A verdict that flips with the order is the position bias VL-RewardBench's analyses measure:
+`orders_agree` is False for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from fastjudge.data import prompts as prompt_texts
+from fastjudge.models import Adapter, load_adapter
+
+
+@dataclass
+class Judgment:
+    p_a: float  # the probability that answer a is better, from the verdict logits (mean over orders, samples)
+    verdict: str  # "A" (a is better), "B", or "tie" (p_a exactly 0.5)
+    reasonings: list[str] = field(default_factory=list)  # the judge's outputs: order (a, b) first, then (b, a)
+    orders_agree: bool | None = None  # the verdicts of the two orders name the same answer (None: one order)
+    p_a_by_order: list[float] = field(default_factory=list)  # p_a in order (a, b), then in (b, a) mapped back
+
+
+class Judge:
+    """A judge checkpoint behind a small API; `adapter` is the model (`fastjudge.models.Adapter`)."""
+
+    def __init__(self, adapter: Adapter, judge_tokens: int = 512, temperature: float = 0.6, top_k: int = 50,
+                 top_p: float = 0.9, batch_rows: int = 32, seed: int = 0):
+        self.adapter = adapter
+        self.judge_tokens, self.temperature, self.top_k, self.top_p = judge_tokens, temperature, top_k, top_p
+        self.batch_rows, self.seed = batch_rows, seed
+
+    @classmethod
+    def load(cls, path: str | None, device: str = "cpu", dtype=None, **options) -> "Judge":
+        """The judge at `path` (a checkpoint folder; None: the shipped toy base)."""
+        import torch
+        from fastjudge.models import FeatureCache
+        adapter = load_adapter(path, device=device, dtype=dtype or torch.float32,
+                               feature_cache=FeatureCache(max_bytes=4 << 30))
+        return cls(adapter, **options)
+
+    def compare(self, image: Image.Image, question: str, a: str, b: str, k: int = 1,
+                both_orders: bool = True) -> Judgment:
+        """One pair: whether answer a or b is better."""
+        return self.compare_many([image], [question], [a], [b], k=k, both_orders=both_orders)[0]
+
+    def compare_many(self, images: list[Image.Image], questions: list[str], answers_a: list[str],
+                     answers_b: list[str], k: int = 1, both_orders: bool = True, progress=None) -> list[Judgment]:
+        """Pairs in one batch: every (pair, order) prompt generates its k reasonings through the shared-prefix
+        engine (each image encoded once for both orders and all samples: the feature cache), then one forward
+        pass per reasoning reads the verdict's probabilities."""
+        if not len(images) == len(questions) == len(answers_a) == len(answers_b):
+            raise ValueError("images, questions, answers_a, answers_b: expected the same length")
+        if k < 1:
+            raise ValueError(f"k: expected >= 1, got {k}")
+        style = self.adapter.judge_style
+        orders = [(False,), (False, True)][both_orders]
+        shown, prompts = [], []
+        for i, (question, a, b) in enumerate(zip(questions, answers_a, answers_b)):
+            for swapped in orders:
+                shown.append((i, swapped))
+                prompts.append(prompt_texts.judge_prompt(question, *((b, a) if swapped else (a, b)), style))
+        pictures = [images[i] for i, _ in shown]
+        sampling = dict(temperature=0.0) if k == 1 else dict(temperature=self.temperature, top_k=self.top_k,
+                                                            top_p=self.top_p)
+        outputs = self.adapter.generate(pictures, prompts, n=k, max_new_tokens=self.judge_tokens,
+                                        batch_rows=self.batch_rows, seed=self.seed, stop=["]]"], progress=progress,
+                                        **sampling)
+        flat = [(row, text) for row, texts in enumerate(outputs) for text in texts]
+        probabilities = self.adapter.choice_probabilities(
+            [pictures[row] for row, _ in flat], [prompts[row] for row, _ in flat],
+            [prompt_texts.verdict_prefix(text, style) for _, text in flat], prompt_texts.VERDICT_CHOICES[style],
+            batch_rows=self.batch_rows)
+        per_pair: list[dict] = [{"p": [], "texts": []} for _ in images]
+        for (row, text), (p_first, _) in zip(flat, probabilities):
+            i, swapped = shown[row]
+            per_pair[i]["p"].append((swapped, 1.0 - p_first if swapped else p_first))
+            per_pair[i]["texts"].append(text)
+        judgments = []
+        for entry in per_pair:
+            by_order = [sum(p for s, p in entry["p"] if s == swapped) / k for swapped in orders]
+            p_a = sum(by_order) / len(by_order)
+            agree = None if len(by_order) == 1 else (by_order[0] > 0.5) == (by_order[1] > 0.5)
+            judgments.append(Judgment(p_a=p_a, verdict="A" if p_a > 0.5 else "B" if p_a < 0.5 else "tie",
+                                      reasonings=entry["texts"], orders_agree=agree, p_a_by_order=by_order))
+        return judgments
+
+    def rank(self, image: Image.Image, question: str, answers: list[str], k: int = 1) -> tuple[list[int], list[float]]:
+        """The answers ordered best first, by a Bradley-Terry fit on the p_a of every pair (both orders);
+        returns (indices best first, each answer's strength, summing to 1)."""
+        if len(answers) < 2:
+            return list(range(len(answers))), [1.0] * len(answers)
+        pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
+        judged = self.compare_many([image] * len(pairs), [question] * len(pairs), [answers[i] for i, _ in pairs],
+                                   [answers[j] for _, j in pairs], k=k)
+        scores = bradley_terry(len(answers), [(i, j, jd.p_a) for (i, j), jd in zip(pairs, judged)])
+        return sorted(range(len(answers)), key=lambda i: (-scores[i], i)), scores
+
+
+def bradley_terry(count: int, outcomes: list[tuple[int, int, float]], iterations: int = 500,
+                  tolerance: float = 1e-10) -> list[float]:
+    """Strengths s (summing to 1) of `count` items from soft pairwise outcomes (i, j, p): i beat j with weight p
+    and j beat i with weight 1 - p. The minorization-maximization updates (Hunter 2004): s_i <- W_i / sum_j
+    n_ij / (s_i + s_j), with a pseudo-count of 0.5 on each side of every pair so that an item that never wins
+    keeps a positive strength."""
+    wins = [0.0] * count
+    games: dict[tuple[int, int], float] = {}
+    for i, j, p in outcomes:
+        if not 0.0 <= p <= 1.0 or i == j:
+            raise ValueError(f"outcome ({i}, {j}, {p}): expected two items and a probability")
+        wins[i] += p + 0.5
+        wins[j] += 1.0 - p + 0.5
+        key = (min(i, j), max(i, j))
+        games[key] = games.get(key, 0.0) + 2.0  # the outcome and its two pseudo-counts
+    strength = [1.0 / count] * count
+    for _ in range(iterations):
+        new = []
+        for i in range(count):
+            denominator = sum(n / (strength[i] + strength[j if a == i else a])
+                              for (a, j), n in games.items() if i in (a, j))
+            new.append(wins[i] / denominator if denominator else strength[i])
+        total = sum(new)
+        new = [x / total for x in new]
+        change = max(abs(x - y) for x, y in zip(new, strength))
+        strength = new
+        if change < tolerance:
+            break
+    assert all(math.isfinite(x) for x in strength)
+    return strength
