@@ -58,7 +58,7 @@ HELP = {
             "(Mllama and the toy; exact: the loss and gradients of the unpacked batch)",
     "train": "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA on the "
              "language model, merged into the checkpoint)",
-    "cpu_offload": "under torchrun, sharded fine-tuning (--train text): parameters, gradients and optimizer state "
+    "cpu_offload": "under torchrun, sharded fine-tuning (every --train mode): parameters, gradients and optimizer state "
                    "in CPU memory",
     "activation_checkpointing": "under torchrun, sharded fine-tuning: each decoder layer's activations recomputed "
                                 "in the backward pass",
@@ -156,7 +156,7 @@ def cmd_synth(args) -> None:
         return
     data.write_skips(Path(args.out).with_name("skipped.jsonl"), skips)
     data.write_records(args.out, result.pairs)
-    drop_stored_batches(Path(args.out).parent, job)
+    drop_stored_batches(Path(args.out).parent, job, "synth")  # a filter's batches may share the folder
     print(json.dumps({"pairs": len(result.pairs), "skipped_lines": len(skips), **result.stats}))
 
 
@@ -174,7 +174,7 @@ def cmd_filter(args) -> None:
         return
     data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
     data.write_records(Path(args.out) / "sft.jsonl", result.traces)
-    drop_stored_batches(Path(args.out), job)
+    drop_stored_batches(Path(args.out), job, "filter")
     print(json.dumps(result.stats))
 
 

@@ -96,8 +96,10 @@ UNITS = {"image encoding": "images", "synth closed": "generated tokens", "synth 
 
 def work(recipe: Recipe) -> dict[str, dict[str, float]]:
     """Per stage, the whole run's work for each stack: {"ours": amount, "baseline": amount} in the stage's unit
-    (UNITS). The two differ only for image encoding: fastjudge encodes an image once per set of vision weights
-    (the feature cache; the tower is frozen by default), transformers' generate once per call that shows it."""
+    (UNITS). The two differ only for image encoding, which counts the encodings outside the other stages' rates:
+    fastjudge encodes an image once per set of vision weights (the feature cache; the tower is frozen by
+    default), and its generation rates are measured with the features cached; transformers encodes the pixels
+    inside every generate call and forward, so its encodings are in its measured rates and its row is 0."""
     r = recipe
     closed = r.prompts * r.closed_fraction
     open_ = r.prompts - closed
@@ -114,11 +116,7 @@ def work(recipe: Recipe) -> dict[str, dict[str, float]]:
         "evaluation": r.eval_items * r.judge_reasoning_tokens * evaluations,
     }
     out = {stage: {"ours": amount, "baseline": amount} for stage, amount in per_run.items()}
-    # baseline: an encoding per generate call that shows the image: a closed prompt once (its samples are
-    # num_return_sequences of one call), an open prompt twice (answer, rewrite), a pair twice (both orders),
-    # an evaluation item once per evaluation
-    baseline_images = (closed + 2 * open_ + 2 * pairs) * r.iterations + r.eval_items * evaluations
-    out["image encoding"] = {"ours": r.prompts + r.eval_items, "baseline": baseline_images}
+    out["image encoding"] = {"ours": r.prompts + r.eval_items, "baseline": 0.0}  # see above
     return {stage: out[stage] for stage in STAGES}
 
 
@@ -137,7 +135,12 @@ class Rates:
 
     @classmethod
     def load(cls, path: Path | str) -> "Rates":
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a rates file: line {e.lineno}: {e.msg}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object with card, date and stages")
         for key in ("card", "date", "stages"):
             if key not in data:
                 raise ValueError(f"{path}: expected a field {key!r} in a rates file")
@@ -145,7 +148,8 @@ class Rates:
             if stage not in STAGES:
                 raise ValueError(f"{path}: stages: unknown stage {stage!r} (expected one of {STAGES})")
             for stack, rate in stacks.items():
-                if stack not in ("ours", "baseline") or not isinstance(rate.get("per_s"), (int, float)) \
+                if stack not in ("ours", "baseline") or not isinstance(rate, dict) \
+                        or not isinstance(rate.get("per_s"), (int, float)) \
                         or rate["per_s"] <= 0 or not rate.get("source"):
                     raise ValueError(f"{path}: stages.{stage}.{stack}: expected {{per_s > 0, source}}, got {rate}")
         return cls(card=data["card"], date=data["date"], stages=data["stages"], notes=data.get("notes", []),
@@ -160,10 +164,7 @@ def newest_rates(folder: Path | str) -> Path | None:
     """The newest rates file (`rates-*.json`, by its date, then its name) in `folder`, None if there is none."""
     found = []
     for path in Path(folder).glob("rates-*.json"):
-        try:
-            found.append((json.loads(path.read_text()).get("date", ""), path.name, path))
-        except json.JSONDecodeError:
-            continue
+        found.append((Rates.load(path).date, path.name, path))  # a damaged file is an error naming it
     return max(found)[2] if found else None
 
 
@@ -204,18 +205,22 @@ def estimate(recipe: Recipe, rates: Rates) -> dict:
         for stack in ("ours", "baseline"):
             per_s = rates.per_s(stage, stack)
             row[f"{stack}_per_s"] = per_s
-            row[f"{stack}_gpu_hours"] = None if per_s is None else amounts[stack] / per_s / 3600
+            if amounts[stack] == 0:  # nothing of this stage outside the stack's other rates
+                row[f"{stack}_gpu_hours"] = 0.0
+            else:
+                row[f"{stack}_gpu_hours"] = None if per_s is None else amounts[stack] / per_s / 3600
             row[f"{stack}_source"] = rates.stages.get(stage, {}).get(stack, {}).get("source")
-        both = row["ours_gpu_hours"] is not None and row["baseline_gpu_hours"] is not None
-        row["ratio"] = row["baseline_gpu_hours"] / row["ours_gpu_hours"] if both and row["ours_gpu_hours"] else None
+        row["measured"] = row["ours_gpu_hours"] is not None and row["baseline_gpu_hours"] is not None
+        row["ratio"] = row["baseline_gpu_hours"] / row["ours_gpu_hours"] \
+            if row["measured"] and row["ours_gpu_hours"] and row["baseline_gpu_hours"] else None
         rows.append(row)
-    measured = [r for r in rows if r["ratio"] is not None]
+    measured = [r for r in rows if r["measured"]]
     ours = sum(r["ours_gpu_hours"] for r in measured)
     baseline = sum(r["baseline_gpu_hours"] for r in measured)
     return {"recipe": dataclasses.asdict(recipe), "recipe_sources": SOURCES, "rates": rates.path,
             "card": rates.card, "rates_date": rates.date, "rates_notes": rates.notes, "stages": rows,
             "measured_stages": [r["stage"] for r in measured],
-            "missing_stages": [r["stage"] for r in rows if r["ratio"] is None],
+            "missing_stages": [r["stage"] for r in rows if not r["measured"]],
             "total_measured_ours_gpu_hours": ours, "total_measured_baseline_gpu_hours": baseline,
             "total_measured_ratio": baseline / ours if ours else None,
             "wall_clock_hours_measured_ours": ours / recipe.gpus,
@@ -234,14 +239,18 @@ def table(result: dict) -> str:
         if r["work_ours"] != r["work_baseline"]:
             work_text = f"{r['work_ours']:.3g}/{r['work_baseline']:.3g} {r['unit'].split()[-1]}"
         ratio_text = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"{r['stage']:<22}{work_text:>22}{hours(r['ours_gpu_hours']):>14}"
-                     f"{hours(r['baseline_gpu_hours']):>16}{ratio_text:>8}")
+        ours_text, baseline_text = (
+            "in its rates" if r[f"work_{stack}"] == 0 else hours(r[f"{stack}_gpu_hours"]) for stack in ("ours", "baseline"))
+        lines.append(f"{r['stage']:<22}{work_text:>22}{ours_text:>14}{baseline_text:>16}{ratio_text:>8}")
     ratio = result["total_measured_ratio"]
     ratio_text = "" if ratio is None else f"{ratio:.2f}x"
     lines.append(f"{'total (measured rows)':<22}{'':>22}{hours(result['total_measured_ours_gpu_hours']):>14}"
                  f"{hours(result['total_measured_baseline_gpu_hours']):>16}{ratio_text:>8}")
     if result["missing_stages"]:
         lines.append("not measured yet (no rate in the rates file): " + ", ".join(result["missing_stages"]))
+    if any(r["work_baseline"] == 0 for r in result["stages"]):
+        lines.append("in its rates: transformers encodes the pixels inside every generate call and forward, so its "
+                     "encodings are in its measured rates")
     lines.append(result["assumption"])
     lines.append("rates:")
     for r in result["stages"]:

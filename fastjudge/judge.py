@@ -115,17 +115,25 @@ def bradley_terry(count: int, outcomes: list[tuple[int, int, float]], iterations
                   tolerance: float = 1e-10) -> list[float]:
     """Strengths s (summing to 1) of `count` items from soft pairwise outcomes (i, j, p): i beat j with weight p
     and j beat i with weight 1 - p. The minorization-maximization updates (Hunter 2004): s_i <- W_i / sum_j
-    n_ij / (s_i + s_j), with a pseudo-count of 0.5 on each side of every pair so that an item that never wins
-    keeps a positive strength."""
+    n_ij / (s_i + s_j). The fit is regularized: every pair that met gets one pseudo-game, half won by each side,
+    however many outcomes it has, so that an item that never wins keeps a positive strength and the strengths
+    stay finite. An item in no outcome has no strength to fit: a ValueError."""
     wins = [0.0] * count
     games: dict[tuple[int, int], float] = {}
     for i, j, p in outcomes:
-        if not 0.0 <= p <= 1.0 or i == j:
-            raise ValueError(f"outcome ({i}, {j}, {p}): expected two items and a probability")
-        wins[i] += p + 0.5
-        wins[j] += 1.0 - p + 0.5
+        if not 0.0 <= p <= 1.0 or i == j or not (0 <= i < count and 0 <= j < count):
+            raise ValueError(f"outcome ({i}, {j}, {p}): expected two of {count} items and a probability")
+        wins[i] += p
+        wins[j] += 1.0 - p
         key = (min(i, j), max(i, j))
-        games[key] = games.get(key, 0.0) + 2.0  # the outcome and its two pseudo-counts
+        games[key] = games.get(key, 0.0) + 1.0
+    for a, b in games:  # the pseudo-game of each pair
+        wins[a] += 0.5
+        wins[b] += 0.5
+        games[(a, b)] += 1.0
+    unplayed = sorted(set(range(count)) - {i for pair in games for i in pair})
+    if count > 1 and unplayed:
+        raise ValueError(f"items {unplayed}: in no outcome, so no strength can be fitted")
     strength = [1.0 / count] * count
     for _ in range(iterations):
         new = []

@@ -215,11 +215,16 @@ def stored_batches(adapter: Adapter, folder: Path, stage: str, world: World = Wo
               + (f" (rank {world.rank})" if world.size > 1 else ""), flush=True)
 
 
-def drop_stored_batches(folder: Path, world: World = World()) -> None:
+def drop_stored_batches(folder: Path, world: World = World(), stage: str | None = None) -> None:
     """Remove folder/partial-batches/ once the stages whose batches it holds have written their files (rank 0,
-    after every rank is past them)."""
-    if world.main:
-        shutil.rmtree(folder / "partial-batches", ignore_errors=True)
+    after every rank is past them); with `stage`, only that stage's batches (the folder shared with other
+    commands' stages goes once it is empty)."""
+    if not world.main:
+        return
+    root = folder / "partial-batches"
+    shutil.rmtree(root if stage is None else root / stage, ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 class _Stages:
@@ -313,8 +318,10 @@ def train_to(checkpoint: Path, judge: Adapter, traces: list[dict], options: trai
     `source` (`reload`) and saves that; every rank then loads the checkpoint (a sharded model cannot generate
     on batches that differ between the ranks). Otherwise fine-tuning runs on rank 0 alone and the other ranks
     load its checkpoint. `on_done(stats)` runs on rank 0 before the checkpoint is written (the stage's record).
-    With `go_on` False nothing is loaded afterwards and None is returned (the caller is done with the judge)."""
-    if world.size > 1 and train.can_shard(judge, options) and traces:
+    With `go_on` False nothing is loaded afterwards and None is returned (the caller is done with the judge); the
+    ranks other than 0 then return at once when fine-tuning is not sharded."""
+    sharded = world.size > 1 and train.can_shard(judge, options) and bool(traces)
+    if sharded:
         stats = train.run(judge, traces, options, seed, world, state_dir=state_dir)
         weights = train.gathered_state_dict(judge)
         if world.main:
@@ -333,6 +340,9 @@ def train_to(checkpoint: Path, judge: Adapter, traces: list[dict], options: trai
         if on_done is not None:
             on_done(stats)
         save_checkpoint(judge, checkpoint)
+    if not go_on and not sharded:
+        # the other ranks are done: none waits for rank 0's training, which can outlast a collective's timeout
+        return None
     dist.barrier()
     if not go_on:
         return None

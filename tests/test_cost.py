@@ -28,7 +28,8 @@ def test_work_follows_the_recipe():
     traces = 2 * pairs * 0.25
     assert work["fine-tuning"]["ours"] == pytest.approx(traces * (30 + 10 + 2 * answer + 100) * 3 * 2)
     assert work["evaluation"]["ours"] == 200 * 100 * 3  # the base and two iterations
-    assert work["image encoding"] == {"ours": 1000 + 200, "baseline": (closed + 2 * open_ + 2 * pairs) * 2 + 200 * 3}
+    # transformers' encodings are inside its generation and fine-tuning rates: none outside them
+    assert work["image encoding"] == {"ours": 1000 + 200, "baseline": 0.0}
     assert all(w["ours"] == w["baseline"] for stage, w in work.items() if stage != "image encoding")
     assert list(work) == list(cost.STAGES)
 
@@ -37,6 +38,21 @@ def _rates_file(tmp_path, stages, date="2026-12-01", name="rates-test.json"):
     path = tmp_path / name
     path.write_text(json.dumps({"card": "test card", "date": date, "stages": stages}))
     return path
+
+
+def test_our_image_encodings_count_in_the_totals_and_transformers_none_outside_its_rates(tmp_path):
+    rates = cost.Rates.load(_rates_file(tmp_path, {
+        "image encoding": {"ours": {"per_s": 10.0, "source": "measured: e"}},
+        "synth closed": {"ours": {"per_s": 100.0, "source": "measured: a"}, "baseline": {"per_s": 25.0, "source": "b"}},
+    }))
+    result = cost.estimate(SMALL, rates)
+    rows = {r["stage"]: r for r in result["stages"]}
+    encoding = rows["image encoding"]
+    assert encoding["ours_gpu_hours"] == pytest.approx(1200 / 10 / 3600) and encoding["baseline_gpu_hours"] == 0.0
+    assert encoding["ratio"] is None and result["measured_stages"] == ["image encoding", "synth closed"]
+    assert result["total_measured_ours_gpu_hours"] == pytest.approx(
+        encoding["ours_gpu_hours"] + rows["synth closed"]["ours_gpu_hours"])
+    assert result["total_measured_baseline_gpu_hours"] == pytest.approx(rows["synth closed"]["baseline_gpu_hours"])
 
 
 def test_gpu_hours_are_work_over_rate_and_unmeasured_stages_stay_unmeasured(tmp_path):
@@ -73,12 +89,26 @@ def test_a_bad_rates_file_is_an_error_naming_it(tmp_path, stages, message):
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("text, message", [('{"card": "x", "date": ', "not a rates file: line 1"),
+                                           ("[1, 2]", "expected a JSON object"),
+                                           ('{"card": "x", "date": "d", "stages": {"synth closed": {"ours": 3}}}',
+                                            "stages.synth closed.ours")])
+def test_a_damaged_rates_file_is_an_error_naming_it(tmp_path, text, message):
+    path = tmp_path / "rates-bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        cost.Rates.load(path)
+    assert str(path) in str(error.value)
+
+
 def test_the_newest_rates_file_is_taken_by_its_date(tmp_path):
     _rates_file(tmp_path, {}, date="2026-12-01", name="rates-b.json")
     newest = _rates_file(tmp_path, {}, date="2026-12-03", name="rates-a.json")
-    (tmp_path / "rates-broken.json").write_text("{")
     assert cost.newest_rates(tmp_path) == newest
     assert cost.newest_rates(tmp_path / "none") is None
+    (tmp_path / "rates-broken.json").write_text("{")  # never passed over in silence: it might be the newest
+    with pytest.raises(ValueError, match="rates-broken.json: not a rates file"):
+        cost.newest_rates(tmp_path)
 
 
 def test_recipe_settings_are_checked():

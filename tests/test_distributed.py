@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -247,6 +248,14 @@ def test_sharded_fine_tuning_killed_mid_stage_resumes_from_its_saved_state(tmp_p
     killed = _torchrun(2, str(script), "iterate", "--out", str(out), *training)
     assert killed.returncode != 0
     assert json.loads((out / "iter_1" / "train_state" / "state.json").read_text())["step"] == 4
+    # the same killed run, its saved state marked as made from other inputs: never resumed from
+    stale = tmp_path / "stale"
+    shutil.copytree(out, stale)
+    state_file = stale / "iter_1" / "train_state" / "state.json"
+    state_file.write_text(json.dumps(dict(json.loads(state_file.read_text()), inputs="other traces")))
+    resumed = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(stale), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "saved fine-tuning state from other inputs" in resumed.stdout + resumed.stderr
     resumed = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "iter_1" / "train_state").exists()
@@ -254,8 +263,9 @@ def test_sharded_fine_tuning_killed_mid_stage_resumes_from_its_saved_state(tmp_p
     files = {str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*")
              if p.is_file() and p.name not in skip}
     assert files == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in skip}
-    differ = [name for name in files if (tmp_path / "whole" / name).read_bytes() != (out / name).read_bytes()]
-    assert differ == []
+    for run in (out, stale):  # resumed from step 4, and trained from the start
+        differ = [name for name in files if (tmp_path / "whole" / name).read_bytes() != (run / name).read_bytes()]
+        assert differ == [], run.name
 
 
 def test_each_stage_command_under_torchrun_writes_what_one_process_writes(tmp_path):

@@ -304,6 +304,8 @@ def test_eval_command_writes_predictions_that_score_reproduces(checkpoint, tmp_p
     assert all(r["verdict"] == p["verdict"] and "output" in r for r, p in zip(raw, predictions))
     assert {p["shown_first"] for p in predictions} == {0, 1}  # seeded random order per sample
     metrics = json.loads((out / "metrics.json").read_text())
+    # the benchmark's prompt asks for "Answer 1/2", not our "[[A]]": no verdict probability is read from it
+    assert not any("p_first" in p for p in predictions) and "calibration" not in metrics
     assert cli.main(["score", "--format", bench, "--data", str(data_file), "--predictions",
                      str(out / "predictions.jsonl")]) == 2  # 3 samples an item, not declared
     assert "more than k=1" in capsys.readouterr().err

@@ -49,6 +49,8 @@ def test_verdict_prefix_cuts_before_the_letter_or_adds_the_lead_in():
     assert prompt_texts.verdict_prefix("reasons", "toy") == "reasons verdict : [["
     assert prompt_texts.verdict_prefix("Because.\n\n[[A]]", "natural") == "Because.\n\n[["
     assert prompt_texts.verdict_prefix("Because.  ", "natural") == "Because.\n\n[["
+    # a bracket in the reasoning is not the verdict's: the last one is
+    assert prompt_texts.verdict_prefix("[[A]] looks wrong. [[B]]", "natural") == "[[A]] looks wrong. [["
 
 
 class _Scripted:
@@ -90,6 +92,15 @@ def test_bradley_terry_recovers_a_known_order():
     assert sum(scores) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         bradley_terry(2, [(0, 1, 1.5)])
+
+
+def test_bradley_terry_adds_one_pseudo_game_per_pair_by_hand():
+    # two items, 0 beat 1 once: wins 1 + 0.5 and 0 + 0.5 over 2 games, so s0 / s1 = 3
+    assert bradley_terry(2, [(0, 1, 1.0)]) == pytest.approx([0.75, 0.25])
+    # the same outcome judged twice weighs twice against the one pseudo-game: s0 / s1 = 2.5 / 0.5
+    assert bradley_terry(2, [(0, 1, 1.0), (1, 0, 0.0)]) == pytest.approx([5 / 6, 1 / 6])
+    with pytest.raises(ValueError, match=r"items \[2\]: in no outcome"):
+        bradley_terry(3, [(0, 1, 0.5)])
 
 
 def test_rank_orders_by_the_fit(monkeypatch):

@@ -5,8 +5,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from fastjudge.engine.options import DecodeOptions
 from fastjudge.models import ToyAdapter
 from fastjudge.models.partial import BatchStore
 
@@ -67,3 +69,37 @@ def test_a_batch_file_of_the_wrong_size_names_itself(adapter, tmp_path):
     path.write_text(json.dumps({"completions": [["a", "b", "c"]]}))
     with pytest.raises(ValueError, match=rf"{path}: expected completions of 2 prompts, found 1"):
         _generate(adapter, BatchStore(tmp_path))
+
+
+def test_other_weights_or_decoding_read_nothing(adapter, tmp_path):
+    """A stage rerun with another model (or the same model changed by one step) must not reuse the batches."""
+    _generate(adapter, BatchStore(tmp_path))
+    with torch.no_grad():
+        weight = next(adapter.model.parameters())
+        weight[0].add_(1e-3)  # as after one training step
+    other = BatchStore(tmp_path)
+    _generate(adapter, other)
+    assert other.loaded == 0 and other.saved == 3
+    adapter.decode_options = DecodeOptions(shared_mllama=False)
+    other = BatchStore(tmp_path)
+    _generate(adapter, other)
+    assert other.loaded == 0 and other.saved == 3
+
+
+def test_a_damaged_batch_file_names_itself(adapter, tmp_path):
+    _generate(adapter, BatchStore(tmp_path))
+    path = next(tmp_path.rglob("0.json"))
+    path.write_text('{"completions": [["a"')  # cut short
+    with pytest.raises(ValueError, match=rf"{path}: not a finished batch \(JSONDecodeError"):
+        _generate(adapter, BatchStore(tmp_path))
+
+
+def test_a_stage_drops_only_its_own_batches(tmp_path):
+    from fastjudge.loop import drop_stored_batches
+    for stage in ("synth", "filter"):
+        (tmp_path / "partial-batches" / stage / "call").mkdir(parents=True)
+        (tmp_path / "partial-batches" / stage / "call" / "0.json").write_text("{}")
+    drop_stored_batches(tmp_path, stage="synth")  # `fastjudge synth` done; a filter beside it is not
+    assert [p.name for p in (tmp_path / "partial-batches").iterdir()] == ["filter"]
+    drop_stored_batches(tmp_path, stage="filter")
+    assert not (tmp_path / "partial-batches").exists()

@@ -42,9 +42,10 @@ VERDICT_CHOICES = {"toy": (" A", " B"), "natural": ("A", "B")}
 
 
 def verdict_prefix(output: str, style: str = "toy") -> str:
-    """A judge output cut just before its verdict's letter: up to its first "[[", or, when it wrote none, the
-    whole output followed by the style's lead-in (the verdict is then read where it would have come)."""
-    start = output.find("[[")
+    """A judge output cut just before its verdict's letter: up to its last "[[" (a verdict follows the
+    reasoning), or, when it wrote none, the whole output followed by the style's lead-in (the verdict is then
+    read where it would have come)."""
+    start = output.rfind("[[")
     if start >= 0:
         return output[:start + 2]
     return output.rstrip() + VERDICT_LEAD[style]

@@ -56,6 +56,9 @@ class Adapter:
     # finished generation batches written to / read from disk (a stage resumed midway); None: kept in memory only
     batch_store: BatchStore | None = None
     _sharded: tuple[int, int] | None = None  # (rank, size) while the model is sharded for training (FSDP2)
+    # where a sharded model computes: with CPU offloading its parameters live in CPU memory, but its inputs,
+    # labels and the collectives' tensors (NCCL: CUDA only) belong on the GPU
+    _compute_device: torch.device | None = None
     _vision_fingerprint: str | None = None
     _peft = None
 
@@ -74,6 +77,10 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes: its parameters' device, or the GPU a sharded model was on before its
+        parameters were offloaded to CPU memory."""
+        if self._compute_device is not None:
+            return self._compute_device
         return next(self.model.parameters()).device
 
     # ---- images
@@ -93,6 +100,21 @@ class Adapter:
                     h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._vision_fingerprint = h.hexdigest()
         return self._vision_fingerprint
+
+    def weights_digest(self) -> str:
+        """sha256 over the model class and each parameter's name, dtype, shape, sum and norm (float64):
+        it tells two sets of weights apart (any training step or another checkpoint changes it) at the cost of
+        two reductions per tensor on the model's device, not a copy of the weights to the host."""
+        h = hashlib.sha256(type(self.model).__name__.encode())
+        sums = []
+        for name, p in self.model.named_parameters():
+            h.update(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode())
+            values = p.detach()  # reduced in float64 on the fly, never copied whole (an 11B embedding is 4 GB)
+            sums.append(torch.stack([values.sum(dtype=torch.float64),
+                                     torch.linalg.vector_norm(values, dtype=torch.float64)]))
+        if sums:
+            h.update(torch.stack(sums).cpu().numpy().tobytes())  # (parameters, 2) float64
+        return h.hexdigest()
 
     def _vision_trains(self) -> bool:
         """Whether image features need gradients now (then they are computed live, not cached)."""
@@ -230,8 +252,11 @@ class Adapter:
         shard = self.shard
         stored = None
         if self.batch_store is not None:
+            # everything that decides the completions besides the prompts and images: the weights, where they
+            # run, how decoding runs, and the sampling settings
             stored = self.batch_store.call(images, prompts, prefixes, dict(
-                n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                weights=self.weights_digest(), device=self.device.type, options=repr(options),
+                family=type(self).__name__, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 seed=seed, stop=stops, batch_rows=batch_rows, batch_tokens=batch_tokens, slots=slots,
                 early_stop=early_stop, min_votes=min_votes, templated=templated))
         mine: list[tuple[int, list[list[str]]]] = []  # (chunk, its completions) of this rank's chunks
@@ -284,7 +309,8 @@ class Adapter:
         """For each (image, prompt, answer start), the probability of each of `choices` as what the answer says
         next, read from the logits (no sampling): the softmax over the logits of each choice's first token after
         the longest token run the choices share, so renormalized over the choices. A choice whose tokens are
-        those of another (nothing tells them apart) is a ValueError."""
+        those of another (nothing tells them apart) is a ValueError. With `shard` set (a torchrun job), each
+        rank reads every size-th batch and every rank returns them all, as `generate` does."""
         if not len(images) == len(prompts) == len(prefixes):
             raise ValueError(f"images, prompts, prefixes: expected the same length, got {len(images)}, "
                              f"{len(prompts)} and {len(prefixes)}")
@@ -301,13 +327,20 @@ class Adapter:
                 raise ValueError(f"prefixes[{i}]: the choices {choices} give no distinct next tokens after it")
             rows.append(self._prompt_ids(prompt, feature) + ids[0][:shared])
             candidates.append([x[shared] for x in ids])
-        out: list[list[float]] = []
-        for start, end in chunks(len(rows), max(1, batch_rows)):
+        shard = self.shard  # in a torchrun job each rank reads every size-th batch; all ranks get them all
+        mine: list[tuple[int, list[list[float]]]] = []
+        for chunk, (start, end) in enumerate(chunks(len(rows), max(1, batch_rows))):
+            if shard is not None and chunk % shard[1] != shard[0]:
+                continue
             inputs = self._model_inputs(rows[start:end], features[start:end], left=True)
             logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (B, V): the next token's
             picked = logits.gather(1, torch.tensor(candidates[start:end], device=logits.device))  # (B, choices)
-            out.extend(torch.softmax(picked, dim=-1).tolist())
-        return out
+            mine.append((chunk, torch.softmax(picked, dim=-1).tolist()))
+        if shard is not None:
+            gathered: list = [None] * shard[1]
+            dist.all_gather_object(gathered, mine)
+            mine = sorted(pair for rank in gathered for pair in rank)
+        return [p for _, part in mine for p in part]
 
     @property
     def context_length(self) -> int | None:
@@ -481,8 +514,9 @@ class Adapter:
         from its forward to its backward: the fused loss reads the head's weight after the forward). A frozen
         vision tower ("text", "lora") stays whole on every rank, its features cached before the first step
         (`image_features`); a training one ("all") is sharded too: each of its encoder layers (local and global)
-        a group, the rest of the tower one, the projector one (they are called on their own, outside the root's
-        forward, by `_encode_images`). Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and
+        a group, the rest of the tower one, the projector one; the images then go through the root's forward as
+        pixels, since FSDP2 gathers its groups only there). With `cpu_offload` the parameters, gradients and
+        optimizer state live in CPU memory and `device` stays the GPU the model was on. Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and
         fp32 gradient reduction; `activation_checkpointing`: each decoder layer's activations recomputed in the
         backward pass (transformers' own checkpointing, inside the shard groups). Mllama and the toy only
         (Qwen's input embeddings are made outside its forward)."""
@@ -491,6 +525,7 @@ class Adapter:
         if getattr(self.model.config, "model_type", None) != "mllama":
             raise ValueError(f"train: sharded fine-tuning supports Mllama models, not {type(self).__name__}")
         cuda = self.device.type == "cuda"
+        self._compute_device = self.device
         mesh = init_device_mesh("cuda" if cuda else "cpu", (job[1],))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda \
             else MixedPrecisionPolicy()

@@ -9,7 +9,8 @@ completions atomically to
 
 and a later call with the same arguments (the resumed stage, with any number of processes) reads them instead
 of generating them again. The call key is a sha256 over everything that decides the completions: the prompts,
-the images' pixels, the answer prefixes and the sampling settings. The stage's owner removes the folder once the
+the images' pixels, the answer prefixes, and the settings `Adapter.generate` passes (the weights' digest, the
+device type, the decoding options and the sampling settings). The stage's owner removes the folder once the
 stage's own files are written.
 """
 
@@ -52,13 +53,18 @@ class StoredCall:
 
     def load(self, batch: int, prompts: int) -> list[list[str]] | None:
         """The completions of `batch` ([prompt][sample]) if it was finished, None otherwise; a file that does not
-        hold `prompts` completion lists (not one this call wrote) is a ValueError naming it."""
+        hold `prompts` completion lists (not one this call wrote, or cut short) is a ValueError naming it."""
         path = self.folder / f"{batch}.json"
         if not path.exists():
             return None
-        texts = json.loads(path.read_text())["completions"]
-        if len(texts) != prompts:
-            raise ValueError(f"{path}: expected completions of {prompts} prompts, found {len(texts)}")
+        try:
+            texts = json.loads(path.read_text())["completions"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a finished batch ({type(e).__name__}: {e}); delete it to generate "
+                             f"the batch again") from e
+        if not isinstance(texts, list) or len(texts) != prompts:
+            found = len(texts) if isinstance(texts, list) else type(texts).__name__
+            raise ValueError(f"{path}: expected completions of {prompts} prompts, found {found}")
         self.store.loaded += 1
         return texts
 

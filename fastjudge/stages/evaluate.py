@@ -72,13 +72,17 @@ def run(judge: Adapter, items: list[dict], options: EvalOptions, seed: int,
                                                temperature=temperature, top_k=options.top_k, top_p=options.top_p,
                                                batch_rows=options.batch_rows, batch_tokens=options.batch_tokens,
                                                seed=seed, progress=bar.update)]
-    # the probability of the answer shown first, read at the verdict's position (`Adapter.choice_probabilities`)
-    style = judge.judge_style
-    p_first = [p for p, _ in judge.choice_probabilities(
-        images, judge_prompts, [prompt_texts.verdict_prefix(text, style) for text in outputs],
-        prompt_texts.VERDICT_CHOICES[style], batch_rows=options.batch_rows)]
-    predictions = [{"index": index, "shown_first": first, "verdict": prompt_texts.parse_verdict(text), "p_first": p}
-                   for (index, first), text, p in zip(calls, outputs, p_first)]
+    predictions = [{"index": index, "shown_first": first, "verdict": prompt_texts.parse_verdict(text)}
+                   for (index, first), text in zip(calls, outputs)]
+    if options.prompt == "ours":
+        # the probability of the answer shown first, read at the verdict's position
+        # (`Adapter.choice_probabilities`); only our prompt asks for a verdict in the form read there
+        style = judge.judge_style
+        p_first = judge.choice_probabilities(
+            images, judge_prompts, [prompt_texts.verdict_prefix(text, style) for text in outputs],
+            prompt_texts.VERDICT_CHOICES[style], batch_rows=options.batch_rows)
+        for prediction, (p, _) in zip(predictions, p_first):
+            prediction["p_first"] = p
     raw = [dict(p, output=text) for p, text in zip(predictions, outputs)]
     # the scorer adds the calibration of the p_first values (data.scoring.calibration)
     return EvalResult(score(options.bench, score_items or items, predictions, options.unparsed), predictions, raw)

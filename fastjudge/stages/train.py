@@ -7,12 +7,13 @@ weights afterwards, so every checkpoint is a plain one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +85,8 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
     if not traces:
         return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
     rng = random.Random(seed)
+    # what the run's result depends on: a saved state made from other inputs is never resumed from
+    inputs_key = _inputs_key(adapter, traces, options, seed, job.size) if job.size > 1 and state_dir else None
     # LoRA's initial adapters are drawn from torch's generator: seeded here, every rank of a job and a resumed
     # run draw the same ones
     torch.manual_seed(seed)
@@ -101,8 +104,8 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
         warmup = max(1, total // 10)
         adapter.model.train()
         losses, step, t0 = [], 0, time.time()
-        state = _TrainState(state_dir, options.state_every) if job.size > 1 and state_dir is not None else None
-        resumed = state.load(adapter.model, opt) if state is not None else None
+        state = _TrainState(state_dir, options.state_every, inputs_key) if inputs_key is not None else None
+        resumed = state.load(adapter.model, opt, job) if state is not None else None
         if resumed is not None:
             losses = resumed["losses"]
         with tqdm(total=total, desc="train", unit="step", disable=not job.main) as bar:
@@ -137,14 +140,26 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
             "seconds": time.time() - t0}
 
 
+def _inputs_key(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int, ranks: int) -> str:
+    """sha256 over what decides a fine-tuning run: the starting weights, the traces, the settings (how often
+    the state is saved aside), the seed and the number of ranks."""
+    settings = {k: v for k, v in asdict(options).items() if k != "state_every"}
+    h = hashlib.sha256(json.dumps({"weights": adapter.weights_digest(), "settings": settings, "seed": seed,
+                                   "ranks": ranks}, sort_keys=True).encode())
+    for trace in traces:
+        h.update(json.dumps(trace, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
+
+
 class _TrainState:
     """The mid-run state of sharded fine-tuning under `folder`: `state-<step>/` (torch.distributed.checkpoint:
     the model's and the optimizer's shards, each rank its own) and `state.json`, which names the last complete
-    one and the losses so far; written by rank 0 after every rank has saved, so that a save cut short is never
-    the one resumed from."""
+    one, the losses so far and the key of the run's inputs (`_inputs_key`); written by rank 0 after every rank
+    has saved, so that a save cut short is never the one resumed from. A state saved by a run with other
+    inputs (another judge, other traces or settings) is removed, not resumed from."""
 
-    def __init__(self, folder: Path, every: int):
-        self.folder, self.every = Path(folder), max(0, every) or (1 << 62)
+    def __init__(self, folder: Path, every: int, inputs_key: str):
+        self.folder, self.every, self.inputs_key = Path(folder), max(0, every) or (1 << 62), inputs_key
 
     def save(self, model, optimizer, step: int, losses: list[float], job: World) -> None:
         import torch.distributed.checkpoint as dcp
@@ -154,14 +169,22 @@ class _TrainState:
         dist.barrier()
         if job.main:
             previous = self._last()
-            write_json(self.folder / "state.json", {"step": step, "losses": losses})
+            write_json(self.folder / "state.json", {"step": step, "losses": losses, "inputs": self.inputs_key})
             if previous is not None:
                 shutil.rmtree(self.folder / f"state-{previous['step']}", ignore_errors=True)
 
-    def load(self, model, optimizer) -> dict | None:
-        """Restore the last complete save into the model and optimizer; None when there is none."""
+    def load(self, model, optimizer, job: World) -> dict | None:
+        """Restore the last complete save into the model and optimizer; None when there is none, or when it was
+        made from other inputs (then it is removed). Every rank must call it."""
         last = self._last()
-        if last is None:
+        # every rank resumes or none does (each has read state.json before rank 0 may remove it)
+        same_inputs: list = [None] * job.size
+        torch.distributed.all_gather_object(same_inputs, last is not None and last.get("inputs") == self.inputs_key)
+        if not all(same_inputs):
+            if last is not None and job.main:
+                print(f"{self.folder}: a saved fine-tuning state from other inputs (judge, traces or settings); "
+                      f"removed, training from the start")
+                shutil.rmtree(self.folder, ignore_errors=True)
             return None
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

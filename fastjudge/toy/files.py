@@ -95,7 +95,7 @@ def write_toy_benchmark(folder: Path | str, per_category: int = 100, seed: int =
 def write_judge_examples(benchmark: Path | str, folder: Path | str) -> tuple[Path, Path]:
     """Inputs for `fastjudge judge` and `fastjudge rank` made from the toy benchmark's items: pairs.jsonl (each
     item's two responses as response_a and response_b, in the benchmark's order) and candidates.jsonl (each
-    item's two responses and the other items' first response to the same category as a third). Images stay
+    item's two responses and the next item's first response as a third, an answer to another question). Images stay
     where the benchmark has them (paths relative to the files)."""
     benchmark, folder = Path(benchmark), Path(folder)
     items = [json.loads(line) for line in benchmark.read_text().splitlines() if line.strip()]
