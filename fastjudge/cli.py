@@ -338,8 +338,17 @@ def cmd_rank(args) -> None:
 
 def cmd_toy_pretrain(args) -> None:
     from fastjudge.toy import pretrain
-    mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
     open_run_folder(args.out)
+    if args.recipe == "shipped":  # every phase's settings are the recipe's own
+        defaults = pretrain.PretrainConfig()  # the command's defaults are these (a mixture or init: none given)
+        fields = ("steps", "batch_size", "lr", "seed", "verdict_follow")
+        given = [f"--{name.replace('_', '-')}" for name in fields if getattr(args, name) != getattr(defaults, name)]
+        given += [f"--{name}" for name in ("init", "mixture") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--recipe: the recipe sets every phase's training settings; drop {', '.join(given)}")
+        print(json.dumps({"checkpoint": str(pretrain.run_recipe(pretrain.SHIPPED_RECIPE, args.out, args.threads))}))
+        return
+    mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,
                                   verdict_follow=args.verdict_follow)
@@ -431,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of judge examples whose verdict follows the checks; the rest name answer A")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
+    p.add_argument("--recipe", choices=["shipped"], default=None,
+                   help="run the shipped base's whole recipe (its phases in OUT/phase-<k>, the last one's checkpoint "
+                        "the base); the other settings are the recipe's own")
     p.set_defaults(func=cmd_toy_pretrain)
 
     for name, helptext in (("judge", "judge your own pairs: p_a (the probability that A is better) in both orders"),

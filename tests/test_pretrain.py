@@ -48,6 +48,20 @@ def test_judge_examples_have_right_checks_and_a_verdict_that_follows_them_as_oft
     assert 0.4 < captions / total < 0.6  # half the judge examples are about captions
 
 
+def test_a_recipe_runs_its_phases_in_order_each_from_the_last(tmp_path):
+    phases = ({"steps": 1, "batch_size": 2, "warmup": 1}, {"steps": 1, "batch_size": 2, "warmup": 1, "seed": 1})
+    configs = pretrain.recipe_configs(phases, tmp_path / "r")
+    assert configs[0].init is None and configs[1].init == str(tmp_path / "r" / "phase-0" / "checkpoint")
+    checkpoint = pretrain.run_recipe(phases, tmp_path / "r")
+    assert checkpoint == tmp_path / "r" / "phase-1" / "checkpoint" and load_adapter(str(checkpoint))
+    record = json.loads((tmp_path / "r" / "pretrain_config.json").read_text())
+    assert [p["seed"] for p in record["phases"]] == [0, 1] and "init" not in record["phases"][1]
+    # a finished phase is not run again
+    stamp = (tmp_path / "r" / "phase-0" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    pretrain.run_recipe(phases, tmp_path / "r")
+    assert (tmp_path / "r" / "phase-0" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_pretraining_runs_saves_and_resumes(tmp_path):
     cfg = pretrain.PretrainConfig(out=str(tmp_path / "base"), steps=2, batch_size=4, save_every=1, warmup=1)
     checkpoint = pretrain.run(cfg)
@@ -79,11 +93,10 @@ def test_mixture_is_named_per_task():
         pretrain.parse_mixture("qa=lots")
     # the default weighs the tasks as the shipped base's record says, in the order TASKS draws them
     record = json.loads((base_model_dir() / "pretrain_config.json").read_text())
-    assert record["mixture"] == pretrain.DEFAULT_MIXTURE
+    assert record["phases"][0]["mixture"] == pretrain.DEFAULT_MIXTURE
     assert pretrain.PretrainConfig().weights() == [pretrain.DEFAULT_MIXTURE[t] for t in pretrain.TASKS]
-    # and the rest of the recipe: `fastjudge toy-pretrain` with its defaults rebuilds the shipped base
-    defaults = vars(pretrain.PretrainConfig())
-    assert {k: v for k, v in record.items() if k != "out"} == {k: v for k, v in defaults.items() if k != "out"}
+    # and the rest of the recipe: `fastjudge toy-pretrain --recipe shipped` rebuilds the shipped base
+    assert record == pretrain.recipe_record(pretrain.recipe_configs(pretrain.SHIPPED_RECIPE, "out"))
     # a task left out has weight 0: it is never drawn, and the others keep their names
     cfg = pretrain.PretrainConfig(mixture={"qa": 1.0, "match": 1.0})
     assert cfg.weights() == [0.0, 1.0, 0.0, 0.0, 1.0]

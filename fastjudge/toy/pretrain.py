@@ -76,6 +76,45 @@ class PretrainConfig:
         return [float(self.mixture.get(task, 0.0)) for task in TASKS]
 
 
+# The shipped base's recipe (`fastjudge toy-pretrain --recipe shipped`): phases run in order, the first from
+# random weights, each next one from the previous phase's checkpoint, with fresh data (another seed) at a lower
+# learning rate; a field a phase does not name keeps PretrainConfig's default.
+SHIPPED_RECIPE: tuple[dict, ...] = (
+    {},  # 4,500 steps from scratch
+    {"steps": 3000, "lr": 1e-3, "seed": 1},  # longer: perception (docs/toy-world.md has each phase's probe)
+    # judge-heavy: the own answer inside the judge prompt, the checks and the text comparison
+    {"steps": 3000, "lr": 1e-3, "seed": 2,
+     "mixture": {"caption": 0.15, "qa": 0.25, "rewrite": 0.05, "judge": 0.45, "match": 0.10}},
+)
+RECORD_FIELDS_LEFT_OUT = ("out", "init", "threads")  # where and how fast it ran, not what it trained
+
+
+def recipe_configs(phases: tuple[dict, ...], out: Path | str, threads: int = 1) -> list[PretrainConfig]:
+    """The PretrainConfig of each phase of a recipe written under `out` (phase k in out/phase-<k>)."""
+    configs = []
+    for k, changes in enumerate(phases):
+        init = None if k == 0 else str(Path(out) / f"phase-{k - 1}" / "checkpoint")
+        configs.append(PretrainConfig(out=str(Path(out) / f"phase-{k}"), init=init, threads=threads, **changes))
+    return configs
+
+
+def recipe_record(configs: list[PretrainConfig]) -> dict:
+    """What a base's pretrain_config.json records: each phase's settings."""
+    return {"phases": [{k: v for k, v in asdict(cfg).items() if k not in RECORD_FIELDS_LEFT_OUT}
+                       for cfg in configs]}
+
+
+def run_recipe(phases: tuple[dict, ...], out: Path | str, threads: int = 1) -> Path:
+    """Run a recipe's phases in order (each resumable; a finished phase is not run again); writes
+    out/pretrain_config.json and returns the last phase's checkpoint."""
+    configs = recipe_configs(phases, out, threads)
+    for cfg in configs:
+        if not (Path(cfg.out) / "checkpoint" / "model.safetensors").is_file():
+            run(cfg)
+    (Path(out) / "pretrain_config.json").write_text(json.dumps(recipe_record(configs), indent=2) + "\n")
+    return Path(configs[-1].out) / "checkpoint"
+
+
 def parse_mixture(text: str) -> dict[str, float]:
     """"caption=0.3,qa=0.36,..." -> {"caption": 0.3, "qa": 0.36, ...} (the command line's --mixture)."""
     mixture = {}
