@@ -313,14 +313,14 @@ def _closed_prompts(count, seed):
 
 
 def test_device_answers_equal_the_tracker_on_each_sample():
-    """Samples that differ (the shipped toy at temperature 2: some with an answer, some without) spread over
+    """Samples that differ (the shipped toy at temperature 3: some with an answer, some without) spread over
     refilled slots: the answer the decoder recorded for each sample is the tracker's on that sample's tokens
     alone, so no span state leaks from a slot's previous sample into its next."""
     adapter = load_adapter(None)
     images, prompts = _closed_prompts(6, seed=8)
     stopping = EarlyStop(adapter.span_tables(), confidence=1.0, min_votes=1)  # never settles: all 8 drawn
     groups = decode_groups(adapter.model, _inputs(adapter, images, prompts), n=8, slots=3, max_new_tokens=12,
-                           eos_ids=adapter.eos_ids, sampler=_multinomial(2.0), early_stop=stopping,
+                           eos_ids=adapter.eos_ids, sampler=_multinomial(3.0), early_stop=stopping,
                            generator=torch.Generator().manual_seed(0))
     assert [len(g) for g in groups] == [8] * 6
     vote = stopping.last_vote
