@@ -58,8 +58,8 @@ HELP = {
             "(Mllama and the toy; exact: the loss and gradients of the unpacked batch)",
     "train": "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA on the "
              "language model, merged into the checkpoint)",
-    "cpu_offload": "under torchrun, sharded fine-tuning (every --train mode): parameters, gradients and optimizer state "
-                   "in CPU memory",
+    "cpu_offload": "under torchrun, sharded fine-tuning (every --train mode): parameters, gradients and "
+                   "optimizer state in CPU memory",
     "activation_checkpointing": "under torchrun, sharded fine-tuning: each decoder layer's activations recomputed "
                                 "in the backward pass",
     "train_state_every": "under torchrun, sharded fine-tuning: steps between two saves of the model, optimizer "

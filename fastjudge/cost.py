@@ -239,8 +239,8 @@ def table(result: dict) -> str:
         if r["work_ours"] != r["work_baseline"]:
             work_text = f"{r['work_ours']:.3g}/{r['work_baseline']:.3g} {r['unit'].split()[-1]}"
         ratio_text = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        ours_text, baseline_text = (
-            "in its rates" if r[f"work_{stack}"] == 0 else hours(r[f"{stack}_gpu_hours"]) for stack in ("ours", "baseline"))
+        ours_text, baseline_text = ("in its rates" if r[f"work_{stack}"] == 0 else hours(r[f"{stack}_gpu_hours"])
+                                    for stack in ("ours", "baseline"))
         lines.append(f"{r['stage']:<22}{work_text:>22}{ours_text:>14}{baseline_text:>16}{ratio_text:>8}")
     ratio = result["total_measured_ratio"]
     ratio_text = "" if ratio is None else f"{ratio:.2f}x"

@@ -249,19 +249,19 @@ class Adapter:
         self.model.eval()
         self.use_gpu_kernels(options)
         per_batch = max(1, batch_rows // (slots or n))
-        shard = self.shard
         stored = None
         if self.batch_store is not None:
             # everything that decides the completions besides the prompts and images: the weights, where they
             # run, how decoding runs, and the sampling settings
             stored = self.batch_store.call(images, prompts, prefixes, dict(
                 weights=self.weights_digest(), device=self.device.type, options=repr(options),
-                family=type(self).__name__, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                family=type(self).__name__, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, min_p=min_p,
                 seed=seed, stop=stops, batch_rows=batch_rows, batch_tokens=batch_tokens, slots=slots,
                 early_stop=early_stop, min_votes=min_votes, templated=templated))
         mine: list[tuple[int, list[list[str]]]] = []  # (chunk, its completions) of this rank's chunks
         for chunk, (start, end) in enumerate(chunks(len(prompts), per_batch)):
-            if shard is not None and chunk % shard[1] != shard[0]:
+            if not self._computes(chunk):
                 continue  # another rank's chunk
             done = stored.load(chunk, end - start) if stored is not None else None
             if done is not None:
@@ -295,13 +295,22 @@ class Adapter:
             if stored is not None:
                 stored.save(chunk, out)
             mine.append((chunk, out))
-        if shard is None:
-            return [texts for _, chunk_texts in mine for texts in chunk_texts]
         # every rank returns every completion: the stages after generation run whole on each rank
-        gathered: list[list[tuple[int, list[list[str]]]]] = [None] * shard[1]  # type: ignore[list-item]
-        dist.all_gather_object(gathered, mine)
-        by_chunk = dict(pair for rank in gathered for pair in rank)
-        return [texts for chunk in sorted(by_chunk) for texts in by_chunk[chunk]]
+        return self._all_chunks(mine)
+
+    def _computes(self, chunk: int) -> bool:
+        """Whether this process computes batch `chunk` of a call: every batch alone, every size-th in a torchrun
+        job (`shard`)."""
+        return self.shard is None or chunk % self.shard[1] == self.shard[0]
+
+    def _all_chunks(self, mine: list[tuple[int, list]]) -> list:
+        """Every batch's results of a call, in order, from this process's (chunk, results) pairs; in a torchrun
+        job the ranks exchange theirs, so that every rank returns them all."""
+        if self.shard is not None:
+            gathered: list = [None] * self.shard[1]
+            dist.all_gather_object(gathered, mine)
+            mine = [pair for rank in gathered for pair in rank]
+        return [result for _, part in sorted(mine, key=lambda pair: pair[0]) for result in part]
 
     @torch.no_grad()
     def choice_probabilities(self, images: list[Image.Image], prompts: list[str], prefixes: list[str],
@@ -327,20 +336,15 @@ class Adapter:
                 raise ValueError(f"prefixes[{i}]: the choices {choices} give no distinct next tokens after it")
             rows.append(self._prompt_ids(prompt, feature) + ids[0][:shared])
             candidates.append([x[shared] for x in ids])
-        shard = self.shard  # in a torchrun job each rank reads every size-th batch; all ranks get them all
-        mine: list[tuple[int, list[list[float]]]] = []
+        mine: list[tuple[int, list[list[float]]]] = []  # (chunk, its probabilities) of this rank's chunks
         for chunk, (start, end) in enumerate(chunks(len(rows), max(1, batch_rows))):
-            if shard is not None and chunk % shard[1] != shard[0]:
+            if not self._computes(chunk):
                 continue
             inputs = self._model_inputs(rows[start:end], features[start:end], left=True)
             logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (B, V): the next token's
             picked = logits.gather(1, torch.tensor(candidates[start:end], device=logits.device))  # (B, choices)
             mine.append((chunk, torch.softmax(picked, dim=-1).tolist()))
-        if shard is not None:
-            gathered: list = [None] * shard[1]
-            dist.all_gather_object(gathered, mine)
-            mine = sorted(pair for rank in gathered for pair in rank)
-        return [p for _, part in mine for p in part]
+        return self._all_chunks(mine)
 
     @property
     def context_length(self) -> int | None:
@@ -516,10 +520,10 @@ class Adapter:
         (`image_features`); a training one ("all") is sharded too: each of its encoder layers (local and global)
         a group, the rest of the tower one, the projector one; the images then go through the root's forward as
         pixels, since FSDP2 gathers its groups only there). With `cpu_offload` the parameters, gradients and
-        optimizer state live in CPU memory and `device` stays the GPU the model was on. Parameters in float32 (the optimizer's copies); on a GPU bf16 compute and
-        fp32 gradient reduction; `activation_checkpointing`: each decoder layer's activations recomputed in the
-        backward pass (transformers' own checkpointing, inside the shard groups). Mllama and the toy only
-        (Qwen's input embeddings are made outside its forward)."""
+        optimizer state live in CPU memory and `device` stays the GPU the model was on. Parameters in float32
+        (the optimizer's copies); on a GPU bf16 compute and fp32 gradient reduction; `activation_checkpointing`:
+        each decoder layer's activations recomputed in the backward pass (transformers' own checkpointing, inside
+        the shard groups). Mllama and the toy only (Qwen's input embeddings are made outside its forward)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         if getattr(self.model.config, "model_type", None) != "mllama":
