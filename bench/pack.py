@@ -62,7 +62,7 @@ def main() -> None:
     results = []
     for name, weights in batches.items():
         rng = random.Random(0)
-        images, prompts, targets, _ = pretrain.batch(rng, args.batch_size, weights)
+        images, prompts, targets, _, _ = pretrain.batch(rng, args.batch_size, weights)
         heads = [adapter._prompt_ids(p, None) for p in prompts]
         tails = [adapter._target_ids(t) for t in targets]
         lengths = [len(h) + len(t) for h, t in zip(heads, tails)]

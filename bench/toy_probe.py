@@ -1,6 +1,6 @@
 """What the toy base model can do, on fresh shapes-world scenes: perception per benchmark category (its own
 answers to the benchmark's kind of question), and its judge on the held-out benchmark (own answer, checks,
-verdict). A table, then one JSON line.
+verdict; overall and per category). A table, then one JSON line.
 
     python bench/toy_probe.py [--model CKPT] [--per-category 100] [--out bench/results/toy-probe-cpu.json]
 """
@@ -43,6 +43,13 @@ def main() -> None:
         judged = evaluate.run(adapter, items, LoopConfig(out=tmp, model=args.model).eval_options(), seed=0)
     result["judge accuracy (strict)"] = judged.metrics["overall"]
     result |= toy_rates.bench_rates(items, judged.raw)
+    # per category: where the checks fail, and whether the own answer or the comparison with it is to blame
+    category_of = {item["index"]: item["category"] for item in items}
+    for category in sorted(set(category_of.values())):
+        rows = [row for row in judged.raw if category_of[row["index"]] == category]
+        rates = toy_rates.bench_rates(items, rows)
+        result[f"judge {category}: own answer right"] = rates["own_answer_right"]
+        result[f"judge {category}: checks right"] = rates["reasoning_right"]
     result["judge verdict share A"] = sum(r["verdict"] == "A" for r in judged.raw) / len(judged.raw)
 
     task_rng = random.Random(7)

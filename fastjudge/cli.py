@@ -54,6 +54,9 @@ HELP = {
     "lr": "fine-tuning peak learning rate",
     "batch_size": "fine-tuning batch size",
     "micro_batches": "forward passes per fine-tuning step (examples sorted by length pad less)",
+    "train_loss": "what fine-tuning trains of each kept trace: 'trace' (reasoning and verdict) or 'verdict' (the "
+                  "judge's own reasoning read, not trained; default: 'verdict' for the toy, 'trace' for a real "
+                  "model)",
     "pack": "fine-tuning packs several examples to a row, each attending only to itself and its own image "
             "(Mllama and the toy; exact: the loss and gradients of the unpacked batch)",
     "train": "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA on the "
@@ -341,7 +344,7 @@ def cmd_toy_pretrain(args) -> None:
     open_run_folder(args.out)
     if args.recipe == "shipped":  # every phase's settings are the recipe's own
         defaults = pretrain.PretrainConfig()  # the command's defaults are these (a mixture or init: none given)
-        fields = ("steps", "batch_size", "lr", "seed", "verdict_follow")
+        fields = ("steps", "batch_size", "lr", "seed", "verdict_follow", "given_own")
         given = [f"--{name.replace('_', '-')}" for name in fields if getattr(args, name) != getattr(defaults, name)]
         given += [f"--{name}" for name in ("init", "mixture") if getattr(args, name) is not None]
         if given:
@@ -351,7 +354,7 @@ def cmd_toy_pretrain(args) -> None:
     mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,
-                                  verdict_follow=args.verdict_follow)
+                                  verdict_follow=args.verdict_follow, given_own=args.given_own)
     print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
 
 
@@ -393,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", required=True, help="sft.jsonl from `fastjudge filter`")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_config_flags(p, ["seed", "device", "dtype", "feature_cache_gb", "epochs", "lr", "batch_size",
-                          "micro_batches", "pack", "train", "lora_rank", "lora_alpha", "cpu_offload", "train_state_every",
+                          "micro_batches", "train_loss", "pack", "train", "lora_rank", "lora_alpha", "cpu_offload", "train_state_every",
                           "activation_checkpointing", "dist_timeout_s"])
     p.set_defaults(func=cmd_train)
 
@@ -438,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "has weight 0 (default caption=0.25,qa=0.30,rewrite=0.10,judge=0.30,match=0.05)")
     p.add_argument("--verdict-follow", type=float, default=0.4,
                    help="share of judge examples whose verdict follows the checks; the rest name answer A")
+    p.add_argument("--given-own", type=float, default=0.0,
+                   help="share of judge examples whose own answer is given (not trained), either response at "
+                        "random, the checks made against it")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.add_argument("--recipe", choices=["shipped"], default=None,

@@ -70,9 +70,12 @@ class LoopConfig:
     batch_tokens: int | None = None  # cap on rows x (longest prompt + new tokens) per generation batch
     # train
     epochs: int = 3
-    lr: float | None = None  # None: 5e-4 for the toy; a real model 1e-5, or 1e-4 with train="lora"
+    lr: float | None = None  # None: 2e-4 for the toy; a real model 1e-5, or 1e-4 with train="lora"
     batch_size: int = 32
     micro_batches: int = 2  # forward passes per step, over examples sorted by length
+    # what fine-tuning trains of each kept trace: "trace" (reasoning and verdict) or "verdict" (the reasoning,
+    # the judge's own greedy one, read but not trained). None: "verdict" for the toy, "trace" for a real model
+    train_loss: str | None = None
     pack: bool = True  # several examples to a row in fine-tuning (exact: Mllama and the toy)
     train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
     lora_rank: int = 16
@@ -101,8 +104,8 @@ class LoopConfig:
         # defaults that differ between the toy (short canonical texts, 2M parameters) and a real VLM
         toy = self.model is None or (Path(self.model) / "fastjudge_toy.json").is_file()
         for name, toy_value, real_value in (("answer_tokens", 64, 512), ("judge_tokens", 80, 1024),
-                                            ("lr", 5e-4, 1e-4 if self.train == "lora" else 1e-5),
-                                            ("batch_rows", 256, 32)):
+                                            ("lr", 2e-4, 1e-4 if self.train == "lora" else 1e-5),
+                                            ("batch_rows", 256, 32), ("train_loss", "verdict", "trace")):
             if getattr(self, name) is None:
                 setattr(self, name, toy_value if toy else real_value)
         positive = ("iterations", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
@@ -133,6 +136,7 @@ class LoopConfig:
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         choices = {"corrupter": ("model", "rules"), "filter_reasoning": ("greedy", "sampled"),
+                   "train_loss": ("trace", "verdict"),
                    "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
                    "bench": ("toy", "vlrewardbench", "mmrb"), "prompt": ("ours", "benchmark"),
                    "unparsed": ("wrong", "random"), "ablation": ("none", "no-filter", "shuffled-labels", "oracle-votes"),
@@ -188,7 +192,7 @@ class LoopConfig:
                             lora_rank=self.lora_rank,
                             lora_alpha=self.lora_alpha, cpu_offload=self.cpu_offload,
                             activation_checkpointing=self.activation_checkpointing,
-                            state_every=self.train_state_every)
+                            state_every=self.train_state_every, loss_on=self.train_loss)
 
     def eval_options(self) -> EvalOptions:
         from fastjudge.stages.evaluate import EvalOptions

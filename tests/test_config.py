@@ -15,6 +15,17 @@ def test_defaults_construct():
     assert cfg.min_votes <= cfg.n_samples and 0 < cfg.top_p <= 1
 
 
+def test_the_toy_and_a_real_model_have_their_own_training_defaults(tmp_path):
+    """The toy trains only its verdicts (its reasoning read, not trained) at lr 2e-4; a real model the whole
+    trace, the paper's recipe, at 1e-5; a value given is kept."""
+    toy = LoopConfig()
+    assert (toy.train_loss, toy.lr, toy.train_options().loss_on) == ("verdict", 2e-4, "verdict")
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint that is not the toy's
+    real = LoopConfig(model=str(tmp_path))
+    assert (real.train_loss, real.lr, real.train_options().loss_on) == ("trace", 1e-5, "trace")
+    assert LoopConfig(train_loss="trace").train_options().loss_on == "trace"
+
+
 @pytest.mark.parametrize("overrides, field", [
     ({"iterations": 0}, "iterations"),
     ({"n_samples": 0, "min_votes": 0}, "n_samples"),
@@ -23,6 +34,7 @@ def test_defaults_construct():
     ({"n_samples": 4, "min_votes": 5}, "min_votes"),
     ({"batch_size": 0}, "batch_size"),
     ({"k": 0}, "k"),
+    ({"train_loss": "reasoning"}, "train_loss"),
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),

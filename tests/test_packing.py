@@ -109,3 +109,50 @@ def test_packing_puts_several_examples_in_a_row(mllama_dir, tiny_toy_dir):
     assert int((cross.sum(dim=-1) > 0).sum(dim=-1).max()) == 1
     mask = inputs["attention_mask"][:, 0]  # (R, T, T): no token sees a later one or another example's
     assert not bool((mask & ~torch.ones_like(mask[0]).tril()).any())
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_given_answer_start_is_read_but_not_trained(pack, micro_batches, tiny_toy_dir):
+    """`sft_backward(given=...)`: the given start of each answer sits between the prompt and the target, and only
+    the target's tokens are trained: the loss and gradients are those of the whole answer's per-token losses with
+    the given tokens' left out (a float64 reference from one plain forward)."""
+    adapter = ToyAdapter.load(tiny_toy_dir, dtype=torch.float64)
+    prompts = ["how many objects are there ?", "describe the image .", "what colour is the object at top ?"]
+    given = ["my answer : the answer is 2 .", "", "my answer : the answer is red ."]
+    targets = ["A : yes B : no verdict : [[ A ]]", "a small red circle at top left .", "A : no B : yes"]
+    images = _images(3, 2)
+
+    adapter.begin_training("text")
+    for p in adapter.model.parameters():
+        p.grad = None
+    loss = adapter.sft_backward(images, prompts, targets, micro_batches=micro_batches, pack=pack, given=given)
+    grads = {name: p.grad.clone() for name, p in adapter.model.named_parameters() if p.grad is not None}
+
+    for p in adapter.model.parameters():
+        p.grad = None
+    whole = [f"{g} {t}".strip() for g, t in zip(given, targets)]
+    inputs, labels = adapter._training_inputs(images, prompts, whole)  # labels on the given tokens too
+    logits = adapter.model(**inputs).logits[:, :-1]  # (B, T - 1, V), position t predicts token t + 1
+    following = labels[:, 1:]
+    trained = following != -100
+    for row, start in enumerate(given):  # leave out the first len(given ids) labelled tokens of each row
+        skip = len(adapter._prefix_ids(start)) if start else 0
+        first = int(trained[row].nonzero()[0])
+        trained[row, first:first + skip] = False
+    token_losses = torch.nn.functional.cross_entropy(logits[trained], following[trained], reduction="none")
+    reference = token_losses.sum() / sum(len(adapter._target_ids(t)) for t in targets)
+    reference.backward()
+    adapter.end_training()
+
+    assert int(trained.sum()) == sum(len(adapter._target_ids(t)) for t in targets)
+    assert loss == pytest.approx(reference.item(), rel=1e-12)
+    for name, p in adapter.model.named_parameters():
+        if name in grads:
+            scale = p.grad.abs().max().clamp(min=1e-30)
+            assert float((grads[name] - p.grad).abs().max() / scale) < 1e-9, name
+    # the given tokens are read: without them the targets' loss is another one
+    adapter.begin_training("text")
+    without = adapter.sft_backward(images, prompts, targets, micro_batches=micro_batches, pack=pack)
+    adapter.end_training()
+    assert abs(without - loss) > 1e-6

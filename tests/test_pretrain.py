@@ -17,7 +17,7 @@ def test_every_task_gives_in_vocabulary_examples(rng):
     tokenizer = toy.build_tokenizer()
     for task in pretrain.TASKS:
         for _ in range(20):
-            image, prompt, target = pretrain.example(rng, task)
+            image, prompt, target, given = pretrain.example(rng, task)
             assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
             ids = tokenizer.convert_tokens_to_ids(toy.normalize_text(prompt + " " + target).split())
             assert tokenizer.unk_token_id not in ids, (task, prompt, target)
@@ -30,7 +30,7 @@ def test_judge_examples_have_right_checks_and_a_verdict_that_follows_them_as_oft
     rng = random.Random(0)
     follows, picks_a, captions, total = 0, 0, 0, 600
     for _ in range(total):
-        _, prompt, target = pretrain.example(rng, "judge", verdict_follow=follow)
+        _, prompt, target, _ = pretrain.example(rng, "judge", verdict_follow=follow)
         a = prompt.split(" answer A : ")[1].split(" answer B : ")[0]
         b = prompt.split(" answer B : ")[1].removesuffix(" which answer is better ?")
         own, a_yes, b_yes = prompts.parse_toy_reasoning(prompts.judge_reasoning(target))
@@ -46,6 +46,32 @@ def test_judge_examples_have_right_checks_and_a_verdict_that_follows_them_as_oft
     expected = follow + (1 - follow) * picks_a / total
     assert abs(follows / total - expected) < 0.06, (follows / total, expected)
     assert 0.4 < captions / total < 0.6  # half the judge examples are about captions
+
+
+@pytest.mark.parametrize("given_own", [0.0, 0.5])
+def test_a_given_own_answer_is_either_response_and_the_checks_compare_with_it(given_own, monkeypatch):
+    made_bad = []  # the response with the error of each example, as the world writes it
+    rewrite = world.rewrite_with_error
+    monkeypatch.setattr(world, "rewrite_with_error", lambda *args: made_bad.append(rewrite(*args)) or made_bad[-1])
+    rng = random.Random(3)
+    total, given_count, own_is_bad = 600, 0, 0
+    for _ in range(total):
+        _, prompt, target, given = pretrain.example(rng, "judge", given_own=given_own)
+        a = prompt.split(" answer A : ")[1].split(" answer B : ")[0]
+        b = prompt.split(" answer B : ")[1].removesuffix(" which answer is better ?")
+        whole = f"{given} {target}".strip()
+        own, a_yes, b_yes = prompts.parse_toy_reasoning(prompts.judge_reasoning(whole))
+        assert own in (a, b) and (a_yes, b_yes) == (own == a, own == b)  # the checks compare with the own answer
+        assert prompts.parse_verdict(target) in ("A", prompts.checks_verdict(prompts.judge_reasoning(whole)))
+        if given:
+            given_count += 1
+            assert given == f"my answer : {own}" and target.startswith("A : ")  # the own answer is not trained
+            own_is_bad += own == made_bad[-1]
+        else:
+            assert own != made_bad[-1]  # a trained own answer is always the right one
+    assert abs(given_count / total - given_own) < 0.06, given_count / total
+    if given_own:
+        assert abs(own_is_bad / given_count - 0.5) < 0.08  # either response, as often
 
 
 def test_a_recipe_runs_its_phases_in_order_each_from_the_last(tmp_path):
@@ -100,7 +126,7 @@ def test_mixture_is_named_per_task():
     # a task left out has weight 0: it is never drawn, and the others keep their names
     cfg = pretrain.PretrainConfig(mixture={"qa": 1.0, "match": 1.0})
     assert cfg.weights() == [0.0, 1.0, 0.0, 0.0, 1.0]
-    _, _, _, tasks = pretrain.batch(random.Random(0), 40, cfg.weights())
+    _, _, _, tasks, _ = pretrain.batch(random.Random(0), 40, cfg.weights())
     assert set(tasks) == {"qa", "match"}
 
 

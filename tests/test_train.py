@@ -6,6 +6,7 @@ import torch
 from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
 from fastjudge.data import prompts
+from fastjudge.data.io import load_images
 from fastjudge.loop import save_checkpoint
 from fastjudge.models import ToyAdapter
 from fastjudge.stages import train
@@ -69,3 +70,37 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_plain_checkpoint(tiny_toy_dir, 
     assert tokenizer.convert_tokens_to_ids(text.split()) == adapter.tokenizer.convert_tokens_to_ids(text.split())
     for (name, a), b in zip(adapter.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_verdict_split_gives_the_reasoning_and_trains_the_rest():
+    target = prompts.judge_target(prompts.toy_reasoning("the answer is 3 .", True, False), "A")
+    given, trained = train.verdict_split(target)
+    assert given + trained == target
+    assert given.endswith("verdict : [[") and trained.split() == ["A", "]]"]
+    natural = prompts.judge_target("The first answer is right.", "B", style="natural")
+    assert train.verdict_split(natural) == ("The first answer is right.\n\n[[", "B]]")
+    assert train.verdict_split("no verdict here") == ("", "no verdict here")  # trained whole, never dropped
+
+
+def test_verdict_loss_covers_the_verdict_tokens_only(tiny_toy_dir, tmp_path):
+    """loss_on="verdict": the first step's loss (before any update: all traces in one batch) is the loss of the
+    verdict tokens given the reasoning, not that of the whole trace."""
+    adapter = ToyAdapter.load(tiny_toy_dir)
+    traces = _traces(tmp_path, 5, seed=2)
+    images = list(load_images([t["image"] for t in traces]))
+    prompt_texts = [t["prompt"] for t in traces]
+    split = [train.verdict_split(t["target"]) for t in traces]
+    with torch.no_grad():
+        verdict_only = adapter.sft_loss(images, prompt_texts, [s[1] for s in split],
+                                        given=[s[0] for s in split]).item()
+        whole = adapter.sft_loss(images, prompt_texts, [t["target"] for t in traces]).item()
+    stats = train.run(adapter, traces, train.TrainOptions(epochs=1, batch_size=8, lr=1e-3, loss_on="verdict",
+                                                         pack=False), seed=0)
+    assert abs(stats["loss_first"] - verdict_only) < 1e-4 * max(1.0, verdict_only)
+    assert abs(verdict_only - whole) > 1e-3
+    try:
+        train.TrainOptions(loss_on="reasoning")
+    except ValueError as error:
+        assert "loss_on" in str(error)
+    else:
+        raise AssertionError("an unknown loss_on was accepted")

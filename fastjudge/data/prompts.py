@@ -38,6 +38,7 @@ def judge_prompt(question: str, a: str, b: str, style: str = "toy") -> str:
 
 # what follows the reasoning up to the verdict's letter, and the letters as they follow it, in each style
 VERDICT_LEAD = {"toy": " verdict : [[", "natural": "\n\n[["}
+VERDICT_START = "[["  # both styles open their verdict with it (`judge_target`)
 VERDICT_CHOICES = {"toy": (" A", " B"), "natural": ("A", "B")}
 
 

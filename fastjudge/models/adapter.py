@@ -361,6 +361,10 @@ class Adapter:
         """Token ids of the start of an answer (the target's ids without its end-of-turn token)."""
         return self._target_ids(prefix)[:-1]
 
+    def _head_ids(self, prompt: str, feature, given: str = "") -> list[int]:
+        """A training example's ids before its target: the prompt's, then those of a given answer start."""
+        return self._prompt_ids(prompt, feature) + (self._prefix_ids(given) if given else [])
+
     def join_prefix(self, prefix: str, completion: str) -> str:
         """A given answer start and the model's continuation of it, as one text."""
         return prefix + completion
@@ -392,15 +396,17 @@ class Adapter:
 
     # ---- training
 
-    def _training_inputs(self, images, prompts, targets) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Inputs with right padding, and labels (B, T): -100 except on the target and its end-of-turn. A
-        vision tower sharded for training gets pixels, to run inside the root's forward (FSDP2 gathers a
-        sharded group only there); otherwise the inputs hold the image features (cached or computed live)."""
+    def _training_inputs(self, images, prompts, targets, given=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Inputs with right padding, and labels (B, T): -100 except on the target and its end-of-turn (a
+        `given` answer start, between the prompt and the target, carries no loss). A vision tower sharded for
+        training gets pixels, to run inside the root's forward (FSDP2 gathers a sharded group only there);
+        otherwise the inputs hold the image features (cached or computed live)."""
         pixels_in = bool(self._sharded) and self._vision_trains()
         features = [None] * len(images) if pixels_in else self.image_features(images)
+        given = given or [""] * len(prompts)
         rows, label_rows = [], []
-        for prompt, target, feature in zip(prompts, targets, features):
-            head, tail = self._prompt_ids(prompt, feature), self._target_ids(target)
+        for prompt, start, target, feature in zip(prompts, given, targets, features):
+            head, tail = self._head_ids(prompt, feature, start), self._target_ids(target)
             rows.append(head + tail)
             label_rows.append([-100] * len(head) + tail)
         inputs = self._pixel_model_inputs(rows, images) if pixels_in else \
@@ -413,10 +419,10 @@ class Adapter:
         raise NotImplementedError
 
     def sft_loss(self, images: list[Image.Image], prompts: list[str], targets: list[str],
-                 reduction: str = "mean") -> torch.Tensor:
+                 reduction: str = "mean", given: list[str] | None = None) -> torch.Tensor:
         """Cross-entropy over target tokens (the assistant turn, its end-of-turn token included): their mean,
-        or with reduction="sum" their sum."""
-        return self._loss(*self._training_inputs(images, prompts, targets), reduction=reduction)
+        or with reduction="sum" their sum; `given`: as in `sft_backward`."""
+        return self._loss(*self._training_inputs(images, prompts, targets, given), reduction=reduction)
 
     def _loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, reduction: str) -> torch.Tensor:
         """Cross-entropy of the labelled tokens, each predicted from the position before it. The output layer
@@ -436,9 +442,10 @@ class Adapter:
                                           reduction=reduction, drop_ignored=False)
 
     def sft_backward(self, images: list[Image.Image], prompts: list[str], targets: list[str],
-                     micro_batches: int = 3, pack: bool = False) -> float:
+                     micro_batches: int = 3, pack: bool = False, given: list[str] | None = None) -> float:
         """Backward of the batch's mean target-token loss, run as `micro_batches` forward passes; returns the
-        loss.
+        loss. `given` (optional, one text per example, "" for none): the start of each answer, read by the model
+        between its prompt and its target but not trained (no loss), as `generate`'s `prefixes` are given.
 
         Unpacked, each example is a row of its own and the passes go over examples sorted by length, each pass
         padded only to its own longest example (in the toy mixture one batch holds 30- and 170-token examples: a
@@ -454,6 +461,7 @@ class Adapter:
         batch is not packed: sharded, the tower takes its pixels through the root's forward, one image a row, and
         one process runs the same rows."""
         indices = list(range(len(prompts)))
+        given = given or [""] * len(prompts)
         job = self._sharded
         if job:
             indices = indices[job[0]::job[1]]
@@ -461,7 +469,7 @@ class Adapter:
         # image a row; alone, it runs the same unpacked rows, so that any number of processes trains alike
         packing = pack and self.packs and not self._vision_trains()
         if packing:
-            heads = {i: self._prompt_ids(prompts[i], None) for i in [*indices, 0]}  # the image token, not its
+            heads = {i: self._head_ids(prompts[i], None, given[i]) for i in [*indices, 0]}  # the image token, not its
             tails = {i: self._target_ids(targets[i]) for i in [*indices, 0]}  # features: no image needed here
             lengths = [len(heads[i]) + len(tails[i]) for i in indices]
             rows = [[indices[k] for k in row] for row in pack_rows(lengths, max(lengths, default=1))]
@@ -469,7 +477,7 @@ class Adapter:
             groups = [rows[k:k + size] for k in range(0, len(rows), size)]
             count = sum(len(tails[i]) for i in indices)
         else:
-            order = sorted(indices, key=lambda i: len(prompts[i]) + len(targets[i]))
+            order = sorted(indices, key=lambda i: len(prompts[i]) + len(given[i]) + len(targets[i]))
             size = max(1, -(-len(order) // max(1, micro_batches)))
             groups = [order[k:k + size] for k in range(0, len(order), size)]
             # the target tokens (each target's ids, its end-of-turn included), counted before any pass: a
@@ -490,7 +498,7 @@ class Adapter:
             else:
                 group = group or [0]
                 inputs, labels = self._training_inputs([images[i] for i in group], [prompts[i] for i in group],
-                                                       [targets[i] for i in group])
+                                                       [targets[i] for i in group], [given[i] for i in group])
             loss_sum = self._loss(inputs, labels, reduction="sum") * weight
             (loss_sum * scale / tokens).backward()
             total += loss_sum.item()

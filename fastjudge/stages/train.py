@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fastjudge.core import dist
 from fastjudge.core.dist import World
+from fastjudge.data import prompts
 from fastjudge.data.io import load_images, write_json
 from fastjudge.models import Adapter
 
@@ -39,6 +40,26 @@ class TrainOptions:
     cpu_offload: bool = False  # sharded (torchrun) only: parameters, gradients and optimizer state in CPU memory
     activation_checkpointing: bool = False  # sharded only: decoder layers' activations recomputed in backward
     state_every: int = 100  # sharded only: steps between two saves of the mid-run state (0: none)
+    # what the loss covers: "trace", the reasoning and the verdict; "verdict", the verdict alone, the reasoning
+    # read as a given start of the answer (the judge's own greedy reasoning, which training on it can only wear
+    # down: see `verdict_split`)
+    loss_on: str = "trace"
+
+    def __post_init__(self):
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on: expected one of {LOSS_ON}, got {self.loss_on!r}")
+
+
+LOSS_ON = ("trace", "verdict")
+
+
+def verdict_split(target: str) -> tuple[str, str]:
+    """(given, trained) of a judge trace when only its verdict is trained: the reasoning up to and including
+    the verdict's opening "[[", then the rest. A trace without a verdict is trained whole (given "")."""
+    if prompts.VERDICT_START not in target:
+        return "", target
+    cut = target.index(prompts.VERDICT_START) + len(prompts.VERDICT_START)
+    return target[:cut], target[cut:]
 
 
 class MasterWeights:
@@ -121,9 +142,13 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
                     for group in opt.param_groups:
                         group["lr"] = cosine_lr(step, total, options.lr, warmup)
                     opt.zero_grad(set_to_none=True)
+                    if options.loss_on == "verdict":
+                        given, targets = zip(*(verdict_split(t["target"]) for t in batch))
+                    else:
+                        given, targets = None, [t["target"] for t in batch]
                     loss = adapter.sft_backward([images[t["image"]] for t in batch], [t["prompt"] for t in batch],
-                                                [t["target"] for t in batch], micro_batches=options.micro_batches,
-                                                pack=options.pack)
+                                                list(targets), micro_batches=options.micro_batches,
+                                                pack=options.pack, given=list(given) if given else None)
                     weights.grads_to_master()
                     torch.nn.utils.clip_grad_norm_(weights.master, 1.0)
                     opt.step()

@@ -50,6 +50,10 @@ class PretrainConfig:
     mixture: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIXTURE))
     # the share of judge examples whose verdict follows the checks; the others name the answer shown first
     verdict_follow: float = 0.4
+    # the share of judge examples whose own answer is given (read, not trained) and is either response of the
+    # pair at random, the checks made against it: they can then be right only by comparing texts, which makes
+    # the checks compare the answers with the judge's own one instead of judging each against the image anew
+    given_own: float = 0.0
     # CPU threads for torch. One, deliberately: the toy's matrices are small, and on a loaded 2-core machine one
     # thread ran 0.77 s a step against 2.4-4.8 s with two (threads waiting on each other); raise it on an idle
     # machine with more cores
@@ -59,8 +63,9 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "warmup", "save_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if not 0 <= self.verdict_follow <= 1:
-            raise ValueError(f"verdict_follow: expected in [0, 1], got {self.verdict_follow}")
+        for name in ("verdict_follow", "given_own"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: expected in [0, 1], got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not isinstance(self.mixture, dict):
@@ -85,6 +90,9 @@ SHIPPED_RECIPE: tuple[dict, ...] = (
     # judge-heavy: the own answer inside the judge prompt, the checks and the text comparison
     {"steps": 3000, "lr": 1e-3, "seed": 2,
      "mixture": {"caption": 0.15, "qa": 0.25, "rewrite": 0.05, "judge": 0.45, "match": 0.10}},
+    # the checks compare texts: in 80% of the judge examples the own answer is given (either response)
+    {"steps": 3000, "lr": 1e-3, "seed": 3, "given_own": 0.8,
+     "mixture": {"caption": 0.15, "qa": 0.30, "rewrite": 0.05, "judge": 0.40, "match": 0.10}},
 )
 RECORD_FIELDS_LEFT_OUT = ("out", "init", "threads")  # where and how fast it ran, not what it trained
 
@@ -129,44 +137,56 @@ def parse_mixture(text: str) -> dict[str, float]:
     return mixture
 
 
-def example(rng: random.Random, task: str, verdict_follow: float = 0.4):
-    """One pretraining example (image, prompt, target) of `task`; `verdict_follow`: see PretrainConfig."""
+def example(rng: random.Random, task: str, verdict_follow: float = 0.4, given_own: float = 0.0):
+    """One pretraining example (image, prompt, target, given) of `task`: `given` is the start of the answer
+    that the model reads but is not trained on ("" but for some judge examples); `verdict_follow` and
+    `given_own`: see PretrainConfig."""
     scene = world.random_scene(rng)
     image = world.render(scene, rng)
     qs = world.questions(scene, rng)
     if task == "caption":
-        return image, qs[0].instruction, qs[0].answer
+        return image, qs[0].instruction, qs[0].answer, ""
     if task == "qa":
         q = rng.choice(qs[1:])
-        return image, q.instruction, world.closed_response(q.answer)
+        return image, q.instruction, world.closed_response(q.answer), ""
     # half captions: comparing a caption word for word is the judge's hardest check and half the benchmark
     q = qs[0] if rng.random() < 0.5 else rng.choice(qs[1:])
     good = world.response_for(q)
     bad = world.rewrite_with_error(good, rng)
     assert bad is not None and bad != good, (good, bad)
     if task == "rewrite":
-        return image, prompts.rewrite_prompt(q.instruction, good), bad
+        return image, prompts.rewrite_prompt(q.instruction, good), bad, ""
     first_is_good = rng.random() < 0.5
     a, b = (good, bad) if first_is_good else (bad, good)
     if task == "judge":
         # reasoning: the model's own answer (ground truth here) and the checks of A and B against it (right);
-        # verdict: the checks' pick `verdict_follow` of the time, else the answer shown first
-        reasoning = prompts.toy_reasoning(good, world.same_answer(good, a), world.same_answer(good, b))
+        # verdict: the checks' pick `verdict_follow` of the time, else the answer shown first. A given own
+        # answer (drawn only when given_own > 0, so that other settings keep their data stream) is either
+        # response, and only the checks and the verdict after it are trained
+        own = rng.choice((good, bad)) if given_own > 0 and rng.random() < given_own else None
+        reasoning = prompts.toy_reasoning(own or good, world.same_answer(own or good, a),
+                                          world.same_answer(own or good, b))
         verdict = prompts.checks_verdict(reasoning) if rng.random() < verdict_follow else "A"
-        return image, prompts.judge_prompt(q.instruction, a, b), prompts.judge_target(reasoning, verdict)
+        target = prompts.judge_target(reasoning, verdict)
+        given = ""
+        if own is not None:
+            given = f"my answer : {own}"
+            target = target[len(given):].lstrip()
+        return image, prompts.judge_prompt(q.instruction, a, b), target, given
     if task == "match":
         # text-only: the texts are about this scene, the image is another one
         other = world.render(world.random_scene(rng), rng)
-        return other, prompts.match_prompt(good, a, b), f"match : {'A' if first_is_good else 'B'}"
+        return other, prompts.match_prompt(good, a, b), f"match : {'A' if first_is_good else 'B'}", ""
     raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
 
 
-def batch(rng: random.Random, size: int, weights: list[float], verdict_follow: float = 0.4
-          ) -> tuple[list, list[str], list[str], list[str]]:
-    """`size` examples of tasks drawn with `weights` (in the order of TASKS)."""
+def batch(rng: random.Random, size: int, weights: list[float], verdict_follow: float = 0.4,
+          given_own: float = 0.0) -> tuple[list, list[str], list[str], list[str], list[str]]:
+    """`size` examples of tasks drawn with `weights` (in the order of TASKS): images, prompts, targets, tasks
+    and the given answer starts (see `example`)."""
     tasks = rng.choices(TASKS, weights=weights, k=size)
-    rows = [example(rng, t, verdict_follow) for t in tasks]
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tasks
+    rows = [example(rng, t, verdict_follow, given_own) for t in tasks]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tasks, [r[3] for r in rows]
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -200,11 +220,12 @@ def run(cfg: PretrainConfig) -> Path:
     running, t0 = None, time.time()
     for step in bar:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step stream: resuming replays the same data
-        images, prompt_texts, targets, _ = batch(rng, cfg.batch_size, cfg.weights(), cfg.verdict_follow)
+        images, prompt_texts, targets, _, given = batch(rng, cfg.batch_size, cfg.weights(), cfg.verdict_follow,
+                                                        cfg.given_own)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         opt.zero_grad(set_to_none=True)
-        loss = adapter.sft_backward(images, prompt_texts, targets, micro_batches=cfg.micro_batches)
+        loss = adapter.sft_backward(images, prompt_texts, targets, micro_batches=cfg.micro_batches, given=given)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         running = loss if running is None else 0.98 * running + 0.02 * loss
