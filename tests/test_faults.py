@@ -1,5 +1,6 @@
 """A toy run killed (SIGKILL) at seeded points in every stage and resumed writes exactly what an uninterrupted run
-writes: every output file compared, byte for byte where the run is deterministic."""
+writes: every output file compared, byte for byte where the run is deterministic (verdict probabilities to
+1e-6)."""
 
 from __future__ import annotations
 
@@ -67,11 +68,28 @@ def _outputs(out: Path) -> dict[str, str]:
             record = json.loads(path.read_text())
             record.pop("resume", None)
             record.pop("out", None)  # each run's own folder
-            text = json.dumps(_without_seconds(record), sort_keys=True)
+            text = json.dumps(_rounded(_without_seconds(record)), sort_keys=True)
+        elif path.name in ("outputs.jsonl", "predictions.jsonl", "metrics.json"):
+            # the judgments' texts and verdicts exactly; their verdict probabilities (p_first, and the calibration
+            # made of them) to 1e-6: a resumed eval reads them from a model it loaded, and they have differed
+            # from the uninterrupted run's in the seventh decimal (float rounding), never in a verdict
+            lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+            text = json.dumps([_rounded(json.loads(line)) for line in lines if line.strip()], sort_keys=True)
         else:
             text = hashlib.sha256(path.read_bytes()).hexdigest()
         files[name] = text
     return files
+
+
+def _rounded(value):
+    """Every float of a record to 6 decimals."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _without_seconds(value):

@@ -116,7 +116,7 @@ def test_resume_refuses_changed_settings_and_takes_the_safe_ones_with_override(t
     # a changed setting that would change what the run computes: refused, each one named, nothing written
     code, _, err = run_cli(capsys, base + ["--resume", "--seed", "7", "--lr", "0.01"])
     assert code == 2 and err.count("\n") == 1
-    assert "--seed 7 (the run has 0)" in err and "--lr 0.01 (the run has 0.0005)" in err
+    assert "--seed 7 (the run has 0)" in err and "--lr 0.01 (the run has 0.0002)" in err
     # a safe one needs --override; with it the run goes on with it
     code, _, err = run_cli(capsys, base + ["--resume", "--iterations", "2"])
     assert code == 2 and "pass --override iterations" in err
