@@ -42,13 +42,23 @@ VERDICT_START = "[["  # both styles open their verdict with it (`judge_target`)
 VERDICT_CHOICES = {"toy": (" A", " B"), "natural": ("A", "B")}
 
 
+def split_at_verdict(text: str) -> tuple[str, str] | None:
+    """(the text up to and including the "[[" that opens its verdict, the rest); None when it has no verdict.
+    The first "[[": what the judge wrote after its reasoning."""
+    start = text.find(VERDICT_START)
+    if start < 0:
+        return None
+    cut = start + len(VERDICT_START)
+    return text[:cut], text[cut:]
+
+
 def verdict_prefix(output: str, style: str = "toy") -> str:
     """A judge output cut just before its verdict's letter: up to its last "[[" (a verdict follows the
     reasoning), or, when it wrote none, the whole output followed by the style's lead-in (the verdict is then
     read where it would have come)."""
-    start = output.rfind("[[")
+    start = output.rfind(VERDICT_START)
     if start >= 0:
-        return output[:start + 2]
+        return output[:start + len(VERDICT_START)]
     return output.rstrip() + VERDICT_LEAD[style]
 
 

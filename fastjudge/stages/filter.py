@@ -94,9 +94,9 @@ def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], options:
                                                temperature=0.0, batch_rows=options.batch_rows,
                                                batch_tokens=options.batch_tokens, seed=seed, progress=bar.update)]
     # the verdict is sampled after the greedy reasoning; an output without a verdict stays as it is (unparsed)
-    lead = prompt_texts.VERDICT_START
-    open_verdict = [i for i, text in enumerate(greedy) if lead in text]
-    prefixes = [greedy[i][:greedy[i].index(lead) + len(lead)] for i in open_verdict]
+    splits = [prompt_texts.split_at_verdict(text) for text in greedy]
+    open_verdict = [i for i, split in enumerate(splits) if split is not None]
+    prefixes = [splits[i][0] for i in open_verdict]
     with tqdm(total=len(open_verdict), desc="filter: verdict", unit="judgment") as bar:
         verdicts = judge.generate([images[i] for i in open_verdict], [judge_prompts[i] for i in open_verdict],
                                   max_new_tokens=VERDICT_TOKENS, prefixes=prefixes, progress=bar.update,

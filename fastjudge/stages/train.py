@@ -56,10 +56,7 @@ LOSS_ON = ("trace", "verdict")
 def verdict_split(target: str) -> tuple[str, str]:
     """(given, trained) of a judge trace when only its verdict is trained: the reasoning up to and including
     the verdict's opening "[[", then the rest. A trace without a verdict is trained whole (given "")."""
-    if prompts.VERDICT_START not in target:
-        return "", target
-    cut = target.index(prompts.VERDICT_START) + len(prompts.VERDICT_START)
-    return target[:cut], target[cut:]
+    return prompts.split_at_verdict(target) or ("", target)
 
 
 class MasterWeights:
@@ -124,6 +121,8 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
         total = batches_per_epoch * options.epochs
         warmup = max(1, total // 10)
         adapter.model.train()
+        # each trace as (given answer start, trained target): the reasoning given with loss_on="verdict"
+        split = verdict_split if options.loss_on == "verdict" else (lambda target: ("", target))
         losses, step, t0 = [], 0, time.time()
         state = _TrainState(state_dir, options.state_every, inputs_key) if inputs_key is not None else None
         resumed = state.load(adapter.model, opt, job) if state is not None else None
@@ -142,13 +141,10 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
                     for group in opt.param_groups:
                         group["lr"] = cosine_lr(step, total, options.lr, warmup)
                     opt.zero_grad(set_to_none=True)
-                    if options.loss_on == "verdict":
-                        given, targets = zip(*(verdict_split(t["target"]) for t in batch))
-                    else:
-                        given, targets = None, [t["target"] for t in batch]
+                    given, targets = zip(*(split(t["target"]) for t in batch))
                     loss = adapter.sft_backward([images[t["image"]] for t in batch], [t["prompt"] for t in batch],
                                                 list(targets), micro_batches=options.micro_batches,
-                                                pack=options.pack, given=list(given) if given else None)
+                                                pack=options.pack, given=list(given))
                     weights.grads_to_master()
                     torch.nn.utils.clip_grad_norm_(weights.master, 1.0)
                     opt.step()

@@ -163,13 +163,13 @@ def example(rng: random.Random, task: str, verdict_follow: float = 0.4, given_ow
         # verdict: the checks' pick `verdict_follow` of the time, else the answer shown first. A given own
         # answer (drawn only when given_own > 0, so that other settings keep their data stream) is either
         # response, and only the checks and the verdict after it are trained
-        own = rng.choice((good, bad)) if given_own > 0 and rng.random() < given_own else None
-        reasoning = prompts.toy_reasoning(own or good, world.same_answer(own or good, a),
-                                          world.same_answer(own or good, b))
+        given_answer = given_own > 0 and rng.random() < given_own
+        own = rng.choice((good, bad)) if given_answer else good
+        reasoning = prompts.toy_reasoning(own, world.same_answer(own, a), world.same_answer(own, b))
         verdict = prompts.checks_verdict(reasoning) if rng.random() < verdict_follow else "A"
         target = prompts.judge_target(reasoning, verdict)
         given = ""
-        if own is not None:
+        if given_answer:
             given = f"my answer : {own}"
             target = target[len(given):].lstrip()
         return image, prompts.judge_prompt(q.instruction, a, b), target, given
