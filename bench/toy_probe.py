@@ -36,6 +36,8 @@ def main() -> None:
     result = {}
     perception = toy_rates.perception_probe(adapter, args.per_category)
     result |= {f"perception {c}": v for c, v in perception["categories"].items()}
+    # which question families make a category's figure (a category mixes captions and closed questions)
+    result |= {f"perception {f}": v for f, v in perception["families"].items() if f.split()[0] != f.split()[1]}
 
     with tempfile.TemporaryDirectory() as tmp:
         bench = toy_files.write_toy_benchmark(Path(tmp), args.per_category)
@@ -57,9 +59,9 @@ def main() -> None:
     outs = adapter.generate([m[0] for m in match], [m[1] for m in match], max_new_tokens=5)
     result["text comparison (match) accuracy"] = sum(o[0] == m[2] for o, m in zip(outs, match)) / len(match)
 
-    print(f"{'probe':<40}{'value':>8}")
+    print(f"{'probe':<44}{'value':>8}")
     for name, value in result.items():
-        print(f"{name:<40}{value:>8.3f}")
+        print(f"{name:<44}{value:>8.3f}")
     record = {"bench": "toy_probe", "model": args.model or "shipped toy base",
               "per_category": args.per_category} | {k: round(v, 4) for k, v in result.items()}
     if args.out:

@@ -346,15 +346,18 @@ def cmd_toy_pretrain(args) -> None:
         defaults = pretrain.PretrainConfig()  # the command's defaults are these (a mixture or init: none given)
         fields = ("steps", "batch_size", "lr", "seed", "verdict_follow", "given_own")
         given = [f"--{name.replace('_', '-')}" for name in fields if getattr(args, name) != getattr(defaults, name)]
-        given += [f"--{name}" for name in ("init", "mixture") if getattr(args, name) is not None]
+        given += [f"--{name.replace('_', '-')}" for name in ("init", "mixture", "qa_families")
+                  if getattr(args, name) is not None]
         if given:
             raise ValueError(f"--recipe: the recipe sets every phase's training settings; drop {', '.join(given)}")
         print(json.dumps({"checkpoint": str(pretrain.run_recipe(pretrain.SHIPPED_RECIPE, args.out, args.threads))}))
         return
     mixture = pretrain.parse_mixture(args.mixture) if args.mixture else dict(pretrain.DEFAULT_MIXTURE)
+    qa_families = pretrain.parse_mixture(args.qa_families, "qa-families", "family") if args.qa_families else None
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,
-                                  verdict_follow=args.verdict_follow, given_own=args.given_own)
+                                  verdict_follow=args.verdict_follow, given_own=args.given_own,
+                                  qa_families=qa_families)
     print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
 
 
@@ -444,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--given-own", type=float, default=0.0,
                    help="share of judge examples whose own answer is given (not trained), either response at "
                         "random, the checks made against it")
+    p.add_argument("--qa-families", default=None,
+                   help="weights of the qa task's closed question families as family=weight,... over count, "
+                        "attribute, option, where, relation; a family left out has weight 0 (default: the "
+                        "scene's families uniformly)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.add_argument("--recipe", choices=["shipped"], default=None,

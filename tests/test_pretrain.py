@@ -2,6 +2,7 @@
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -98,6 +99,36 @@ def test_pretraining_runs_saves_and_resumes(tmp_path):
     assert json.loads((tmp_path / "base" / "config.json").read_text())["steps"] == 3
 
 
+def _family_of(instruction: str) -> str:
+    """The closed question family of a qa prompt, read from its words (independently of Question.family)."""
+    words = instruction.split()
+    if words[:2] == ["how", "many"]:
+        return "count"
+    if words[0] == "what":
+        return "attribute"
+    return {"which": "option", "where": "where", "is": "relation"}[words[0]]
+
+
+def test_qa_families_weigh_the_closed_question_families():
+    # uniform by default: every family drawn, relation less often (absent from one-object scenes)
+    uniform = Counter(_family_of(pretrain.example(random.Random(i), "qa")[1]) for i in range(1000))
+    assert set(uniform) == set(world.CLOSED_FAMILIES)
+    assert all(170 < uniform[f] < 240 for f in ("count", "attribute", "option", "where")), uniform
+    assert uniform["relation"] < uniform["where"]
+    # weighted: a family left out is never drawn; the others in proportion to their weights on scenes that have
+    # both: 2/3 of the two- and three-object scenes (2/3 of all), none of the one-object ones, so 4/9 overall
+    weights = {"where": 1.0, "relation": 2.0}
+    drawn = Counter(_family_of(pretrain.example(random.Random(i), "qa", qa_families=weights)[1])
+                    for i in range(1000))
+    assert set(drawn) == {"where", "relation"}
+    assert abs(drawn["relation"] / 1000 - 4 / 9) < 0.05, drawn
+    # and the answer is still the scene's truth
+    for i in range(50):
+        image_rng = random.Random(i)
+        _, prompt, target, _ = pretrain.example(image_rng, "qa", qa_families={"relation": 1.0, "count": 1.0})
+        assert world.final_answer(target) is not None
+
+
 def test_bad_pretrain_config_names_the_field():
     with pytest.raises(ValueError, match="^steps"):
         pretrain.PretrainConfig(steps=0)
@@ -109,6 +140,12 @@ def test_bad_pretrain_config_names_the_field():
         pretrain.PretrainConfig(mixture={"caption": 1.0, "qa": -0.5})
     with pytest.raises(ValueError, match="^threads"):
         pretrain.PretrainConfig(threads=0)
+    with pytest.raises(ValueError, match=r"^qa_families: unknown famil\(ies\) \['colour'\]"):
+        pretrain.PretrainConfig(qa_families={"colour": 1.0})
+    with pytest.raises(ValueError, match="^qa_families: expected non-negative"):
+        pretrain.PretrainConfig(qa_families={"where": -1.0, "count": 2.0})
+    with pytest.raises(ValueError, match="^qa_families: expected a positive weight for at least one of"):
+        pretrain.PretrainConfig(qa_families={"relation": 1.0})  # a one-object scene would have nothing to draw
 
 
 def test_mixture_is_named_per_task():
@@ -145,3 +182,12 @@ def test_toy_pretrain_command_takes_named_weights_and_threads(tmp_path, capsys):
     assert saved["mixture"] == {"qa": 1.0, "judge": 1.0} and saved["threads"] == 1
     assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad"), "--mixture", "0.3,0.7"]) == 2
     assert "mixture: expected task=weight" in capsys.readouterr().err
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "families"), "--steps", "1", "--batch-size", "2",
+                     "--qa-families", "where=2,relation=1"]) == 0
+    saved = json.loads((tmp_path / "families" / "config.json").read_text())
+    assert saved["qa_families"] == {"where": 2.0, "relation": 1.0}
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad2"), "--qa-families", "where"]) == 2
+    assert "qa-families: expected family=weight" in capsys.readouterr().err
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad3"), "--recipe", "shipped",
+                     "--qa-families", "where=1"]) == 2
+    assert "drop --qa-families" in capsys.readouterr().err

@@ -47,6 +47,40 @@ def test_toy_prompt_truth_is_the_pool_that_was_written(tmp_path):
     assert list(toy_files.toy_prompt_truth(20, seed=9).items())[:12] == list(truth.items())
 
 
+class _Answerer:
+    """A stand-in model for the perception probe: answers each question it is asked (in order) with a given list
+    of responses, and records the instructions."""
+
+    def __init__(self, responses):
+        self.responses, self.asked = responses, []
+
+    def generate(self, images, texts, max_new_tokens):
+        self.asked = list(texts)
+        return [(r,) for r in self.responses]
+
+
+def test_perception_probe_scores_each_category_and_question_family():
+    # replay the probe's draws independently to know each question; answer right except where-is questions
+    rng = random.Random(toy_rates.PROBE_SEED)
+    draws = []
+    for category, _, scene, (question, _, _) in world.benchmark_draws(rng, 12):
+        world.render(scene, rng)  # the probe renders each scene from the same stream
+        draws.append((category, question))
+    responses = [world.closed_response("nowhere") if q.family == "where" else world.response_for(q)
+                 for _, q in draws]
+    model = _Answerer(responses)
+    probe = toy_rates.perception_probe(model, 12)
+    assert model.asked == [q.instruction for _, q in draws]
+    assert probe["counts"] == {c: 12 for c in world.CATEGORIES}
+    wheres = sum(q.family == "where" for c, q in draws if c == "spatial")
+    assert 0 < wheres < 12  # spatial mixes captions, where-is and relation questions
+    assert probe["categories"]["spatial"] == pytest.approx(1 - wheres / 12)
+    assert all(probe["categories"][c] == 1.0 for c in world.CATEGORIES if c != "spatial")
+    assert probe["families"]["spatial where"] == 0.0
+    assert {f for f in probe["families"] if f.startswith("vqa ")} <= {"vqa attribute", "vqa option"}
+    assert all(v == 1.0 for f, v in probe["families"].items() if f != "spatial where")
+
+
 def _output(own, a_yes, b_yes, verdict):
     return prompts.judge_target(prompts.toy_reasoning(own, a_yes, b_yes), verdict)
 

@@ -237,6 +237,7 @@ def test_questions_on_a_hand_built_scene():
         assert qs[0].instruction in world.OPEN_INSTRUCTIONS
         assert [q.topic for q in qs] == ["caption", "count", "vqa", "vqa", "spatial", "spatial"]
         assert [q.answer_type for q in qs[1:]] == ["number", "short", "option", "short", "short"]
+        assert [q.family for q in qs] == ["caption", *world.CLOSED_FAMILIES]
         for q in qs[1:]:
             assert q.kind == "closed"
             assert q.answer == oracle(HAND, q.instruction), q
@@ -280,6 +281,7 @@ def test_single_object_scene_has_no_relation_question(rng):
     scene = Scene((Obj("square", "yellow", "small", 1, 2),))
     qs = world.questions(scene, rng)
     assert len(qs) == 5 and not any(q.instruction.startswith("is the") for q in qs)
+    assert [q.family for q in qs] == ["caption", "count", "attribute", "option", "where"]
     assert qs[-1].answer == "right"
 
 

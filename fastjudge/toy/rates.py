@@ -101,7 +101,8 @@ def perception_probe(adapter, per_category: int = 100, seed: int = PROBE_SEED) -
     questions for count and vqa), answered greedily by the model itself; the share whose answer says what the
     scene says. This is the judge's first step (its own answer), so it bounds how often its checks are right.
 
-    Returns {"categories": {category: share}, "counts": {category: n}}.
+    Returns {"categories": {category: share}, "counts": {category: n}, "families": {"category family": share}}
+    (families: the question families within a category, e.g. "spatial where" or "vqa option").
     """
     rng = random.Random(seed)
     images, questions, categories = [], [], []
@@ -111,6 +112,10 @@ def perception_probe(adapter, per_category: int = 100, seed: int = PROBE_SEED) -
         categories.append(category)
     outputs = adapter.generate(images, [q.instruction for q in questions], max_new_tokens=64)
     right: dict[str, list[bool]] = {}
+    by_family: dict[str, list[bool]] = {}
     for (text,), q, category in zip(outputs, questions, categories):
-        right.setdefault(category, []).append(world.same_answer(text, world.response_for(q)))
-    return {"categories": {c: _share(v) for c, v in right.items()}, "counts": {c: len(v) for c, v in right.items()}}
+        ok = world.same_answer(text, world.response_for(q))
+        right.setdefault(category, []).append(ok)
+        by_family.setdefault(f"{category} {q.family}", []).append(ok)
+    return {"categories": {c: _share(v) for c, v in right.items()}, "counts": {c: len(v) for c, v in right.items()},
+            "families": {f: _share(v) for f, v in sorted(by_family.items())}}

@@ -36,6 +36,9 @@ DIGITS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")  # the toy writes co
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 30)}
 OPEN_INSTRUCTIONS = ("describe the image .", "what is in the image ?", "list the objects in the image .")
 CATEGORIES = ("attribute", "count", "spatial", "existence", "vqa")
+# The closed question families of `questions`: a count, an attribute of the object at a cell, the option letter of
+# its shape, where an object is, and a relation between two objects (scenes of two objects or more only).
+CLOSED_FAMILIES = ("count", "attribute", "option", "where", "relation")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Question:
     kind: "open" (caption-like, long answer) or "closed" (a short final answer that can be voted on).
     answer_type: "caption" for open; "number", "option" or "short" for closed.
     topic: which benchmark category an error in the response falls under.
+    family: which question family of `questions` it is (CLOSED_FAMILIES or "caption"); "" for a bare answer.
     """
 
     instruction: str
@@ -83,6 +87,7 @@ class Question:
     answer_type: str
     answer: str  # the final answer for closed questions, the caption for open ones
     topic: str
+    family: str = ""
 
 
 MAX_OBJECTS = 3
@@ -165,7 +170,7 @@ def final_answer(text: str) -> str | None:
 def questions(scene: Scene, rng: random.Random) -> list[Question]:
     """Every question family for this scene, one random instance each (the caller picks among them)."""
     objs = scene.objects
-    out = [Question(rng.choice(OPEN_INSTRUCTIONS), "open", "caption", caption(objs), "caption")]
+    out = [Question(rng.choice(OPEN_INSTRUCTIONS), "open", "caption", caption(objs), "caption", "caption")]
 
     # count: all objects, by colour, by shape
     colour = rng.choice(COLOURS)
@@ -175,7 +180,7 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
         (f"how many {colour} objects are there ?", sum(o.colour == colour for o in objs)),
         (f"how many {shape} objects are there ?", sum(o.shape == shape for o in objs)),
     ])
-    out.append(Question(count_q[0], "closed", "number", str(count_q[1]), "count"))
+    out.append(Question(count_q[0], "closed", "number", str(count_q[1]), "count", "count"))
 
     target = rng.choice(objs)
     pos = target.position
@@ -184,7 +189,7 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
         (f"what shape is the object at {pos} ?", target.shape),
         (f"what size is the object at {pos} ?", target.size),
     ])
-    out.append(Question(attribute_q[0], "closed", "short", attribute_q[1], "vqa"))
+    out.append(Question(attribute_q[0], "closed", "short", attribute_q[1], "vqa", "attribute"))
 
     # multiple choice over the three shapes in a shuffled order; the option letter is the answer
     options = list(SHAPES)
@@ -192,9 +197,9 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
     letters = "abc"
     listed = " ".join(f"( {letters[i]} ) {name}" for i, name in enumerate(options))
     out.append(Question(f"which shape is at {pos} ? {listed}", "closed", "option",
-                        f"( {letters[options.index(target.shape)]} )", "vqa"))
+                        f"( {letters[options.index(target.shape)]} )", "vqa", "option"))
 
-    out.append(Question(f"where is the {target.colour} {target.shape} ?", "closed", "short", pos, "spatial"))
+    out.append(Question(f"where is the {target.colour} {target.shape} ?", "closed", "short", pos, "spatial", "where"))
 
     if len(objs) >= 2:
         first, second = rng.sample(list(objs), 2)
@@ -205,7 +210,7 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
         }[relation]
         out.append(Question(
             f"is the {first.colour} {first.shape} {relation} the {second.colour} {second.shape} ?",
-            "closed", "short", "yes" if holds else "no", "spatial"))
+            "closed", "short", "yes" if holds else "no", "spatial", "relation"))
     return out
 
 
