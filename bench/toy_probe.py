@@ -36,8 +36,12 @@ def main() -> None:
     result = {}
     perception = toy_rates.perception_probe(adapter, args.per_category)
     result |= {f"perception {c}": v for c, v in perception["categories"].items()}
-    # which question families make a category's figure (a category mixes captions and closed questions)
-    result |= {f"perception {f}": v for f, v in perception["families"].items() if f.split()[0] != f.split()[1]}
+    # which question families make a category's figure (a category mixes captions and closed questions); a
+    # category of one family of its own name (count) adds nothing
+    for name, share in perception["families"].items():
+        category, family = name.split(" ", 1)
+        if family != category:
+            result[f"perception {name}"] = share
 
     with tempfile.TemporaryDirectory() as tmp:
         bench = toy_files.write_toy_benchmark(Path(tmp), args.per_category)

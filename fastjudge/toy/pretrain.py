@@ -33,6 +33,15 @@ TASKS = ("caption", "qa", "rewrite", "judge", "match")
 DEFAULT_MIXTURE = {"caption": 0.25, "qa": 0.30, "rewrite": 0.10, "judge": 0.30, "match": 0.05}
 
 
+def _check_names(field_name: str, weights, names: tuple[str, ...], key: str, keys: str) -> None:
+    """A weights field must be a dict over some of `names` (the values are checked by the caller)."""
+    if not isinstance(weights, dict):
+        raise ValueError(f"{field_name}: expected a dict {key} -> weight over {names}, got {weights!r}")
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"{field_name}: unknown {keys} {unknown}, expected some of {names}")
+
+
 @dataclass
 class PretrainConfig:
     out: str = "runs/toy-base"
@@ -72,21 +81,11 @@ class PretrainConfig:
                 raise ValueError(f"{name}: expected in [0, 1], got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if not isinstance(self.mixture, dict):
-            raise ValueError(f"mixture: expected a dict task -> weight over {TASKS}, got {self.mixture!r}")
-        unknown = sorted(set(self.mixture) - set(TASKS))
-        if unknown:
-            raise ValueError(f"mixture: unknown task(s) {unknown}, expected some of {TASKS}")
+        _check_names("mixture", self.mixture, TASKS, "task", "task(s)")
         if min(self.mixture.values(), default=0) < 0 or sum(self.mixture.values()) <= 0:
             raise ValueError(f"mixture: expected non-negative weights with a positive sum, got {self.mixture}")
         if self.qa_families is not None:
-            if not isinstance(self.qa_families, dict):
-                raise ValueError(f"qa_families: expected a dict family -> weight over {world.CLOSED_FAMILIES}, "
-                                 f"got {self.qa_families!r}")
-            unknown = sorted(set(self.qa_families) - set(world.CLOSED_FAMILIES))
-            if unknown:
-                raise ValueError(f"qa_families: unknown famil(ies) {unknown}, expected some of "
-                                 f"{world.CLOSED_FAMILIES}")
+            _check_names("qa_families", self.qa_families, world.CLOSED_FAMILIES, "family", "famil(ies)")
             if min(self.qa_families.values(), default=0) < 0:
                 raise ValueError(f"qa_families: expected non-negative weights, got {self.qa_families}")
             # every scene has these families (relation needs two objects): a positive weight among them means
