@@ -240,8 +240,8 @@ def test_sharded_fine_tuning_killed_mid_stage_resumes_from_its_saved_state(tmp_p
     """The sharded model, optimizer and step saved every 2 steps (torch.distributed.checkpoint); a rank killed at
     step 5 of 6, the job resumed: it starts from step 4 and writes every file, the weights included, byte for
     byte as the uninterrupted job."""
-    # 16 prompts: 2 kept pairs, so 4 traces, 2 steps an epoch
-    training = [*ARGS, "--prompts-per-iteration", "16", "--epochs", "3", "--batch-size", "2",
+    # 16 prompts: 3 kept pairs with the shipped base, so 6 traces, 3 steps an epoch
+    training = [*ARGS, "--prompts-per-iteration", "16", "--epochs", "2", "--batch-size", "2",
                 "--train-state-every", "2"]
     done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "whole"), *training)
     assert done.returncode == 0, done.stderr[-3000:]
