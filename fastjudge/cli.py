@@ -496,8 +496,22 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except ValueError as exc:
         print(f"fastjudge {args.command}: error: {exc}", file=sys.stderr)
+        _leave_process_group(finished=False)
         return 2
+    _leave_process_group(finished=True)
     return 0
+
+
+def _leave_process_group(finished: bool) -> None:
+    """Under torchrun, leave the process group before the interpreter exits: left to the exit's teardown, gloo's
+    threads can abort a rank ("terminate called without an active exception"). A rank that finished waits for
+    the others first (rank 0 may still be writing); one that failed leaves at once, and torchrun ends the job."""
+    if "torch.distributed" not in sys.modules:  # no command imported it: no process group, torch stays unloaded
+        return
+    from fastjudge.core import dist
+    if finished:
+        dist.barrier()
+    dist.stop()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """More than one process: `torchrun --nproc-per-node 2` (gloo, CPU) writes what one process writes, a rank
 killed mid-stage leaves a run that --resume finishes identically, and a stuck rank fails the job at the
-collective timeout instead of hanging it."""
+collective timeout instead of hanging it; every command leaves the process group before it returns."""
 
 from __future__ import annotations
 
@@ -309,3 +309,24 @@ def test_each_stage_command_under_torchrun_writes_what_one_process_writes(tmp_pa
     _probabilities_close(tmp_path / "one", tmp_path / "two")
     assert not list((tmp_path / "two").rglob("partial-batches")) and not list((tmp_path / "two").rglob("*.train_state"))
     _weights_close(tmp_path / "one" / "judge", tmp_path / "two" / "judge")
+
+
+def test_a_command_leaves_the_process_group_before_it_returns(tmp_path, monkeypatch):
+    """`fastjudge` leaves the torchrun job's process group when a command ends (left to the interpreter's exit,
+    gloo's threads can abort a finished rank), after a command that failed on bad input too; a one-rank gloo
+    group stands in for the job."""
+    import torch.distributed as torch_dist
+
+    from fastjudge import cli
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + (os.getpid() + 500) % 1000))
+    for argv, code in ((["toy-data", "--out", str(tmp_path / "data"), "--count", "2", "--per-category", "1"], 0),
+                       (["synth", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "p.jsonl")],
+                        2)):
+        torch_dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            assert cli.main(argv) == code, argv[0]
+            assert not torch_dist.is_initialized(), argv[0]
+        finally:  # a failure here must not leave the group to the tests after it
+            if torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
