@@ -11,6 +11,7 @@ import argparse
 import json
 import random
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="toy checkpoint (default: the shipped base model)")
     parser.add_argument("--per-category", type=int, default=100, help="scenes per benchmark category")
+    parser.add_argument("--pass-k", type=int, default=8,
+                        help="sampled judgments per benchmark item for the checks' pass@k (0: skip)")
+    parser.add_argument("--pass-temperature", type=float, default=1.0,
+                        help="their sampling temperature (the filter's default)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--out", default=None, help="also write the result with its environment to this JSON file")
     args = parser.parse_args()
@@ -47,25 +52,36 @@ def main() -> None:
         bench = toy_files.write_toy_benchmark(Path(tmp), args.per_category)
         items, _ = data.load_bench("toy", bench)
         judged = evaluate.run(adapter, items, LoopConfig(out=tmp, model=args.model).eval_options(), seed=0)
-    result["judge accuracy (strict)"] = judged.metrics["overall"]
-    result |= toy_rates.bench_rates(items, judged.raw)
-    # per category: where the checks fail, and whether the own answer or the comparison with it is to blame
-    category_of = {item["index"]: item["category"] for item in items}
-    for category in sorted(set(category_of.values())):
-        rows = [row for row in judged.raw if category_of[row["index"]] == category]
-        rates = toy_rates.bench_rates(items, rows)
-        result[f"judge {category}: own answer right"] = rates["own_answer_right"]
-        result[f"judge {category}: checks right"] = rates["reasoning_right"]
-    result["judge verdict share A"] = sum(r["verdict"] == "A" for r in judged.raw) / len(judged.raw)
+        result["judge accuracy (strict)"] = judged.metrics["overall"]
+        result |= toy_rates.bench_rates(items, judged.raw)
+        # per category: where the checks fail, and whether the own answer or the comparison with it is to blame
+        category_of = {item["index"]: item["category"] for item in items}
+        for category in sorted(set(category_of.values())):
+            rows = [row for row in judged.raw if category_of[row["index"]] == category]
+            rates = toy_rates.bench_rates(items, rows)
+            result[f"judge {category}: own answer right"] = rates["own_answer_right"]
+            result[f"judge {category}: checks right"] = rates["reasoning_right"]
+        result["judge verdict share A"] = sum(r["verdict"] == "A" for r in judged.raw) / len(judged.raw)
+        # can sampling find right checks where greedy misses them? (what the rejection-sampling filter relies on)
+        if args.pass_k > 0:
+            options = replace(LoopConfig(out=tmp, model=args.model).eval_options(), k=args.pass_k,
+                              temperature=args.pass_temperature)
+            sampled = evaluate.run(adapter, items, options, seed=1)
+            passed = toy_rates.checks_pass_at_k(items, sampled.raw)
+            result[f"checks pass@{args.pass_k}"] = passed["pass_at_k"]
+            result["checks right, sampled"] = passed["sampled_right"]
+            for category in sorted(set(category_of.values())):
+                result[f"judge {category}: checks pass@{args.pass_k}"] = passed[f"{category} pass_at_k"]
+                result[f"judge {category}: checks right, sampled"] = passed[f"{category} sampled_right"]
 
     task_rng = random.Random(7)
     match = [pretrain.example(task_rng, "match") for _ in range(args.per_category)]
     outs = adapter.generate([m[0] for m in match], [m[1] for m in match], max_new_tokens=5)
     result["text comparison (match) accuracy"] = sum(o[0] == m[2] for o, m in zip(outs, match)) / len(match)
 
-    print(f"{'probe':<44}{'value':>8}")
+    print(f"{'probe':<50}{'value':>8}")
     for name, value in result.items():
-        print(f"{name:<44}{value:>8.3f}")
+        print(f"{name:<50}{value:>8.3f}")
     record = {"bench": "toy_probe", "model": args.model or "shipped toy base",
               "per_category": args.per_category} | {k: round(v, 4) for k, v in result.items()}
     if args.out:

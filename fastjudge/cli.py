@@ -8,7 +8,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from fastjudge.config import LoopConfig
+from fastjudge.config import RESUMABLE, LoopConfig
 from fastjudge.data.runs import open_run_folder
 
 HELP = {
@@ -28,7 +28,10 @@ HELP = {
                          "model's context less --answer-tokens)",
     "dist_timeout_s": "under torchrun: seconds a rank waits for the others at a collective before the job fails",
     "iterations": "maximum number of iterations",
-    "min_gain": "stop when overall accuracy rises by less than this from one iteration to the next",
+    "min_gain": "stop when overall accuracy rises by less than this from one iteration to the next, --patience "
+                "times in a row",
+    "patience": "how many iterations in a row must gain less than --min-gain to stop (default: 2 for the toy, 1 "
+                "for a real model)",
     "prompts_per_iteration": "prompts synthesized into pairs per iteration",
     "closed_fraction": "share of closed-ended prompts in the generated shapes-world pool",
     "n_samples": "answers sampled per closed-ended prompt",
@@ -44,9 +47,13 @@ HELP = {
     "answer_tokens": "maximum new tokens per answer",
     "synth_model": "which model writes the pairs: the base model ('base') or the latest judge ('judge')",
     "judge_tokens": "maximum new tokens per judgment (reasoning + verdict)",
-    "filter_temperature": "sampling temperature of the judge's verdict in the filter (0 = greedy)",
-    "filter_reasoning": "the filter's judgments: 'greedy' reasoning with the verdict sampled after it, or all of "
-                        "it 'sampled'",
+    "filter_temperature": "sampling temperature of the judge's judgments in the filter (with --filter-reasoning greedy, "
+                          "of the verdict alone)",
+    "filter_reasoning": "the filter's judgments: all of it 'sampled' (reasoning and verdict), or 'greedy' "
+                        "reasoning with the verdict sampled after it",
+    "filter_samples": "judgments per pair and order in the filter; a pair is kept when one of them agrees with "
+                      "its preference in each order (default: 8 for the toy, 1 for a real model)",
+    "filter_traces": "at most this many agreeing judgments of each order of a kept pair become training traces",
     "batch_rows": "sequences per generation batch (default: 256 for the toy, 32 for a real model)",
     "batch_tokens": "at most this many token positions (rows x (longest prompt + new tokens)) per generation "
                     "batch (default: no cap)",
@@ -55,8 +62,7 @@ HELP = {
     "batch_size": "fine-tuning batch size",
     "micro_batches": "forward passes per fine-tuning step (examples sorted by length pad less)",
     "train_loss": "what fine-tuning trains of each kept trace: 'trace' (reasoning and verdict) or 'verdict' (the "
-                  "judge's own reasoning read, not trained; default: 'verdict' for the toy, 'trace' for a real "
-                  "model)",
+                  "reasoning read, not trained)",
     "pack": "fine-tuning packs several examples to a row, each attending only to itself and its own image "
             "(Mllama and the toy; exact: the loss and gradients of the unpacked batch)",
     "train": "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA on the "
@@ -77,7 +83,8 @@ HELP = {
     "unparsed": "mmrb: an unparsed verdict counts as 'wrong', or 'random' (the official seeded guess)",
     "k": "judge samples per benchmark item (1 = greedy)",
     "eval_temperature": "sampling temperature of the judge when k > 1",
-    "ablation": "take a piece of the loop away to see what it does: 'no-filter' (train on every judgment), "
+    "ablation": "take a piece of the loop away to see what it does: 'no-filter' (train on every pair's first "
+                "judgments, whatever their verdicts), "
                 "'shuffled-labels' (swap good and bad in a random half of the pairs), 'oracle-votes' (closed "
                 "pairs labelled by the scene's true answer, not the majority; toy preset)",
     "resume": "continue a stopped run in --out from its last completed stage",
@@ -344,9 +351,9 @@ def cmd_toy_pretrain(args) -> None:
     open_run_folder(args.out)
     if args.recipe == "shipped":  # every phase's settings are the recipe's own
         defaults = pretrain.PretrainConfig()  # the command's defaults are these (a mixture or init: none given)
-        fields = ("steps", "batch_size", "lr", "seed", "verdict_follow", "given_own")
+        fields = ("steps", "batch_size", "lr", "seed", "verdict_follow", "given_own", "blind_pick_one")
         given = [f"--{name.replace('_', '-')}" for name in fields if getattr(args, name) != getattr(defaults, name)]
-        given += [f"--{name.replace('_', '-')}" for name in ("init", "mixture", "qa_families")
+        given += [f"--{name.replace('_', '-')}" for name in ("init", "mixture", "qa_families", "blind_checks")
                   if getattr(args, name) is not None]
         if given:
             raise ValueError(f"--recipe: the recipe sets every phase's training settings; drop {', '.join(given)}")
@@ -357,7 +364,9 @@ def cmd_toy_pretrain(args) -> None:
     cfg = pretrain.PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                   seed=args.seed, init=args.init, mixture=mixture, threads=args.threads,
                                   verdict_follow=args.verdict_follow, given_own=args.given_own,
-                                  qa_families=qa_families)
+                                  qa_families=qa_families, blind_pick_one=args.blind_pick_one,
+                                  blind_checks=tuple(f.strip() for f in (args.blind_checks or "").split(",")
+                                                     if f.strip()))
     print(json.dumps({"checkpoint": str(pretrain.run(cfg))}))
 
 
@@ -369,8 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--override", default="",
                    help="with --resume: settings that may differ from the run's config.json, comma-separated, "
-                        "among iterations, min_gain, device, batch_rows, batch_tokens, feature_cache_gb (any other "
-                        "changed flag is an error)")
+                        f"among {', '.join(RESUMABLE)} (any other changed flag is an error)")
     p.set_defaults(func=cmd_iterate)
 
     synth_flags = ["seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "n_samples", "temperature",
@@ -385,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     judge_flags = ["seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "judge_tokens", "filter_temperature",
-                   "filter_reasoning", "top_k",
+                   "filter_reasoning", "filter_samples", "filter_traces", "top_k",
                    "top_p", "batch_rows", "batch_tokens"]
     p = sub.add_parser("filter", help="judge pairs in both orders; keep the agreeing ones as SFT traces")
     p.add_argument("--judge", default=None, help="judge checkpoint (default: the toy base model)")
@@ -451,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the qa task's closed question families as family=weight,... over count, "
                         "attribute, option, where, relation; a family left out has weight 0 (default: the "
                         "scene's families uniformly)")
+    p.add_argument("--blind-checks", default=None,
+                   help="question families whose judge examples carry coin-flip checks, comma-separated among "
+                        "caption, count, attribute, option, where, relation: the check format without the check, "
+                        "left for the loop to teach (default: none)")
+    p.add_argument("--blind-pick-one", action="store_true",
+                   help="blind checks pick exactly one answer by a coin flip, as right checks do (default: the two "
+                        "checks drawn apart)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: faster than 2 per step on a loaded 2-core machine)")
     p.add_argument("--recipe", choices=["shipped"], default=None,

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 # which the command line need not load to parse its flags or to run `fastjudge score`.
 
 
+# the settings that may change when a run resumes (`fastjudge iterate --resume --override ...`): how long it goes
+# on and where and how fast it runs, never what it computes
+RESUMABLE = ("iterations", "min_gain", "patience", "device", "batch_rows", "batch_tokens", "feature_cache_gb",
+             "dist_timeout_s")
+
+
 @dataclass
 class LoopConfig:
     out: str = "runs/demo"
@@ -40,7 +46,8 @@ class LoopConfig:
     # a torchrun job: how long a collective waits for the other ranks before the job fails (a dead or stuck rank)
     dist_timeout_s: float = 1800.0
     iterations: int = 3
-    min_gain: float = 0.01  # stop when overall accuracy rises by less than this
+    min_gain: float = 0.01  # stop when overall accuracy rises by less than this ...
+    patience: int | None = None  # ... this many iterations in a row (None: 2 for the toy, 1 for a real model)
     # synth
     prompts_per_iteration: int = 1000
     closed_fraction: float = 0.5  # toy prompt pool only
@@ -63,8 +70,11 @@ class LoopConfig:
     judge_tokens: int | None = None  # None: 80 for the toy, 1024 for a real model
     # the filter samples judgments: a greedy judge with a position bias would keep no pair at all
     filter_temperature: float = 1.0
-    # "greedy": greedy reasoning, then the verdict sampled at filter_temperature; "sampled": all of it sampled
-    filter_reasoning: str = "greedy"
+    # "sampled": whole judgments sampled at filter_temperature (the paper's recipe); "greedy": greedy reasoning,
+    # then the verdict sampled
+    filter_reasoning: str = "sampled"
+    filter_samples: int | None = None  # judgments per pair and order; None: 8 for the toy, 1 for a real model
+    filter_traces: int = 1  # at most this many agreeing judgments of each order become traces
     batch_rows: int | None = None  # None: 256 for the toy, 32 for a real model (11B: each sample's row holds a
     # copy of its prompt's cache, about 210 MB of cross-attention keys and values)
     batch_tokens: int | None = None  # cap on rows x (longest prompt + new tokens) per generation batch
@@ -73,9 +83,9 @@ class LoopConfig:
     lr: float | None = None  # None: 2e-4 for the toy; a real model 1e-5, or 1e-4 with train="lora"
     batch_size: int = 32
     micro_batches: int = 2  # forward passes per step, over examples sorted by length
-    # what fine-tuning trains of each kept trace: "trace" (reasoning and verdict) or "verdict" (the reasoning,
-    # the judge's own greedy one, read but not trained). None: "verdict" for the toy, "trace" for a real model
-    train_loss: str | None = None
+    # what fine-tuning trains of each kept trace: "trace" (reasoning and verdict, the paper's recipe) or "verdict"
+    # (the reasoning read, not trained)
+    train_loss: str = "trace"
     pack: bool = True  # several examples to a row in fine-tuning (exact: Mllama and the toy)
     train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
     lora_rank: int = 16
@@ -92,7 +102,8 @@ class LoopConfig:
     unparsed: str = "wrong"  # mmrb: an unparsed verdict is "wrong" or the official seeded "random" guess
     k: int = 1
     eval_temperature: float = 0.6  # used when k > 1; k == 1 is greedy
-    # the mechanism, shown by taking a piece away (toy preset): "no-filter" trains on every judgment, kept or not;
+    # the mechanism, shown by taking a piece away (toy preset): "no-filter" trains on every pair's first judgments
+    # in each order, whatever their verdicts;
     # "shuffled-labels" swaps good and bad in a random half of the pairs; "oracle-votes" makes each closed pair's
     # good answer the scene's true answer instead of the majority's (the paper's majority-vs-oracle comparison)
     ablation: str = "none"
@@ -105,11 +116,11 @@ class LoopConfig:
         toy = self.model is None or (Path(self.model) / "fastjudge_toy.json").is_file()
         for name, toy_value, real_value in (("answer_tokens", 64, 512), ("judge_tokens", 80, 1024),
                                             ("lr", 2e-4, 1e-4 if self.train == "lora" else 1e-5),
-                                            ("batch_rows", 256, 32), ("train_loss", "verdict", "trace")):
+                                            ("batch_rows", 256, 32), ("filter_samples", 8, 1), ("patience", 2, 1)):
             if getattr(self, name) is None:
                 setattr(self, name, toy_value if toy else real_value)
-        positive = ("iterations", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
-                    "judge_tokens", "batch_rows", "epochs", "batch_size", "micro_batches", "k", "lora_rank",
+        positive = ("iterations", "patience", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
+                    "judge_tokens", "batch_rows", "filter_samples", "filter_traces", "epochs", "batch_size", "micro_batches", "k", "lora_rank",
                     "round_size", "toy_bench_per_category", "max_image_pixels")
         for name in positive:
             if getattr(self, name) < 1:
@@ -182,7 +193,8 @@ class LoopConfig:
     def filter_options(self) -> FilterOptions:
         from fastjudge.stages.filter import FilterOptions
         return FilterOptions(judge_tokens=self.judge_tokens, temperature=self.filter_temperature, top_k=self.top_k,
-                             top_p=self.top_p, reasoning=self.filter_reasoning, batch_rows=self.batch_rows,
+                             top_p=self.top_p, reasoning=self.filter_reasoning, samples=self.filter_samples,
+                             traces_per_order=self.filter_traces, batch_rows=self.batch_rows,
                              batch_tokens=self.batch_tokens, keep_all=self.ablation == "no-filter")
 
     def train_options(self) -> TrainOptions:
@@ -207,5 +219,11 @@ class LoopConfig:
     @classmethod
     def load(cls, path: Path | str) -> "LoopConfig":
         data = json.loads(Path(path).read_text())
+        # a run written before these settings existed: one judgment per order, and the toy's old default loss
+        data.setdefault("filter_samples", 1)
+        data.setdefault("patience", 1)
+        if "train_loss" in data and data["train_loss"] is None:
+            toy = data.get("model") is None or (Path(data["model"]) / "fastjudge_toy.json").is_file()
+            data["train_loss"] = "verdict" if toy else "trace"
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

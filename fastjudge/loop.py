@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from fastjudge import data
-from fastjudge.config import LoopConfig
+from fastjudge.config import RESUMABLE, LoopConfig
 from fastjudge.core import dist
 from fastjudge.core.dist import World
 from fastjudge.data.runs import RunLock, open_run_folder, run_files
@@ -302,7 +302,7 @@ def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge:
     drop_stored_batches(folder, world)  # also those of a run killed between a stage's files and their removal
     metrics = json.loads((folder / "metrics.json").read_text())
     stages = _Stages(folder, world)
-    kept = len(traces) // 2  # each kept pair gives one A and one B trace
+    kept = len({trace["pair"] for trace in traces})  # a kept pair gives one trace or more in each order
     return {"iteration": k, "metrics": headline(metrics), "pairs": len(pairs), "kept": kept,
             "keep_rate": kept / len(pairs) if pairs else None,
             "seconds": stages.record["seconds"], "stats": stages.record["stats"]}, judge
@@ -364,9 +364,10 @@ def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict], world: World
     if not path.exists():
         pairs = data.read_records(folder / "pairs.jsonl") if k > 0 else []
         judgments = data.read_jsonl(folder / "judgments.jsonl") if k > 0 else []
+        traces = data.read_records(folder / "sft.jsonl") if k > 0 else None
         rates = toy_rates.iteration_rates(pairs, judgments, items, data.read_jsonl(folder / "outputs.jsonl"),
                                           cfg.prompts_per_iteration * cfg.iterations, cfg.seed,
-                                          cfg.closed_fraction)
+                                          cfg.closed_fraction, traces)
         if world.main:
             data.write_json(path, rates)
         return rates
@@ -390,7 +391,6 @@ def run(cfg: LoopConfig, given: set[str] | None = None, overrides: tuple[str, ..
 
 # what may change when a run resumes, with --override: how far it goes and where and in what batches it runs
 # (batch_rows and batch_tokens re-seed the sampling of the stages still to run)
-RESUMABLE = ("iterations", "min_gain", "device", "batch_rows", "batch_tokens", "feature_cache_gb", "dist_timeout_s")
 _PATHS = ("model", "prompts", "bench_data", "images")
 
 
@@ -478,13 +478,25 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
         summary["iterations"].append(entry)
         _report(out, summary, world)
         # no scored item (every verdict unparsed) counts as accuracy 0 for the stopping rule
-        gain = (entry["metrics"]["overall"] or 0.0) - (summary["iterations"][-2]["metrics"]["overall"] or 0.0)
-        if gain < cfg.min_gain:
+        flat = flat_iterations(summary["iterations"], cfg.min_gain)
+        if flat >= cfg.patience:
             if world.main:
-                print(f"stopping after iteration {k}: overall accuracy changed by {gain:+.3f} "
-                      f"(< min_gain {cfg.min_gain})")
+                gains = [e["metrics"]["overall"] or 0.0 for e in summary["iterations"][-flat - 1:]]
+                changes = ", ".join(f"{b - a:+.3f}" for a, b in zip(gains, gains[1:]))
+                print(f"stopping after iteration {k}: overall accuracy changed by {changes} "
+                      f"(< min_gain {cfg.min_gain} {flat} time(s) in a row)")
             break
     return summary
+
+
+def flat_iterations(iterations: list[dict], min_gain: float) -> int:
+    """How many iterations in a row, up to the last one, raised overall accuracy by less than `min_gain` over the
+    one before (an iteration with no scored item counts as accuracy 0)."""
+    overall = [e["metrics"]["overall"] or 0.0 for e in iterations]
+    flat = 0
+    while flat + 1 < len(overall) and overall[-1 - flat] - overall[-2 - flat] < min_gain:
+        flat += 1
+    return flat
 
 
 def _report(out: Path, summary: dict, world: World = World()) -> None:
@@ -507,7 +519,9 @@ def _report(out: Path, summary: dict, world: World = World()) -> None:
     rates = last.get("rates")
     if rates:
         labels = ", ".join(f"{source} {_fmt(share)}" for source, share in rates.get("labels_right", {}).items())
-        print(f"  measured against the scenes: labels right ({labels or 'n/a'}), verdict agrees with label "
+        kept = ", ".join(f"{source} {_fmt(share)}" for source, share in rates.get("kept_labels_right", {}).items())
+        print(f"  measured against the scenes: labels right ({labels or 'n/a'}; kept pairs {kept or 'n/a'}), "
+              f"verdict agrees with label "
               f"{_fmt(rates.get('verdict_agrees_label'))}; benchmark: own answer right "
               f"{_fmt(rates['own_answer_right'])}, checks right {_fmt(rates['reasoning_right'])}, verdict "
               f"follows checks {_fmt(rates['verdict_follows_reasoning'])}")
@@ -551,7 +565,8 @@ def _plot_rates(ax, summary: dict, iterations: list[int]) -> None:
               "verdict follows checks": lambda r: r.get("verdict_follows_reasoning"),
               "verdict agrees with label": lambda r: r.get("verdict_agrees_label"),
               "labels right (rewrite)": lambda r: r.get("labels_right", {}).get("rewrite"),
-              "labels right (vote)": lambda r: r.get("labels_right", {}).get("vote")}
+              "labels right (vote)": lambda r: r.get("labels_right", {}).get("vote"),
+              "kept labels right (vote)": lambda r: r.get("kept_labels_right", {}).get("vote")}
     for name, get in series.items():
         values = [get(r) for r in entries]
         if any(v is not None for v in values):

@@ -16,14 +16,16 @@ def test_defaults_construct():
 
 
 def test_the_toy_and_a_real_model_have_their_own_training_defaults(tmp_path):
-    """The toy trains only its verdicts (its reasoning read, not trained) at lr 2e-4; a real model the whole
-    trace, the paper's recipe, at 1e-5; a value given is kept."""
+    """Both train the whole trace, the paper's recipe: the toy at lr 2e-4 with 8 judgments per pair and order in
+    the filter, a real model at 1e-5 with one; a value given is kept."""
     toy = LoopConfig()
-    assert (toy.train_loss, toy.lr, toy.train_options().loss_on) == ("verdict", 2e-4, "verdict")
+    assert (toy.train_loss, toy.lr, toy.train_options().loss_on) == ("trace", 2e-4, "trace")
+    assert (toy.filter_reasoning, toy.filter_samples, toy.filter_options().samples) == ("sampled", 8, 8)
     (tmp_path / "config.json").write_text("{}")  # a checkpoint that is not the toy's
     real = LoopConfig(model=str(tmp_path))
     assert (real.train_loss, real.lr, real.train_options().loss_on) == ("trace", 1e-5, "trace")
-    assert LoopConfig(train_loss="trace").train_options().loss_on == "trace"
+    assert (real.filter_samples, real.patience) == (1, 1)
+    assert LoopConfig(train_loss="verdict").train_options().loss_on == "verdict"
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -102,7 +104,8 @@ def test_save_load_round_trip(tmp_path):
 def test_load_ignores_unknown_keys_and_validates(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"seed": 3, "from_an_older_version": 1}))
-    assert LoopConfig.load(path) == LoopConfig(seed=3)
+    # settings it does not name are those of a run written before they existed (one judgment per order, no patience)
+    assert LoopConfig.load(path) == LoopConfig(seed=3, filter_samples=1, patience=1)
     path.write_text(json.dumps({"top_p": 2}))
     with pytest.raises(ValueError, match="^top_p:"):
         LoopConfig.load(path)

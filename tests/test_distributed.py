@@ -238,15 +238,15 @@ KILL_RANK_1_IN_TRAINING = textwrap.dedent("""
 
 def test_sharded_fine_tuning_killed_mid_stage_resumes_from_its_saved_state(tmp_path):
     """The sharded model, optimizer and step saved every 2 steps (torch.distributed.checkpoint); a rank killed at
-    step 5 of 6, the job resumed: it starts from step 4 and writes every file, the weights included, byte for
+    step 5, the job resumed: it starts from step 4 and writes every file, the weights included, byte for
     byte as the uninterrupted job."""
-    # 16 prompts: 3 kept pairs with the shipped base, so 6 traces, 3 steps an epoch
+    # 16 prompts: enough kept pairs with the shipped base for 6 steps or more over two epochs of batch 2
     training = [*ARGS, "--prompts-per-iteration", "16", "--epochs", "2", "--batch-size", "2",
                 "--train-state-every", "2"]
     done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(tmp_path / "whole"), *training)
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads((tmp_path / "whole" / "iter_1" / "stages.json").read_text())["stats"]["train"]
-    assert stats["steps"] == 6 and stats["sharded_ranks"] == 2
+    assert stats["steps"] >= 6 and stats["sharded_ranks"] == 2  # the kill at step 5 falls mid-stage
     script = tmp_path / "kill.py"
     script.write_text(KILL_RANK_1_IN_TRAINING)
     out = tmp_path / "killed"

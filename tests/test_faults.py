@@ -57,7 +57,8 @@ def _child(cfg: LoopConfig, kill_at: int) -> subprocess.CompletedProcess:
 
 
 def _outputs(out: Path) -> dict[str, str]:
-    """Every file of a finished run by its path in the run, as a digest; what records time is compared without
+    """Every file of a finished run by its path in the run, as a digest or, for JSON records, the record (compared
+    by `_same`); what records time is compared without
     its seconds and cache counts, the plot not at all (matplotlib stamps it), the lock file not at all."""
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -68,28 +69,29 @@ def _outputs(out: Path) -> dict[str, str]:
             record = json.loads(path.read_text())
             record.pop("resume", None)
             record.pop("out", None)  # each run's own folder
-            text = json.dumps(_rounded(_without_seconds(record)), sort_keys=True)
+            text = _without_seconds(record)
         elif path.name in ("outputs.jsonl", "predictions.jsonl", "metrics.json"):
             # the judgments' texts and verdicts exactly; their verdict probabilities (p_first, and the calibration
             # made of them) to 1e-6: a resumed eval reads them from a model it loaded, and they have differed
             # from the uninterrupted run's in the seventh decimal (float rounding), never in a verdict
             lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
-            text = json.dumps([_rounded(json.loads(line)) for line in lines if line.strip()], sort_keys=True)
+            text = [json.loads(line) for line in lines if line.strip()]
         else:
             text = hashlib.sha256(path.read_bytes()).hexdigest()
         files[name] = text
     return files
 
 
-def _rounded(value):
-    """Every float of a record to 6 decimals."""
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
+def _same(a, b) -> bool:
+    """Two records equal, every float of them to 1e-6 (a tolerance, not a rounding: two values a rounding
+    boundary apart differ by less than 1e-6 but round apart)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-6
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _without_seconds(value):
@@ -129,5 +131,5 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path):
         assert not list(out.rglob("*.tmp")), f"kill point {point}: a temporary file was left behind"
         got = _outputs(out)
         assert got.keys() == expected.keys(), f"kill point {point}: {sorted(got.keys() ^ expected.keys())}"
-        differ = [name for name in expected if got[name] != expected[name]]
+        differ = [name for name in expected if not _same(got[name], expected[name])]
         assert not differ, f"kill point {point} of {events}: {differ}"

@@ -64,11 +64,13 @@ def test_iterate_writes_every_output(tmp_path, tiny_toy_dir, inputs):
 
     pairs = data.read_jsonl(out / "iter_1" / "pairs.jsonl")
     assert summary["iterations"][1]["pairs"] == len(pairs)
-    kept_pairs = len(data.read_jsonl(out / "iter_1" / "sft.jsonl")) // 2  # one A and one B trace per kept pair
+    traces = data.read_jsonl(out / "iter_1" / "sft.jsonl")
+    kept_pairs = len({t["pair"] for t in traces})
+    assert len(traces) == 2 * kept_pairs  # one A and one B trace per kept pair (--filter-traces 1)
     assert summary["iterations"][1]["kept"] == kept_pairs
     assert summary["iterations"][1]["keep_rate"] == pytest.approx(kept_pairs / len(pairs))
     judgments = data.read_jsonl(out / "iter_1" / "judgments.jsonl")
-    assert len(judgments) == 2 * len(pairs)  # both orders of each pair
+    assert len(judgments) == 2 * len(pairs) * cfg.filter_samples  # both orders of each pair, k judgments each
 
     # the five bad prompt lines are counted skips with file, line and reason; the run went on
     skips = data.read_jsonl(out / "skipped.jsonl")

@@ -116,8 +116,10 @@ def test_filter_trains_on_greedy_reasoning_with_the_verdict_sampled(tiny_toy_dir
     judge_prompts = [prompts.judge_prompt(p["instruction"], a, b) for p in pairs
                      for a, b in ((p["good"], p["bad"]), (p["bad"], p["good"]))]
     greedy = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=12)]
-    for judgment, text in zip(result.judgments, greedy):
-        # the reasoning is the greedy one; only what follows "[[" may differ
+    assert len(result.judgments) == len(greedy) * cfg.filter_samples
+    for judgment in result.judgments:
+        # the reasoning is the greedy one of its call; only what follows "[[" may differ
+        text = greedy[2 * judgment["pair"] + (judgment["order"] == "bad_first")]
         cut = text.index("[[") + 2 if "[[" in text else len(text)
         assert judgment["output"][:cut] == text[:cut]
 
@@ -169,8 +171,9 @@ def test_ablation_no_filter_trains_on_every_judgment(tmp_path, tiny_toy_dir, mon
     pairs = data.read_jsonl(Path(cfg.out) / "iter_1" / "pairs.jsonl")
     traces = data.read_jsonl(Path(cfg.out) / "iter_1" / "sft.jsonl")
     judgments = data.read_jsonl(Path(cfg.out) / "iter_1" / "judgments.jsonl")
-    assert len(traces) == 2 * len(pairs) == len(judgments)
-    assert [t["target"] for t in traces] == [j["output"] for j in judgments]
+    # every pair gives the traces a kept pair would: its first judgment in each order, whatever the verdicts
+    assert len(traces) == 2 * len(pairs) and len(judgments) == 2 * len(pairs) * cfg.filter_samples
+    assert [t["target"] for t in traces] == [j["output"] for j in judgments if j["sample"] == 0]
     assert summary["iterations"][1]["keep_rate"] == 1.0
 
 

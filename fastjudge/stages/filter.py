@@ -1,16 +1,17 @@
 """Stage 2, filter: the current judge judges each synthetic pair in both orders; keep agreeing pairs.
 
-For each pair the judge sees (good, bad) as (A, B) and (bad, good) as (A, B), writes its reasoning and a
-verdict. A pair is kept only when both verdicts pick the synthetic preference (A, then B). Each kept pair gives
-two training traces (the judge's own outputs), one with verdict A and one with verdict B, so the kept set is
-balanced by construction.
+For each pair the judge sees (good, bad) as (A, B) and (bad, good) as (A, B) and writes `FilterOptions.samples`
+judgments in each order, each its reasoning and a verdict. A pair is kept when at least one judgment in each order
+picks the synthetic preference (A, then B): a rejection-sampling filter, which gives a pair whose item is hard
+for the judge more than one chance to show a right judgment. A kept pair gives the same number of training traces
+in each order (`select_traces`), the judge's own agreeing judgments, so the kept set is balanced by construction.
 
 How the judgments are drawn (`FilterOptions.reasoning`):
-- "greedy" (default): the reasoning is the judge's greedy reasoning and only the verdict is sampled, at
-  `FilterOptions.temperature`, after it. The judge is then trained on reasoning it would write anyway: sampled
-  reasoning is noisier than greedy reasoning, and training on it wears down what the judge checks (measured on
-  the toy: the count checks' accuracy fell from 0.73 to 0.56 over three iterations with sampled reasoning).
-- "sampled": the whole judgment is sampled at `FilterOptions.temperature`.
+- "sampled" (default, the paper's recipe): the whole judgment, reasoning and verdict, is sampled at
+  `FilterOptions.temperature`; fine-tuning then trains the reasoning of the judgments that agreed with the
+  synthetic preference as well as their verdicts.
+- "greedy": the reasoning is the judge's greedy reasoning and only the verdict is sampled after it. The judge is
+  then trained on reasoning it would write anyway (with `--train-loss verdict`, on the verdict alone).
 The verdict has to be sampled: a greedy judge with a position bias would say A in both orders and keep nothing.
 """
 
@@ -32,10 +33,12 @@ class FilterOptions:
     temperature: float = 1.0  # the verdict's (and with reasoning="sampled", the whole judgment's)
     top_k: int = 50
     top_p: float = 0.9
-    reasoning: str = "greedy"  # "greedy" or "sampled" (module docstring)
+    reasoning: str = "sampled"  # "sampled" or "greedy" (module docstring)
+    samples: int = 1  # judgments per pair and order (k of the rejection-sampling filter)
+    traces_per_order: int = 1  # at most this many agreeing judgments of each order become traces
     batch_rows: int = 32
     batch_tokens: int | None = None
-    keep_all: bool = False  # the "no-filter" ablation: every judgment becomes a trace, kept or not
+    keep_all: bool = False  # the "no-filter" ablation: every pair gives traces, its first judgments in each order
 
 
 @dataclass
@@ -43,6 +46,17 @@ class FilterResult:
     judgments: list[dict]  # one per judge call
     traces: list[dict]  # SFT examples: {"image", "prompt", "target", "pair", "verdict"}
     stats: dict[str, int] = field(default_factory=dict)
+
+
+def select_traces(good_first: list[bool], bad_first: list[bool], per_order: int) -> tuple[list[int], list[int]]:
+    """The keep rule. good_first[i] / bad_first[i]: whether judgment i of the pair shown good-first / bad-first
+    picked the synthetic preference. Returns the indices of the judgments that become traces in each order: the
+    first m agreeing ones of each, m = min(agreeing good-first, agreeing bad-first, per_order), so a kept pair
+    (m > 0) gives as many A verdicts as B verdicts; ([], []) when the pair is dropped."""
+    agree_first = [i for i, ok in enumerate(good_first) if ok]
+    agree_second = [i for i, ok in enumerate(bad_first) if ok]
+    m = min(len(agree_first), len(agree_second), per_order)
+    return agree_first[:m], agree_second[:m]
 
 
 def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) -> FilterResult:
@@ -53,25 +67,33 @@ def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) ->
             images.append(image)
             judge_prompts.append(prompt_texts.judge_prompt(pair["instruction"], a, b, style))
             expected.append(verdict)
-    outputs = judge_pairs(judge, images, judge_prompts, options, seed)
+    outputs = judge_pairs(judge, images, judge_prompts, options, seed)  # (2 x pairs) lists of k judgments
     judgments, traces = [], []
     stats = {"pairs": len(pairs), "kept": 0, "one_order": 0, "neither": 0, "unparsed_calls": 0}
     for i, pair in enumerate(pairs):
-        calls = []
+        agrees = []  # per order, per sample
         for j in (2 * i, 2 * i + 1):
-            verdict = prompt_texts.parse_verdict(outputs[j])
-            stats["unparsed_calls"] += verdict is None
-            calls.append(verdict == expected[j])
-            judgments.append({"pair": i, "id": pair["id"], "order": "good_first" if expected[j] == "A" else "bad_first",
-                              "output": outputs[j], "verdict": verdict, "expected": expected[j]})
-        # the "no-filter" ablation keeps every judgment, whatever its verdict; a kept pair's verdicts are the
-        # expected ones
-        if options.keep_all or all(calls):
+            order = "good_first" if expected[j] == "A" else "bad_first"
+            agrees.append([])
+            for s, output in enumerate(outputs[j]):
+                verdict = prompt_texts.parse_verdict(output)
+                stats["unparsed_calls"] += verdict is None
+                agrees[-1].append(verdict == expected[j])
+                judgments.append({"pair": i, "id": pair["id"], "order": order, "sample": s, "output": output,
+                                  "verdict": verdict, "expected": expected[j]})
+        # the "no-filter" ablation: as many traces as a kept pair gives, the first judgments whatever their verdicts
+        if options.keep_all:
+            chosen = select_traces([True] * len(outputs[2 * i]), [True] * len(outputs[2 * i + 1]),
+                                   options.traces_per_order)
+        else:
+            chosen = select_traces(agrees[0], agrees[1], options.traces_per_order)
+        if chosen[0] and chosen[1]:
             stats["kept"] += 1
-            for j in (2 * i, 2 * i + 1):
-                traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j],
-                               "pair": i, "verdict": judgments[j]["verdict"]})
-        elif any(calls):
+            for j, samples in zip((2 * i, 2 * i + 1), chosen):
+                for s in samples:
+                    traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j][s],
+                                   "pair": i, "verdict": prompt_texts.parse_verdict(outputs[j][s])})
+        elif any(agrees[0]) or any(agrees[1]):
             stats["one_order"] += 1
         else:
             stats["neither"] += 1
@@ -81,14 +103,16 @@ def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) ->
 VERDICT_TOKENS = 8  # "[[ A ]]" and its end of turn, with room to spare
 
 
-def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], options: FilterOptions, seed: int) -> list[str]:
-    """One judgment per prompt, drawn as `options.reasoning` says (see the module's docstring)."""
+def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], options: FilterOptions,
+                seed: int) -> list[list[str]]:
+    """`options.samples` judgments per prompt, drawn as `options.reasoning` says (see the module's docstring)."""
+    k = options.samples
     sample = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                   batch_rows=options.batch_rows, batch_tokens=options.batch_tokens, seed=seed)
     if options.reasoning == "sampled":
-        with tqdm(total=len(judge_prompts), desc="filter", unit="judgment") as bar:
-            return [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
-                                                 progress=bar.update, **sample)]
+        with tqdm(total=len(judge_prompts), desc="filter", unit="prompt") as bar:
+            return judge.generate(images, judge_prompts, n=k, max_new_tokens=options.judge_tokens,
+                                  progress=bar.update, **sample)
     with tqdm(total=len(judge_prompts), desc="filter: reasoning", unit="judgment") as bar:
         greedy = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
                                                temperature=0.0, batch_rows=options.batch_rows,
@@ -99,9 +123,9 @@ def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], options:
     prefixes = [splits[i][0] for i in open_verdict]
     with tqdm(total=len(open_verdict), desc="filter: verdict", unit="judgment") as bar:
         verdicts = judge.generate([images[i] for i in open_verdict], [judge_prompts[i] for i in open_verdict],
-                                  max_new_tokens=VERDICT_TOKENS, prefixes=prefixes, progress=bar.update,
+                                  n=k, max_new_tokens=VERDICT_TOKENS, prefixes=prefixes, progress=bar.update,
                                   **sample | {"seed": seed + 1})
-    outputs = list(greedy)
-    for i, (text,) in zip(open_verdict, verdicts):
-        outputs[i] = text
+    outputs = [[text] * k for text in greedy]
+    for i, texts in zip(open_verdict, verdicts):
+        outputs[i] = list(texts)
     return outputs

@@ -67,6 +67,14 @@ class PretrainConfig:
     # weight 0); None: the scene's families uniformly. Weighting the families the model answers worst spends the
     # qa examples where perception is short (where-is and relation questions, measured per family)
     qa_families: dict[str, float] | None = None
+    # question families (world.CLOSED_FAMILIES or "caption") whose judge examples carry checks that are coin flips,
+    # each drawn apart from the truth: the base writes the check format there but was never taught the check,
+    # so its checks are uncertain where the loop has something to teach (greedy checks right on about a quarter
+    # of such items, a sampled check right half the time). Empty: every check is right
+    blind_checks: tuple[str, ...] = ()
+    # blind checks pick exactly one answer, A or B by a coin flip, as right checks do (a check pair that singles
+    # out neither answer is then never trained); False: the two checks are drawn apart
+    blind_pick_one: bool = False
     # CPU threads for torch. One, deliberately: the toy's matrices are small, and on a loaded 2-core machine one
     # thread ran 0.77 s a step against 2.4-4.8 s with two (threads waiting on each other); raise it on an idle
     # machine with more cores
@@ -94,6 +102,12 @@ class PretrainConfig:
                 raise ValueError("qa_families: expected a positive weight for at least one of "
                                  f"{[f for f in world.CLOSED_FAMILIES if f != 'relation']}, got {self.qa_families}")
 
+        self.blind_checks = tuple(self.blind_checks)
+        unknown = sorted(set(self.blind_checks) - {"caption", *world.CLOSED_FAMILIES})
+        if unknown:
+            raise ValueError(f"blind_checks: unknown famil(ies) {unknown}, expected some of "
+                             f"{('caption',) + world.CLOSED_FAMILIES}")
+
     def weights(self) -> list[float]:
         """The mixture's weights in the order of TASKS (0 for a task it leaves out)."""
         return [float(self.mixture.get(task, 0.0)) for task in TASKS]
@@ -119,6 +133,12 @@ SHIPPED_RECIPE: tuple[dict, ...] = (
     {"steps": 2000, "lr": 3e-4, "seed": 5, "given_own": 0.8,
      "mixture": {"caption": 0.15, "qa": 0.45, "rewrite": 0.05, "judge": 0.30, "match": 0.05},
      "qa_families": {"count": 1.0, "attribute": 3.0, "option": 6.0, "where": 1.0, "relation": 1.0}},
+    # the caption checks left for the loop to teach: the judge examples about captions get coin-flip checks that
+    # pick one answer, so the base writes the format with no knowledge of which caption agrees with its own
+    {"steps": 1000, "lr": 5e-4, "seed": 6, "given_own": 0.8,
+     "mixture": {"caption": 0.15, "qa": 0.35, "rewrite": 0.05, "judge": 0.40, "match": 0.05},
+     "qa_families": {"count": 1.0, "attribute": 3.0, "option": 6.0, "where": 1.0, "relation": 1.0},
+     "blind_checks": ("caption",), "blind_pick_one": True},
 )
 RECORD_FIELDS_LEFT_OUT = ("out", "init", "threads")  # where and how fast it ran, not what it trained
 
@@ -133,9 +153,9 @@ def recipe_configs(phases: tuple[dict, ...], out: Path | str, threads: int = 1) 
 
 
 def recipe_record(configs: list[PretrainConfig]) -> dict:
-    """What a base's pretrain_config.json records: each phase's settings."""
-    return {"phases": [{k: v for k, v in asdict(cfg).items() if k not in RECORD_FIELDS_LEFT_OUT}
-                       for cfg in configs]}
+    """What a base's pretrain_config.json records: each phase's settings (as JSON reads them back)."""
+    return json.loads(json.dumps({"phases": [{k: v for k, v in asdict(cfg).items() if k not in RECORD_FIELDS_LEFT_OUT}
+                                             for cfg in configs]}))
 
 
 def run_recipe(phases: tuple[dict, ...], out: Path | str, threads: int = 1) -> Path:
@@ -165,10 +185,11 @@ def parse_mixture(text: str, what: str = "mixture", key: str = "task") -> dict[s
 
 
 def example(rng: random.Random, task: str, verdict_follow: float = 0.4, given_own: float = 0.0,
-            qa_families: dict[str, float] | None = None):
+            qa_families: dict[str, float] | None = None, blind_checks: tuple[str, ...] = (),
+            blind_pick_one: bool = False):
     """One pretraining example (image, prompt, target, given) of `task`: `given` is the start of the answer
     that the model reads but is not trained on ("" but for some judge examples); `verdict_follow`,
-    `given_own` and `qa_families`: see PretrainConfig."""
+    `given_own`, `qa_families`, `blind_checks` and `blind_pick_one`: see PretrainConfig."""
     scene = world.random_scene(rng)
     image = world.render(scene, rng)
     qs = world.questions(scene, rng)
@@ -196,8 +217,14 @@ def example(rng: random.Random, task: str, verdict_follow: float = 0.4, given_ow
         # response, and only the checks and the verdict after it are trained
         given_answer = given_own > 0 and rng.random() < given_own
         own = rng.choice((good, bad)) if given_answer else good
-        reasoning = prompts.toy_reasoning(own, world.same_answer(own, a), world.same_answer(own, b))
-        verdict = prompts.checks_verdict(reasoning) if rng.random() < verdict_follow else "A"
+        if q.family in blind_checks:  # coin flips (drawn only here: other settings keep their data stream)
+            a_agrees = rng.random() < 0.5
+            b_agrees = (not a_agrees) if blind_pick_one else rng.random() < 0.5
+        else:
+            a_agrees, b_agrees = world.same_answer(own, a), world.same_answer(own, b)
+        reasoning = prompts.toy_reasoning(own, a_agrees, b_agrees)
+        # checks that single out no answer (blind ones can) leave the verdict to the position bias
+        verdict = (prompts.checks_verdict(reasoning) if rng.random() < verdict_follow else None) or "A"
         target = prompts.judge_target(reasoning, verdict)
         given = ""
         if given_answer:
@@ -212,12 +239,12 @@ def example(rng: random.Random, task: str, verdict_follow: float = 0.4, given_ow
 
 
 def batch(rng: random.Random, size: int, weights: list[float], verdict_follow: float = 0.4,
-          given_own: float = 0.0, qa_families: dict[str, float] | None = None
-          ) -> tuple[list, list[str], list[str], list[str], list[str]]:
+          given_own: float = 0.0, qa_families: dict[str, float] | None = None, blind_checks: tuple[str, ...] = (),
+          blind_pick_one: bool = False) -> tuple[list, list[str], list[str], list[str], list[str]]:
     """`size` examples of tasks drawn with `weights` (in the order of TASKS): images, prompts, targets, tasks
     and the given answer starts (see `example`)."""
     tasks = rng.choices(TASKS, weights=weights, k=size)
-    rows = [example(rng, t, verdict_follow, given_own, qa_families) for t in tasks]
+    rows = [example(rng, t, verdict_follow, given_own, qa_families, blind_checks, blind_pick_one) for t in tasks]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tasks, [r[3] for r in rows]
 
 
@@ -253,7 +280,8 @@ def run(cfg: PretrainConfig) -> Path:
     for step in bar:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step stream: resuming replays the same data
         images, prompt_texts, targets, _, given = batch(rng, cfg.batch_size, cfg.weights(), cfg.verdict_follow,
-                                                        cfg.given_own, cfg.qa_families)
+                                                        cfg.given_own, cfg.qa_families, cfg.blind_checks,
+                                                        cfg.blind_pick_one)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         opt.zero_grad(set_to_none=True)

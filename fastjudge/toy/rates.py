@@ -7,6 +7,8 @@ judgments, benchmark outputs) and the scene ground truth, for the people watchin
   the scene says and the "bad" one does not. Sources: "rewrite" (open-ended: the model's answer and its
   degraded rewrite), "vote" (closed-ended: the majority answer and a minority one).
   labels_inverted[source]: the share where it is the other way round (the majority was wrong, say).
+  kept_labels_right[source] / kept_labels_inverted[source]: the same over the pairs the filter kept, which are
+  what fine-tuning learns from.
 - verdict_agrees_label: the share of the filter's judgments (each pair in both orders, before any pair is
   dropped) whose verdict picks the synthetic preference. Chance is 0.5; a judge gives the filter something
   to select only when this is above it.
@@ -26,7 +28,8 @@ from fastjudge.data import prompts
 from fastjudge.toy import world
 from fastjudge.toy.files import toy_prompt_truth
 
-RATE_NAMES = ("labels_right", "labels_inverted", "verdict_agrees_label", "own_answer_right", "reasoning_right",
+RATE_NAMES = ("labels_right", "labels_inverted", "kept_labels_right", "kept_labels_inverted", "verdict_agrees_label",
+              "own_answer_right", "reasoning_right",
               "verdict_follows_reasoning")
 
 
@@ -62,6 +65,31 @@ def judgment_rates(judgments: list[dict]) -> dict:
     return {"verdict_agrees_label": _share([j["verdict"] == j["expected"] for j in judgments])}
 
 
+def _checks_right(item: dict, row: dict) -> bool:
+    """Whether a judgment's checks single out the item's correct response (the lower human rank)."""
+    correct = min((0, 1), key=lambda i: item["human_ranking"][i])
+    correct_letter = "A" if row["shown_first"] == correct else "B"
+    return prompts.checks_verdict(prompts.judge_reasoning(row["output"] or "")) == correct_letter
+
+
+def checks_pass_at_k(items: list[dict], outputs: list[dict]) -> dict:
+    """Sampled judgments (`evaluate` raw rows, several per item): {"pass_at_k": share of items where at least
+    one judgment's checks single out the correct response, "sampled_right": share of judgments whose checks do,
+    "k": judgments per item (the fewest any item has)}, overall and per category ("<category> pass_at_k", ...)."""
+    by_index = {item["index"]: item for item in items}
+    per_item: dict[int, list[bool]] = {}
+    for row in outputs:
+        per_item.setdefault(row["index"], []).append(_checks_right(by_index[row["index"]], row))
+    result = {"k": min((len(v) for v in per_item.values()), default=0)}
+    groups: dict[str, list[int]] = {"": sorted(per_item)}
+    for index in sorted(per_item):
+        groups.setdefault(by_index[index].get("category", "all") + " ", []).append(index)
+    for prefix, indices in groups.items():
+        result[f"{prefix}pass_at_k"] = _share([any(per_item[i]) for i in indices])
+        result[f"{prefix}sampled_right"] = _share([ok for i in indices for ok in per_item[i]])
+    return result
+
+
 def bench_rates(items: list[dict], outputs: list[dict]) -> dict:
     """Own answer, checks and verdict of the judge's benchmark outputs (`evaluate` raw rows: index,
     shown_first, verdict, output) against each item's correct response (the lower human rank)."""
@@ -83,12 +111,18 @@ def bench_rates(items: list[dict], outputs: list[dict]) -> dict:
 
 
 def iteration_rates(pairs: list[dict], judgments: list[dict], items: list[dict], outputs: list[dict],
-                    pool_size: int, seed: int, closed_fraction: float) -> dict:
-    """All the rates of one iteration (iteration 0, the base judge, has no pairs: benchmark rates only)."""
+                    pool_size: int, seed: int, closed_fraction: float, traces: list[dict] | None = None) -> dict:
+    """All the rates of one iteration (iteration 0, the base judge, has no pairs: benchmark rates only);
+    `traces` (the filter's sft.jsonl rows, each naming its pair) add the label rates of the kept pairs."""
     rates = bench_rates(items, outputs)
     if pairs:
-        rates |= label_rates(pairs, toy_prompt_truth(pool_size, seed, closed_fraction))
+        truth = toy_prompt_truth(pool_size, seed, closed_fraction)
+        rates |= label_rates(pairs, truth)
         rates |= judgment_rates(judgments)
+        if traces is not None:
+            kept = label_rates([pairs[i] for i in sorted({t["pair"] for t in traces})], truth)
+            rates |= {"kept_labels_right": kept["labels_right"], "kept_labels_inverted": kept["labels_inverted"],
+                      "kept_pairs": kept["pairs"]}
     return rates
 
 
