@@ -53,7 +53,9 @@ def main() -> None:
         items, _ = data.load_bench("toy", bench)
         judged = evaluate.run(adapter, items, LoopConfig(out=tmp, model=args.model).eval_options(), seed=0)
         result["judge accuracy (strict)"] = judged.metrics["overall"]
-        result |= toy_rates.bench_rates(items, judged.raw)
+        rates = toy_rates.bench_rates(items, judged.raw)
+        rates.pop("reasoning_right_by_category")  # the per-category lines below say it with the own answer
+        result |= rates
         # per category: where the checks fail, and whether the own answer or the comparison with it is to blame
         category_of = {item["index"]: item["category"] for item in items}
         for category in sorted(set(category_of.values())):

@@ -87,7 +87,8 @@ def _output(own, a_yes, b_yes, verdict):
 
 def test_bench_rates_read_own_answer_checks_and_verdict():
     good, bad = "the answer is 2 .", "the answer is 3 ."
-    items = [{"index": i, "response": [good, bad], "human_ranking": [0, 1]} for i in range(4)]
+    items = [{"index": i, "response": [good, bad], "human_ranking": [0, 1], "category": "count" if i < 2 else "vqa"}
+             for i in range(4)]
     outputs = [
         # shown as given (A = good): right answer, right checks, verdict follows
         {"index": 0, "shown_first": 0, "verdict": "A", "output": _output(good, True, False, "A")},
@@ -102,6 +103,7 @@ def test_bench_rates_read_own_answer_checks_and_verdict():
     assert rates["own_answer_right"] == pytest.approx(2 / 4)
     assert rates["reasoning_right"] == pytest.approx(2 / 4)
     assert rates["verdict_follows_reasoning"] == pytest.approx(2 / 3)
+    assert rates["reasoning_right_by_category"] == {"count": 1.0, "vqa": 0.0}
 
 
 def test_filter_trains_on_greedy_reasoning_with_the_verdict_sampled(tiny_toy_dir, tmp_path):

@@ -14,7 +14,8 @@ judgments, benchmark outputs) and the scene ground truth, for the people watchin
   to select only when this is above it.
 - On the held-out benchmark (greedy judgments; each item has exactly one correct response):
   own_answer_right: the judge's own answer, where its reasoning starts, says what the correct response says;
-  reasoning_right: its checks single out the correct response ("A : yes B : no" with A correct);
+  reasoning_right: its checks single out the correct response ("A : yes B : no" with A correct), overall and
+  per benchmark category (reasoning_right_by_category);
   verdict_follows_reasoning: of the judgments whose checks single out one response, the share whose verdict
   names that response.
 """
@@ -95,6 +96,7 @@ def bench_rates(items: list[dict], outputs: list[dict]) -> dict:
     shown_first, verdict, output) against each item's correct response (the lower human rank)."""
     by_index = {item["index"]: item for item in items}
     own_right, checks_right, follows = [], [], []
+    by_category: dict[str, list[bool]] = {}
     for row in outputs:
         item = by_index[row["index"]]
         correct = min((0, 1), key=lambda i: item["human_ranking"][i])
@@ -104,10 +106,12 @@ def bench_rates(items: list[dict], outputs: list[dict]) -> dict:
         own_right.append(parsed is not None and world.same_answer(parsed[0], item["response"][correct]))
         pick = prompts.checks_verdict(reasoning)
         checks_right.append(pick == correct_letter)
+        by_category.setdefault(item.get("category", "all"), []).append(pick == correct_letter)
         if pick is not None:
             follows.append(row["verdict"] == pick)
     return {"own_answer_right": _share(own_right), "reasoning_right": _share(checks_right),
-            "verdict_follows_reasoning": _share(follows)}
+            "verdict_follows_reasoning": _share(follows),
+            "reasoning_right_by_category": {c: _share(v) for c, v in sorted(by_category.items())}}
 
 
 def iteration_rates(pairs: list[dict], judgments: list[dict], items: list[dict], outputs: list[dict],
