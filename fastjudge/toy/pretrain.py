@@ -3,11 +3,12 @@
 The base model must (a) see: caption scenes and answer closed questions, (b) write a copy of an answer with
 exactly one error, (c) compare two texts with a reference (a pure text task: the texts describe an unrelated
 scene), and (d) write the judge's format: its own answer to the question, a check per answer (does it say
-what mine says?), then a verdict. In (d) the answer and the checks are right, but the verdict follows the
-checks only `verdict_follow` of the time (0.4); otherwise it names the answer shown first. So the base judge
-is weak in a realistic way: it sees and compares well, but a position bias decides its verdict more often than
-its checks do (greedy, it nearly always answers A). What the loop must teach it is to trust its own checks,
-and the both-orders filter is what can: only a verdict that follows right checks survives both orders.
+what mine says?), then a verdict. In (d) the answer is right; the checks are right, except for the question
+families named in `blind_checks` (the shipped recipe's last phase: captions), whose checks are coin flips; and
+the verdict follows the checks only `verdict_follow` of the time (0.4), otherwise naming the answer shown
+first. So the base judge is weak in two ways the loop can fix: a position bias decides its verdict more often
+than its checks do (greedy, it answers A), and it writes caption checks it was never taught. The both-orders
+filter removes the first whatever the labels; only right synthetic preferences teach the second.
 
 This is the only place where scene ground truth trains anything; the loop never sees it.
 """
