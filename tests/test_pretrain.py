@@ -191,3 +191,26 @@ def test_toy_pretrain_command_takes_named_weights_and_threads(tmp_path, capsys):
     assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad3"), "--recipe", "shipped",
                      "--qa-families", "where=1"]) == 2
     assert "drop --qa-families" in capsys.readouterr().err
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "blind"), "--steps", "1", "--batch-size", "2",
+                     "--blind-checks", "caption, where", "--blind-pick-one"]) == 0
+    saved = json.loads((tmp_path / "blind" / "config.json").read_text())
+    assert saved["blind_checks"] == ["caption", "where"] and saved["blind_pick_one"] is True
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad4"), "--blind-checks", "captions"]) == 2
+    assert "blind_checks: unknown famil" in capsys.readouterr().err
+    assert cli.main(["toy-pretrain", "--out", str(tmp_path / "bad5"), "--recipe", "shipped", "--blind-pick-one"]) == 2
+    assert "drop --blind-pick-one" in capsys.readouterr().err
+
+
+def test_blind_checks_that_pick_one_single_out_an_answer_by_a_coin_flip():
+    rng = random.Random(1)
+    picks_right = []
+    for _ in range(800):
+        _, prompt, target, _ = pretrain.example(rng, "judge", verdict_follow=1.0, blind_checks=("caption",),
+                                                blind_pick_one=True)
+        own, a_agrees, b_agrees = prompts.parse_toy_reasoning(prompts.judge_reasoning(target))
+        if world.parse_caption(own) is None:
+            continue
+        a = prompt.split(" answer A : ")[1].split(" answer B : ")[0]
+        assert a_agrees != b_agrees  # one answer picked, as right checks do
+        picks_right.append(a_agrees == (own == a))
+    assert abs(sum(picks_right) / len(picks_right) - 0.5) < 0.06
