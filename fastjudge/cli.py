@@ -190,8 +190,9 @@ def cmd_filter(args) -> None:
 
 def cmd_train(args) -> None:
     from fastjudge import data
-    from fastjudge.loop import train_to
+    from fastjudge.loop import check_checkpoint_out, train_to
     open_run_folder(Path(args.out).parent, "--out")
+    check_checkpoint_out(Path(args.out))  # never a run folder or the user's files, before any work
     cfg = _config(args, model=args.judge)
     job = _job(cfg)
     records: list[dict] = []  # rank 0's figures

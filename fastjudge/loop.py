@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -142,11 +143,35 @@ def prompts_for(records: list[data.PromptRecord], cfg: LoopConfig, iteration: in
     return random.Random(cfg.seed * 7919 + iteration).sample(records, min(size, len(records)))
 
 
-def save_checkpoint(adapter: Adapter, folder: Path) -> None:
-    """Write a checkpoint folder atomically; an existing folder is replaced only if it is a checkpoint."""
+# The files of a checkpoint folder as transformers and fastjudge write them: nothing else is ever replaced
+_CHECKPOINT_FILE = re.compile(
+    r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|tokenizer_config"
+    r"|tokenizer|special_tokens_map|added_tokens|chat_template|fastjudge_toy|vocab)\.(json|jinja)"
+    r"|merges\.txt|tokenizer\.model|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a model checkpoint and nothing else (config.json, weights, tokenizer and processor
+    files, no folder): what `save_checkpoint` may replace. A run folder (config.json beside iter_<k>/) is not."""
+    entries = list(Path(folder).iterdir())
+    return (any(e.name == "config.json" for e in entries) and any(e.name.endswith(".safetensors") for e in entries)
+            and all(e.is_file() and _CHECKPOINT_FILE.fullmatch(e.name) for e in entries))
+
+
+def check_checkpoint_out(folder: Path) -> None:
+    """A ValueError naming `folder` unless a checkpoint may be written there: it does not exist, is empty, or is a
+    checkpoint and nothing else (`is_checkpoint`). Commands call it before any work; `save_checkpoint` again."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").is_file():
-        raise ValueError(f"out: {folder} exists and is not a checkpoint; refusing to replace it")
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not is_checkpoint(folder))):
+        raise ValueError(f"--out: {folder} exists and is not a checkpoint folder (it holds other files); refusing "
+                         "to replace it: choose a new folder")
+
+
+def save_checkpoint(adapter: Adapter, folder: Path) -> None:
+    """Write a checkpoint folder atomically; an existing folder is replaced only if it is a checkpoint and nothing
+    else (`check_checkpoint_out`): any other folder is left as it was."""
+    folder = Path(folder)
+    check_checkpoint_out(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     adapter.save(tmp)

@@ -130,3 +130,35 @@ def test_resume_refuses_changed_settings_and_takes_the_safe_ones_with_override(t
     assert code == 0, err
     code, _, err = run_cli(capsys, base + ["--resume", "--seed", "1", "--override", "seed"])
     assert code == 2 and "override: seed cannot change" in err
+
+
+def test_train_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, capsys, tiny_toy_dir):
+    """`fastjudge train --out RUN` on a run folder (its config.json beside iter_<k>/ and the user's files) is a
+    one-line error that leaves every file as it was; a checkpoint folder it wrote is replaced by a second run."""
+    from fastjudge import data
+    from fastjudge.data import prompts
+    from fastjudge.toy import files as toy_files
+    pool = toy_files.write_toy_prompts(tmp_path / "world", 2, seed=1)
+    images = sorted((pool.parent / "images").iterdir())
+    target = prompts.judge_target(prompts.toy_reasoning("the answer is 2 .", True, False), "A")
+    traces = [{"image": str(image), "prompt": prompts.judge_prompt("how many objects are there ?",
+               "the answer is 2 .", "the answer is 3 ."), "target": target, "pair": i, "verdict": "A"}
+              for i, image in enumerate(images)]
+    sft = tmp_path / "sft.jsonl"
+    data.write_records(sft, traces)
+    run = tmp_path / "run"
+    (run / "iter_1").mkdir(parents=True)
+    files = {run / "config.json": '{"seed": 0}', run / "iter_1" / "metrics.json": "{}", run / "notes.txt": "mine"}
+    for path, text in files.items():
+        path.write_text(text)
+    train = ["train", "--judge", str(tiny_toy_dir), "--sft", str(sft), "--epochs", "1", "--batch-size", "2"]
+    code, _, err = run_cli(capsys, [*train, "--out", str(run)])
+    assert code == 2 and err.count("\n") == 1 and "not a checkpoint folder" in err and str(run) in err
+    assert {p: p.read_text() for p in files} == files
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "iter_1", "notes.txt"]
+    assert loop.is_checkpoint(tiny_toy_dir) and not loop.is_checkpoint(run)
+    checkpoint = tmp_path / "judge"
+    for _ in range(2):  # a new folder, then the checkpoint it holds, replaced
+        code, _, err = run_cli(capsys, [*train, "--out", str(checkpoint)])
+        assert code == 0, err
+        assert loop.is_checkpoint(checkpoint)
