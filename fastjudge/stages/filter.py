@@ -43,7 +43,7 @@ class FilterOptions:
 
 @dataclass
 class FilterResult:
-    judgments: list[dict]  # one per judge call
+    judgments: list[dict]  # one per judgment: k per pair and order, each with its "sample" index
     traces: list[dict]  # SFT examples: {"image", "prompt", "target", "pair", "verdict"}
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -60,6 +60,8 @@ def select_traces(good_first: list[bool], bad_first: list[bool], per_order: int)
 
 
 def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) -> FilterResult:
+    """Judge each pair in both orders, `options.samples` times each, and keep it by `select_traces`. Stats count
+    the pairs kept, those with an agreeing judgment in one order only, in neither, and unparsed judgments."""
     style = judge.judge_style
     images, judge_prompts, expected = [], [], []
     for pair, image in zip(pairs, load_images([pair["image"] for pair in pairs])):
