@@ -6,6 +6,7 @@ Each stage takes only its own small options (`synth_options()`, `filter_options(
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -119,6 +120,12 @@ class LoopConfig:
                                             ("batch_rows", 256, 32), ("filter_samples", 8, 1), ("patience", 2, 1)):
             if getattr(self, name) is None:
                 setattr(self, name, toy_value if toy else real_value)
+        # a number that is not finite (inf, nan: a flag or a config.json can carry either) is refused by name
+        # before any range check, which nan would pass (every comparison with nan is False)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}: expected a finite number, got {value}")
         positive = ("iterations", "patience", "prompts_per_iteration", "n_samples", "min_votes", "answer_tokens",
                     "judge_tokens", "batch_rows", "filter_samples", "filter_traces", "epochs", "batch_size", "micro_batches", "k", "lora_rank",
                     "round_size", "toy_bench_per_category", "max_image_pixels")

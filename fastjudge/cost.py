@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -150,8 +151,9 @@ class Rates:
             for stack, rate in stacks.items():
                 if stack not in ("ours", "baseline") or not isinstance(rate, dict) \
                         or not isinstance(rate.get("per_s"), (int, float)) \
-                        or rate["per_s"] <= 0 or not rate.get("source"):
-                    raise ValueError(f"{path}: stages.{stage}.{stack}: expected {{per_s > 0, source}}, got {rate}")
+                        or not math.isfinite(rate["per_s"]) or rate["per_s"] <= 0 or not rate.get("source"):
+                    raise ValueError(f"{path}: stages.{stage}.{stack}: expected {{per_s > 0 and finite, source}}, "
+                                     f"got {rate}")
         return cls(card=data["card"], date=data["date"], stages=data["stages"], notes=data.get("notes", []),
                    path=str(path))
 

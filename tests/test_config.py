@@ -136,3 +136,19 @@ def test_each_stage_gets_its_own_settings_from_the_config():
     evaluation = cfg.eval_options()
     assert (evaluation.bench, evaluation.k, evaluation.temperature, evaluation.unparsed, evaluation.judge_tokens,
             evaluation.batch_tokens) == ("toy", 3, 0.2, "random", 55, 9000)
+
+
+@pytest.mark.parametrize("name", ["lr", "min_gain", "temperature", "top_p", "filter_temperature", "dist_timeout_s",
+                                  "feature_cache_gb", "lora_alpha"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_number_that_is_not_finite_is_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=f"^{name}: expected a finite number"):
+        LoopConfig(**{name: value})
+
+
+def test_train_with_an_infinite_lr_is_a_one_line_error(tmp_path, capsys):
+    from fastjudge import cli
+    code = cli.main(["train", "--sft", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "ckpt"), "--lr", "inf"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "lr: expected a finite number, got inf" in err
+    assert not (tmp_path / "ckpt").exists()

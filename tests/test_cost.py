@@ -79,6 +79,9 @@ def test_gpu_hours_are_work_over_rate_and_unmeasured_stages_stay_unmeasured(tmp_
 @pytest.mark.parametrize("stages, message", [
     ({"decoding": {"ours": {"per_s": 1.0, "source": "x"}}}, "unknown stage 'decoding'"),
     ({"synth closed": {"ours": {"per_s": 0, "source": "x"}}}, r"stages.synth closed.ours: expected \{per_s > 0"),
+    # json writes NaN and Infinity, and Python reads them back: a rate of neither gives a figure
+    ({"synth closed": {"ours": {"per_s": float("nan"), "source": "x"}}}, r"synth closed.ours: .*finite.*nan"),
+    ({"synth closed": {"ours": {"per_s": float("inf"), "source": "x"}}}, r"synth closed.ours: .*finite.*inf"),
     ({"synth closed": {"ours": {"per_s": 5.0}}}, "stages.synth closed.ours"),
     ({"synth closed": {"theirs": {"per_s": 5.0, "source": "x"}}}, "stages.synth closed.theirs"),
 ])
