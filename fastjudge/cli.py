@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -177,9 +178,10 @@ def cmd_filter(args) -> None:
     open_run_folder(args.out)
     cfg = _config(args, model=args.judge)
     job = _job(cfg)
+    pairs = data.read_records(args.pairs)  # before the model: a missing or bad file fails at once
     judge = _load(args.judge, cfg, job)
     with stored_batches(judge, Path(args.out), "filter", job):
-        result = filter_stage.run(judge, data.read_records(args.pairs), cfg.filter_options(), cfg.seed)
+        result = filter_stage.run(judge, pairs, cfg.filter_options(), cfg.seed)
     if not job.main:
         return
     data.write_jsonl(Path(args.out) / "judgments.jsonl", result.judgments)
@@ -373,6 +375,8 @@ def cmd_toy_pretrain(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastjudge", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the whole traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("iterate", help="the whole loop: synth -> filter -> train -> eval, repeated")
@@ -507,10 +511,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; anticipated failures are one line on stderr (a traceback only with --debug): a bad input
+    or setting (ValueError) or a file system error (a missing file, a full disk: OSError) exit 2, Ctrl-C 130, and
+    a reader that closed the pipe (`fastjudge cost | head`) 141, as a shell reports SIGPIPE."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as exc:
+    except BrokenPipeError:
+        # whatever is still buffered for the closed pipe must not raise again when the interpreter flushes it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _leave_process_group(finished=False)
+        return 141
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"fastjudge {args.command}: interrupted (a run folder resumes with --resume)", file=sys.stderr)
+        _leave_process_group(finished=False)
+        return 130
+    except (ValueError, OSError) as exc:
+        if args.debug:
+            raise
         print(f"fastjudge {args.command}: error: {exc}", file=sys.stderr)
         _leave_process_group(finished=False)
         return 2

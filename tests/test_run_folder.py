@@ -162,3 +162,32 @@ def test_train_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, capsys
         code, _, err = run_cli(capsys, [*train, "--out", str(checkpoint)])
         assert code == 0, err
         assert loop.is_checkpoint(checkpoint)
+
+
+def test_anticipated_failures_are_one_line_with_their_exit_status(tmp_path, capsys, monkeypatch):
+    """A missing file (OSError) exits 2, Ctrl-C 130, each one line naming the command; --debug shows the
+    traceback instead."""
+    code, _, err = run_cli(capsys, ["filter", "--pairs", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "f")])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("fastjudge filter: error:")
+    assert "missing.jsonl" in err and "Traceback" not in err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    parser = cli.build_parser
+    def patched():
+        built = parser()
+        built._subparsers._group_actions[0].choices["toy-data"].set_defaults(func=interrupted)
+        return built
+    monkeypatch.setattr(cli, "build_parser", patched)
+    code, _, err = run_cli(capsys, ["toy-data", "--out", str(tmp_path / "d")])
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--debug", "toy-data", "--out", str(tmp_path / "d")])
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`fastjudge cost | head -1`: the reader leaves after one line; no traceback, the shell's SIGPIPE status."""
+    done = subprocess.run(f"{sys.executable} -m fastjudge cost | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120, executable="/bin/bash")
+    assert done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr[-2000:]
