@@ -13,6 +13,7 @@ from fastjudge.stages import filter as filter_stage
 from fastjudge.toy import files as toy_files
 from fastjudge.toy import pretrain, world
 from fastjudge.toy import rates as toy_rates
+from test_toy_rates import count_pairs
 
 
 @pytest.mark.parametrize("good_first, bad_first, per_order, expected", [
@@ -28,10 +29,7 @@ def test_the_keep_rule_takes_agreeing_judgments_balanced_between_orders(good_fir
 
 def test_the_filter_samples_k_judgments_per_order_and_keeps_the_agreeing_ones(tiny_toy_dir, tmp_path):
     judge = ToyAdapter.load(tiny_toy_dir)
-    folder = toy_files.write_toy_prompts(tmp_path, 6, seed=2).parent
-    pairs = [{"id": f"p{i}", "image": str(folder / f"images/p{i:05d}.png"),
-              "instruction": "how many objects are there ?", "good": "the answer is 2 .",
-              "bad": "the answer is 3 .", "source": "vote"} for i in range(6)]
+    pairs = count_pairs(tmp_path, 6)
     options = LoopConfig(out=str(tmp_path), model=str(tiny_toy_dir), judge_tokens=12, filter_samples=5,
                          filter_traces=2, filter_temperature=3.0).filter_options()
     result = filter_stage.run(judge, pairs, options, seed=1)

@@ -106,12 +106,16 @@ def test_bench_rates_read_own_answer_checks_and_verdict():
     assert rates["reasoning_right_by_category"] == {"count": 1.0, "vqa": 0.0}
 
 
+def count_pairs(folder: Path, count: int) -> list[dict]:
+    """`count` closed pairs ("2" against "3" objects) on the images of a toy prompt pool written in `folder`."""
+    images = toy_files.write_toy_prompts(folder, count, seed=2).parent / "images"
+    return [{"id": f"p{i}", "image": str(images / f"p{i:05d}.png"), "instruction": "how many objects are there ?",
+             "good": "the answer is 2 .", "bad": "the answer is 3 .", "source": "vote"} for i in range(count)]
+
+
 def test_filter_trains_on_greedy_reasoning_with_the_verdict_sampled(tiny_toy_dir, tmp_path):
     judge = ToyAdapter.load(tiny_toy_dir)
-    folder = toy_files.write_toy_prompts(tmp_path, 4, seed=2).parent
-    pairs = [{"id": f"p{i}", "image": str(folder / f"images/p{i:05d}.png"),
-              "instruction": "how many objects are there ?", "good": "the answer is 2 .",
-              "bad": "the answer is 3 .", "source": "vote"} for i in range(4)]
+    pairs = count_pairs(tmp_path, 4)
     cfg = LoopConfig(out=str(tmp_path), model=str(tiny_toy_dir), judge_tokens=12, filter_reasoning="greedy")
     result = filter_stage.run(judge, pairs, cfg.filter_options(), seed=1)
     images = data.load_images([p["image"] for p in pairs for _ in range(2)])

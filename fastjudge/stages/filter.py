@@ -73,14 +73,16 @@ def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) ->
     judgments, traces = [], []
     stats = {"pairs": len(pairs), "kept": 0, "one_order": 0, "neither": 0, "unparsed_calls": 0}
     for i, pair in enumerate(pairs):
-        agrees = []  # per order, per sample
+        agrees, verdicts = [], []  # per order, per sample
         for j in (2 * i, 2 * i + 1):
             order = "good_first" if expected[j] == "A" else "bad_first"
             agrees.append([])
+            verdicts.append([])
             for s, output in enumerate(outputs[j]):
                 verdict = prompt_texts.parse_verdict(output)
                 stats["unparsed_calls"] += verdict is None
                 agrees[-1].append(verdict == expected[j])
+                verdicts[-1].append(verdict)
                 judgments.append({"pair": i, "id": pair["id"], "order": order, "sample": s, "output": output,
                                   "verdict": verdict, "expected": expected[j]})
         # the "no-filter" ablation: as many traces as a kept pair gives, the first judgments whatever their verdicts
@@ -91,10 +93,10 @@ def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) ->
             chosen = select_traces(agrees[0], agrees[1], options.traces_per_order)
         if chosen[0] and chosen[1]:
             stats["kept"] += 1
-            for j, samples in zip((2 * i, 2 * i + 1), chosen):
+            for order, (j, samples) in enumerate(zip((2 * i, 2 * i + 1), chosen)):
                 for s in samples:
                     traces.append({"image": pair["image"], "prompt": judge_prompts[j], "target": outputs[j][s],
-                                   "pair": i, "verdict": prompt_texts.parse_verdict(outputs[j][s])})
+                                   "pair": i, "verdict": verdicts[order][s]})
         elif any(agrees[0]) or any(agrees[1]):
             stats["one_order"] += 1
         else:
