@@ -40,9 +40,9 @@ $(STAMP): pyproject.toml CMakeLists.txt $(LOCK) $(wildcard csrc/*) $(MODULES)
 	$(PY) -m pip install -q $(PIN) $(UPGRADE) --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
+# a run already in runs/demo is continued, never deleted (a finished one prints its summary again)
 demo: setup
-	rm -rf runs/demo
-	$(VENV)/bin/fastjudge iterate --out runs/demo --seed 0
+	$(VENV)/bin/fastjudge iterate --out runs/demo --seed 0 --resume
 
 test: setup
 	$(PY) -m pytest -q

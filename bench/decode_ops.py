@@ -61,8 +61,8 @@ def main() -> None:
     images = [Image.fromarray(rs.randint(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(args.prompts)]
     prompts = [f"prompt {i} about the picture" for i in range(args.prompts)]
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
-    inputs = adapter._model_inputs(rows, features, left=True)
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
+    inputs = adapter.model_inputs(rows, features, left=True)
     pixels = adapter._pixel_inputs(images)
     sampling = dict(temperature=0.6, top_k=50, top_p=0.9)
 

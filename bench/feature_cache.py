@@ -74,7 +74,7 @@ def main() -> None:
     entry_mb = next(iter(adapter.feature_cache._entries.values())).nbytes / 2**20
     with torch.no_grad():
         t0 = time.perf_counter()
-        adapter._encode_images(images[:1])
+        adapter.encode_images(images[:1])
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         one_image = time.perf_counter() - t0

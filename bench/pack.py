@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tin
 from _env import report  # noqa: E402
 
 from fastjudge.models import ToyAdapter  # noqa: E402
-from fastjudge.models.adapter import pack_rows  # noqa: E402
+from fastjudge.models.training import pack_rows  # noqa: E402
 from fastjudge.models.toy import base_model_dir  # noqa: E402
 from fastjudge.toy import pretrain  # noqa: E402
 
@@ -63,8 +63,8 @@ def main() -> None:
     for name, weights in batches.items():
         rng = random.Random(0)
         images, prompts, targets, _, _ = pretrain.batch(rng, args.batch_size, weights)
-        heads = [adapter._prompt_ids(p, None) for p in prompts]
-        tails = [adapter._target_ids(t) for t in targets]
+        heads = [adapter.prompt_ids(p, None) for p in prompts]
+        tails = [adapter.target_ids(t) for t in targets]
         lengths = [len(h) + len(t) for h, t in zip(heads, tails)]
         target_tokens = sum(map(len, tails))
         rows = pack_rows(lengths, max(lengths))

@@ -84,11 +84,11 @@ def main() -> None:
     def generation(prompts: list[str], n: int, tokens: int, sample: bool) -> dict:
         """Generated tokens per second, ours and transformers', for one batch of prompts at n samples each."""
         features = adapter.image_features(images)
-        rows = [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
+        rows = [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
         length = max(map(len, rows))
         ids = torch.tensor([[adapter.pad_id] * (length - len(r)) + r for r in rows], device=args.device)
         mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=args.device)
-        cross = adapter._model_inputs(rows, features, left=True)["cross_attention_mask"]
+        cross = adapter.model_inputs(rows, features, left=True)["cross_attention_mask"]
         sampling = SAMPLING if sample else dict(temperature=0.0)
 
         def ours():
@@ -115,7 +115,7 @@ def main() -> None:
     if "image" in wanted:
         def encode():
             with torch.no_grad():
-                adapter._encode_images(images)
+                adapter.encode_images(images)
         per_s = len(images) / timed(encode)
         source = f"measured: the vision tower and projector, {len(images)} images of {side}x{side} a forward"
         measured["image encoding"] = {"ours": {"per_s": per_s, "source": source},
@@ -157,8 +157,8 @@ def fine_tuning(adapter, args, dtype, timed) -> dict:
                                          adapter.judge_style) for i in range(count)]
     targets = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40 + 29 * (i % 4))) + " [[A]]"
                for i in range(count)]
-    heads = [adapter._prompt_ids(p, None) for p in prompts]
-    tails = [adapter._target_ids(t) for t in targets]
+    heads = [adapter.prompt_ids(p, None) for p in prompts]
+    tails = [adapter.target_ids(t) for t in targets]
     tokens = sum(len(h) + len(t) for h, t in zip(heads, tails))
     model = adapter.model
     device = adapter.device
@@ -185,7 +185,7 @@ def fine_tuning(adapter, args, dtype, timed) -> dict:
         except ImportError:
             pass
     for name, p in model.named_parameters():
-        p.requires_grad_(not adapter._is_vision(name))
+        p.requires_grad_(not adapter.is_vision(name))
     model.train()
     rows = [h + t for h, t in zip(heads, tails)]
     length = max(map(len, rows))

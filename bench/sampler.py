@@ -71,11 +71,11 @@ def main() -> None:
 
     # transformers' inputs: the same token ids and pixels, left-padded as its batch generation wants
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
     length = max(map(len, rows))
     ids = torch.tensor([[adapter.pad_id] * (length - len(r)) + r for r in rows], device=args.device)
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=args.device)
-    cross = adapter._model_inputs(rows, features, left=True)["cross_attention_mask"]
+    cross = adapter.model_inputs(rows, features, left=True)["cross_attention_mask"]
 
     def ours(n, graphs=None, new_tokens=args.new_tokens, options=DecodeOptions()):
         adapter.generate(images, prompts, n=n, max_new_tokens=new_tokens, seed=0, batch_rows=args.prompts * n,
@@ -86,7 +86,7 @@ def main() -> None:
         # from the same PIL images and texts as ours: the image processor and the tokenizer run in both
         pixels = {k: v.to(args.device) for k, v in adapter._pixel_inputs(images).items()}
         pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
-        [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
+        [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
         model.generate(input_ids=ids, attention_mask=mask, cross_attention_mask=cross, **pixels, do_sample=True,
                        num_return_sequences=n, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                        eos_token_id=None, pad_token_id=adapter.pad_id, **sampling)
@@ -111,7 +111,7 @@ def main() -> None:
     theirs(1)
     start = time.perf_counter()
     adapter._pixel_inputs(images)
-    [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
+    [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
     preprocessing = time.perf_counter() - start
     results = []
     for n in (int(x) for x in args.ns.split(",")):

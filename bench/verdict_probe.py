@@ -39,7 +39,7 @@ def verdict_accuracy(adapter, items: list[dict], raw: list[dict], batch: int = 6
             targets.append(row["output"].split(" verdict :")[0] + " verdict : [[ A ]]")
             good = min((0, 1), key=lambda i: item["human_ranking"][i])
             truth.append("A" if first == good else "B")
-        inputs, labels = adapter._training_inputs(images, prompt_texts, targets)
+        inputs, labels = adapter.training_inputs(images, prompt_texts, targets)
         with torch.no_grad():
             logits = adapter.model(**inputs).logits
         for i, letter in enumerate(truth):
@@ -70,13 +70,13 @@ def main() -> None:
     losses = []
     for _ in range(args.steps):
         batch = rng.sample(traces, min(args.batch_size, len(traces)))
-        inputs, labels = adapter._training_inputs([images[t["image"]] for t in batch],
+        inputs, labels = adapter.training_inputs([images[t["image"]] for t in batch],
                                                   [t["prompt"] for t in batch], [t["target"] for t in batch])
         verdict = torch.zeros_like(labels, dtype=torch.bool)
         for i in range(labels.shape[0]):
             target_positions = (labels[i] != -100).nonzero().flatten()
             verdict[i, target_positions[-3]] = True  # "... [[ X ]] <|eos|>": X is third from the end
-        loss = adapter._loss(inputs, labels.masked_fill(~verdict, -100), "mean")
+        loss = adapter.target_loss(inputs, labels.masked_fill(~verdict, -100), "mean")
         opt.zero_grad()
         loss.backward()
         opt.step()

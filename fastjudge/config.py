@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data.io import write_json
+from fastjudge.data.runs import run_files
 
 if TYPE_CHECKING:
     from fastjudge.stages.evaluate import EvalOptions
@@ -26,89 +28,129 @@ if TYPE_CHECKING:
 
 # the settings that may change when a run resumes (`fastjudge iterate --resume --override ...`): how long it goes
 # on and where and how fast it runs, never what it computes
+# what `--ablation` can take away (`fastjudge.ablations`)
+ABLATIONS = ("none", "no-filter", "shuffled-labels", "oracle-votes")
+
+def option(default, help: str):
+    """A LoopConfig field with its help text: the one definition from which `fastjudge`'s flags, config.json and the
+    resume check are derived (`help_of`)."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(name: str) -> str:
+    """The help text of LoopConfig's field `name`."""
+    return {f.name: f.metadata["help"] for f in fields(LoopConfig)}[name]
+
+
 RESUMABLE = ("iterations", "min_gain", "patience", "device", "batch_rows", "batch_tokens", "feature_cache_gb",
              "dist_timeout_s")
 
 
 @dataclass
 class LoopConfig:
-    out: str = "runs/demo"
-    model: str | None = None  # None: the toy preset (shipped base model, shapes world)
-    prompts: str | None = None  # None: a shapes-world prompt pool generated from `seed`
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None  # None: float32 for the toy and on the CPU, bfloat16 for a real model on a GPU
-    feature_cache_gb: float = 16.0  # vision features kept in memory (CPU) while the vision tower is frozen
-    # input limits: a prompt image over max_image_pixels is downscaled to it (its copy in the run folder); a
-    # prompt whose instruction has more tokens than max_prompt_tokens is a counted skip (None: the model's
-    # context less answer_tokens)
-    max_image_pixels: int = 4096 * 4096
-    max_prompt_tokens: int | None = None
-    # a torchrun job: how long a collective waits for the other ranks before the job fails (a dead or stuck rank)
-    dist_timeout_s: float = 1800.0
-    iterations: int = 3
-    min_gain: float = 0.01  # stop when overall accuracy rises by less than this ...
-    patience: int | None = None  # ... this many iterations in a row (None: 2 for the toy, 1 for a real model)
+    out: str = option("runs/demo", "output folder of the run")
+    model: str | None = option(None, "local checkpoint folder (a toy one, Llama-3.2-Vision, Qwen2-VL or Qwen2.5-VL); "
+                                     "default: the shipped toy base model")
+    prompts: str | None = option(None, "prompt pool JSONL (schema: README, \"Your own prompts\"); default: a "
+                                       "shapes-world pool drawn from --seed")
+    seed: int = option(0, "random seed; a CPU run with the same seed is reproducible")
+    device: str = option("cpu", "torch device for the model (cpu, cuda)")
+    dtype: str | None = option(None, "model dtype: float32, bfloat16, float16 (default: float32 for the toy and on "
+                                     "the CPU, bfloat16 for a real model on a GPU)")
+    feature_cache_gb: float = option(16.0, "GiB of vision features kept in memory while the vision tower is frozen (0 "
+                                           "= off)")
+    max_image_pixels: int = option(4096 * 4096, "a prompt image with more pixels is downscaled to this many (its copy "
+                                                "in the run folder; counted in the summary)")
+    max_prompt_tokens: int | None = option(None, "a prompt whose instruction has more tokens is skipped and counted "
+                                                 "(default: what leaves the model's context room for the answer and "
+                                                 "its degrading rewrite)")
+    dist_timeout_s: float = option(1800.0, "under torchrun: seconds a rank waits for the others at a collective "
+                                           "before the job fails")
+    iterations: int = option(3, "maximum number of iterations")
+    min_gain: float = option(0.01, "stop when overall accuracy rises by less than this from one iteration to the "
+                                   "next, --patience times in a row")
+    patience: int | None = option(None, "how many iterations in a row must gain less than --min-gain to stop "
+                                        "(default: 2 for the toy, 1 for a real model)")
     # synth
-    prompts_per_iteration: int = 1000
-    closed_fraction: float = 0.5  # toy prompt pool only
-    n_samples: int = 16
-    temperature: float = 0.6
-    top_k: int = 50
-    top_p: float = 0.9
-    min_votes: int = 5
+    prompts_per_iteration: int = option(1000, "prompts synthesized into pairs per iteration")
+    closed_fraction: float = option(0.5, "share of closed-ended prompts in the generated shapes-world pool")
+    n_samples: int = option(16, "answers sampled per closed-ended prompt")
+    temperature: float = option(0.6, "sampling temperature for closed-ended answers")
+    top_k: int = option(50, "top-k for sampling (0 = off)")
+    top_p: float = option(0.9, "top-p (nucleus) for sampling")
+    min_votes: int = option(5, "votes the majority answer needs to make a pair")
     # adaptive early stop for closed prompts: stop a prompt's sampling once its majority's confidence
     # (core.voting.majority_confidence) reaches `early_stop`; 0 = always n_samples. Mllama decodes `round_size`
     # samples at a time per prompt, a slot starting the next sample when one ends, voting on the device
     # (engine.vote); other families sample in rounds of `round_size`, voting on the host between rounds
-    early_stop: float = 0.0
-    round_size: int = 4
-    corrupter: str = "model"  # "model": the model rewrites its answer with one error; "rules": rule-based
-    rewrite_temperature: float = 0.6
-    answer_tokens: int | None = None  # None: 64 for the toy, 512 for a real model
-    synth_model: str = "base"  # "base": the base model writes pairs every iteration; "judge": the latest judge
+    early_stop: float = option(0.0, "stop sampling a closed prompt once its majority is this sure (Beta criterion; 0 "
+                                    "= off, e.g. 0.95)")
+    round_size: int = option(4, "with --early-stop: samples decoded at once per prompt (Mllama), or per round (others)")
+    corrupter: str = option("model", "who degrades open-ended answers: the model ('model') or the rule-based "
+                                     "corrupter ('rules')")
+    rewrite_temperature: float = option(0.6, "sampling temperature of the model's degraded rewrite")
+    answer_tokens: int | None = option(None, "maximum new tokens per answer (default: 64 for the toy, 512 for a real model)")
+    synth_model: str = option("base", "which model writes the pairs: the base model ('base') or the latest judge "
+                                      "('judge')")
     # filter and eval
-    judge_tokens: int | None = None  # None: 80 for the toy, 1024 for a real model
+    judge_tokens: int | None = option(None, "maximum new tokens per judgment, reasoning and verdict (default: 80 for the toy, 1024 for a "
+                                                      "real model)")
     # the filter samples judgments: a greedy judge with a position bias would keep no pair at all
-    filter_temperature: float = 1.0
-    # "sampled": whole judgments sampled at filter_temperature (the paper's recipe); "greedy": greedy reasoning,
-    # then the verdict sampled
-    filter_reasoning: str = "sampled"
-    filter_samples: int | None = None  # judgments per pair and order; None: 8 for the toy, 1 for a real model
-    filter_traces: int = 1  # at most this many agreeing judgments of each order become traces
-    batch_rows: int | None = None  # None: 256 for the toy, 32 for a real model (11B: each sample's row holds a
-    # copy of its prompt's cache, about 210 MB of cross-attention keys and values)
-    batch_tokens: int | None = None  # cap on rows x (longest prompt + new tokens) per generation batch
+    filter_temperature: float = option(1.0, "sampling temperature of the judge's judgments in the filter (with "
+                                            "--filter-reasoning greedy, of the verdict alone)")
+    filter_reasoning: str = option("sampled", "the filter's judgments: all of it 'sampled' (reasoning and verdict), "
+                                              "or 'greedy' reasoning with the verdict sampled after it")
+    filter_samples: int | None = option(None, "judgments per pair and order in the filter; a pair is kept when one of "
+                                              "them agrees with its preference in each order (default: 8 for the toy, "
+                                              "1 for a real model)")
+    filter_traces: int = option(1, "at most this many agreeing judgments of each order of a kept pair become training "
+                                   "traces")
+    batch_rows: int | None = option(None, "sequences per generation batch (default: 256 for the toy, 32 for a real "
+                                          "model)")
+    # 11B: each sample's row holds a copy of its prompt's cache, about 210 MB of cross-attention keys and
+    # values
+    batch_tokens: int | None = option(None, "at most this many token positions (rows x (longest prompt + new tokens)) "
+                                            "per generation batch (default: no cap)")
     # train
-    epochs: int = 3
-    lr: float | None = None  # None: 2e-4 for the toy; a real model 1e-5, or 1e-4 with train="lora"
-    batch_size: int = 32
-    micro_batches: int = 2  # forward passes per step, over examples sorted by length
-    # what fine-tuning trains of each kept trace: "trace" (reasoning and verdict, the paper's recipe) or "verdict"
-    # (the reasoning read, not trained)
-    train_loss: str = "trace"
-    pack: bool = True  # several examples to a row in fine-tuning (exact: Mllama and the toy)
-    train: str = "text"  # "text": vision tower frozen; "all"; "lora": LoRA adapters (peft), merged after training
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    cpu_offload: bool = False  # under torchrun, sharded fine-tuning: its state in CPU memory
-    activation_checkpointing: bool = False  # under torchrun, sharded fine-tuning: recompute layer activations
-    train_state_every: int = 100  # under torchrun, sharded fine-tuning: steps between saves of its state (0: none)
+    epochs: int = option(3, "fine-tuning epochs over the kept traces")
+    lr: float | None = option(None, "fine-tuning peak learning rate (default: 2e-4 for the toy; a real model 1e-5, or "
+                                          "1e-4 with --train lora)")
+    batch_size: int = option(32, "fine-tuning batch size")
+    micro_batches: int = option(2, "forward passes per fine-tuning step (examples sorted by length pad less)")
+    train_loss: str = option("trace", "what fine-tuning trains of each kept trace: 'trace' (reasoning and verdict) or "
+                                      "'verdict' (the reasoning read, not trained)")
+    pack: bool = option(True, "fine-tuning packs several examples to a row, each attending only to itself and its own "
+                              "image (Mllama and the toy; exact: the loss and gradients of the unpacked batch)")
+    train: str = option("text", "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA "
+                                "on the language model, merged into the checkpoint)")
+    lora_rank: int = option(16, "LoRA rank (with --train lora)")
+    lora_alpha: float = option(32.0, "LoRA alpha (with --train lora)")
+    cpu_offload: bool = option(False, "under torchrun, sharded fine-tuning (every --train mode): parameters, "
+                                      "gradients and optimizer state in CPU memory")
+    activation_checkpointing: bool = option(False, "under torchrun, sharded fine-tuning: each decoder layer's "
+                                                   "activations recomputed in the backward pass")
+    train_state_every: int = option(100, "under torchrun, sharded fine-tuning: steps between two saves of the model, "
+                                         "optimizer and step (torch.distributed.checkpoint), from which a killed job "
+                                         "resumes (0: none)")
     # eval
-    bench: str = "toy"  # benchmark format: "toy" (held-out shapes world), "vlrewardbench", "mmrb"
-    bench_data: str | None = None  # the benchmark file; None: the toy benchmark (generated once, fixed seed)
-    toy_bench_per_category: int = 100  # items per category of the toy benchmark
-    images: str | None = None
-    prompt: str = "ours"  # judge prompt in eval: "ours" (what the loop trains on) or "benchmark" (its own)
-    unparsed: str = "wrong"  # mmrb: an unparsed verdict is "wrong" or the official seeded "random" guess
-    k: int = 1
-    eval_temperature: float = 0.6  # used when k > 1; k == 1 is greedy
-    # the mechanism, shown by taking a piece away (toy preset): "no-filter" trains on every pair's first judgments
-    # in each order, whatever their verdicts;
-    # "shuffled-labels" swaps good and bad in a random half of the pairs; "oracle-votes" makes each closed pair's
-    # good answer the scene's true answer instead of the majority's (the paper's majority-vs-oracle comparison)
-    ablation: str = "none"
-    resume: bool = False
+    bench: str = option("toy", "benchmark format: toy (our held-out shapes-world benchmark), vlrewardbench, mmrb")
+    bench_data: str | None = option(None, "the benchmark file (VL-RewardBench JSONL, Multimodal RewardBench JSON); "
+                                          "default: the toy one")
+    toy_bench_per_category: int = option(100, "items per category of the toy benchmark (when there is no "
+                                              "--bench-data)")
+    images: str | None = option(None, "folder that the benchmark's image paths are relative to (default: the data "
+                                      "file's folder)")
+    prompt: str = option("ours", "judge prompt in eval: 'ours' (what the loop trains on) or 'benchmark' (the "
+                                 "benchmark's own)")
+    unparsed: str = option("wrong", "mmrb: an unparsed verdict counts as 'wrong', or 'random' (the official seeded "
+                                    "guess)")
+    k: int = option(1, "judge samples per benchmark item (1 = greedy)")
+    eval_temperature: float = option(0.6, "sampling temperature of the judge when k > 1")
+    ablation: str = option("none", "take a piece of the loop away to see what it does: 'no-filter' (train on every "
+                                   "pair's first judgments, whatever their verdicts), 'shuffled-labels' (swap good "
+                                   "and bad in a random half of the pairs), 'oracle-votes' (closed pairs labelled by "
+                                   "the scene's true answer, not the majority; toy preset)")
+    resume: bool = option(False, "continue a stopped run in --out from its last completed stage")
 
     def __post_init__(self):
         if self.model is not None and not (Path(self.model) / "config.json").is_file():
@@ -157,7 +199,7 @@ class LoopConfig:
                    "train_loss": ("trace", "verdict"),
                    "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
                    "bench": ("toy", "vlrewardbench", "mmrb"), "prompt": ("ours", "benchmark"),
-                   "unparsed": ("wrong", "random"), "ablation": ("none", "no-filter", "shuffled-labels", "oracle-votes"),
+                   "unparsed": ("wrong", "random"), "ablation": ABLATIONS,
                    "dtype": (None, "float32", "bfloat16", "float16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -191,17 +233,18 @@ class LoopConfig:
         from fastjudge.toy.world import rewrite_with_error
         # "rules": the shapes world's rule-based corrupter (toy texts only)
         corrupter = rewrite_with_error if self.corrupter == "rules" else None
-        return SynthOptions(n_samples=self.n_samples, temperature=self.temperature, top_k=self.top_k,
-                            top_p=self.top_p, min_votes=self.min_votes, early_stop=self.early_stop,
-                            round_size=self.round_size, answer_tokens=self.answer_tokens,
-                            rewrite_temperature=self.rewrite_temperature, batch_rows=self.batch_rows,
-                            batch_tokens=self.batch_tokens, corrupter=corrupter)
+        filters = dict(max_new_tokens=self.answer_tokens, top_k=self.top_k, top_p=self.top_p)
+        return SynthOptions(answer=SamplingParams(max_new_tokens=self.answer_tokens),
+                            rewrite=SamplingParams(temperature=self.rewrite_temperature, **filters),
+                            samples=SamplingParams(n=self.n_samples, temperature=self.temperature, **filters),
+                            min_votes=self.min_votes, early_stop=self.early_stop, round_size=self.round_size,
+                            batch_rows=self.batch_rows, batch_tokens=self.batch_tokens, corrupter=corrupter)
 
     def filter_options(self) -> FilterOptions:
         from fastjudge.stages.filter import FilterOptions
-        return FilterOptions(judge_tokens=self.judge_tokens, temperature=self.filter_temperature, top_k=self.top_k,
-                             top_p=self.top_p, reasoning=self.filter_reasoning, samples=self.filter_samples,
-                             traces_per_order=self.filter_traces, batch_rows=self.batch_rows,
+        judgment = SamplingParams(n=self.filter_samples, max_new_tokens=self.judge_tokens,
+                                  temperature=self.filter_temperature, top_k=self.top_k, top_p=self.top_p)
+        return FilterOptions(judgment=judgment, reasoning=self.filter_reasoning, traces_per_order=self.filter_traces, batch_rows=self.batch_rows,
                              batch_tokens=self.batch_tokens, keep_all=self.ablation == "no-filter")
 
     def train_options(self) -> TrainOptions:
@@ -215,10 +258,11 @@ class LoopConfig:
 
     def eval_options(self) -> EvalOptions:
         from fastjudge.stages.evaluate import EvalOptions
-        return EvalOptions(bench=self.bench, prompt=self.prompt, unparsed=self.unparsed, k=self.k,
-                           temperature=self.eval_temperature, top_k=self.top_k, top_p=self.top_p,
-                           judge_tokens=self.judge_tokens, batch_rows=self.batch_rows,
-                           batch_tokens=self.batch_tokens)
+        # one judgment per item is greedy; k of them are sampled
+        judgment = SamplingParams(max_new_tokens=self.judge_tokens) if self.k == 1 else SamplingParams(
+            max_new_tokens=self.judge_tokens, temperature=self.eval_temperature, top_k=self.top_k, top_p=self.top_p)
+        return EvalOptions(bench=self.bench, prompt=self.prompt, unparsed=self.unparsed, k=self.k, judgment=judgment,
+                           batch_rows=self.batch_rows, batch_tokens=self.batch_tokens)
 
     def save(self, path: Path | str) -> None:
         write_json(path, asdict(self))
@@ -234,3 +278,47 @@ class LoopConfig:
             data["train_loss"] = "verdict" if toy else "trace"
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# what may change when a run resumes, with --override: how far it goes and where and in what batches it runs
+# (batch_rows and batch_tokens re-seed the sampling of the stages still to run)
+_PATHS = ("model", "prompts", "bench_data", "images")
+
+
+def resolved(cfg: LoopConfig, out: Path, given: set[str] | None, overrides: tuple[str, ...],
+             main: bool = True) -> LoopConfig:
+    """The configuration a run goes on with: `cfg` for a new run, the saved out/config.json on --resume. A setting
+    in `given` (the flags the command line gave; None: every field of `cfg`) that differs from the saved one is a
+    ValueError naming each, except those of RESUMABLE that `overrides` names. Paths are made absolute, so that a
+    resume works from anywhere."""
+    unknown = [name for name in overrides if name not in RESUMABLE]
+    if unknown:
+        raise ValueError(f"override: {', '.join(unknown)} cannot change on --resume (only {', '.join(RESUMABLE)})")
+    for name in _PATHS:
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
+    # a folder that holds nothing but what a failed start leaves (the skips that explain it) is not a run
+    if [p for p in run_files(out) if p.name != "skipped.jsonl"] and not cfg.resume:
+        raise ValueError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
+    if not (cfg.resume and (out / "config.json").exists()):
+        return cfg
+    saved = LoopConfig.load(out / "config.json")
+    names = set(given) if given is not None else {f for f in vars(cfg)}
+    changed = sorted(name for name in names - {"resume", "out"} if getattr(cfg, name) != getattr(saved, name))
+    refused = [name for name in changed if name not in overrides]
+    if refused:
+        said = "; ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} (the run has "
+                         f"{getattr(saved, name)!r})" for name in refused)
+        hint = [name for name in refused if name in RESUMABLE]
+        raise ValueError(f"resume: {out / 'config.json'} was run with other settings: {said}. "
+                         + (f"To change {', '.join(hint)}, pass --override {','.join(hint)}; " if hint else "")
+                         + "to run other settings, choose another --out")
+    for name in changed:
+        setattr(saved, name, getattr(cfg, name))
+    saved.out = cfg.out  # where the run is now (it may have been moved)
+    if main:
+        print(f"--resume: continuing {out / 'config.json'}"
+              + (f" with {', '.join(f'{n} {getattr(saved, n)!r}' for n in changed)} changed" if changed else ""))
+    return saved
+
+

@@ -46,6 +46,8 @@ class Recipe:
     def check(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if not math.isfinite(value):
+                raise ValueError(f"recipe: {f.name}: expected a finite number, got {value}")
             if f.name.endswith("fraction"):
                 if not 0 <= value <= 1:
                     raise ValueError(f"recipe: {f.name}: expected in [0, 1], got {value}")

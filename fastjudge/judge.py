@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data import prompts as prompt_texts
-from fastjudge.models import Adapter, load_adapter
+from fastjudge.models import Adapter, generation, load_adapter
 
 
 @dataclass
@@ -75,21 +76,17 @@ class Judge:
                 shown.append((i, swapped))
                 prompts.append(prompt_texts.judge_prompt(question, *((b, a) if swapped else (a, b)), style))
         pictures = [images[i] for i, _ in shown]
-        sampling = dict(temperature=0.0) if k == 1 else dict(temperature=self.temperature, top_k=self.top_k,
-                                                            top_p=self.top_p)
-        outputs = self.adapter.generate(pictures, prompts, n=k, max_new_tokens=self.judge_tokens,
-                                        batch_rows=self.batch_rows, seed=self.seed, stop=["]]"], progress=progress,
-                                        **sampling)
-        flat = [(row, text) for row, texts in enumerate(outputs) for text in texts]
-        probabilities = self.adapter.choice_probabilities(
-            [pictures[row] for row, _ in flat], [prompts[row] for row, _ in flat],
-            [prompt_texts.verdict_prefix(text, style) for _, text in flat], prompt_texts.VERDICT_CHOICES[style],
-            batch_rows=self.batch_rows)
+        # one reasoning is greedy; k of them are sampled
+        sampling = {} if k == 1 else dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        params = SamplingParams(n=k, max_new_tokens=self.judge_tokens, seed=self.seed, stop=("]]",), **sampling)
+        outputs, p_first = generation.judgments(self.adapter, pictures, prompts, params, batch_rows=self.batch_rows,
+                                                progress=progress)
         per_pair: list[dict] = [{"p": [], "texts": []} for _ in images]
-        for (row, text), (p_first, _) in zip(flat, probabilities):
+        for row, (texts, probabilities) in enumerate(zip(outputs, p_first)):
             i, swapped = shown[row]
-            per_pair[i]["p"].append((swapped, 1.0 - p_first if swapped else p_first))
-            per_pair[i]["texts"].append(text)
+            for text, p in zip(texts, probabilities):
+                per_pair[i]["p"].append((swapped, 1.0 - p if swapped else p))
+                per_pair[i]["texts"].append(text)
         judgments = []
         for entry in per_pair:
             by_order = [sum(p for s, p in entry["p"] if s == swapped) / k for swapped in orders]

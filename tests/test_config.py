@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fastjudge.config import LoopConfig
+from fastjudge.core.sampling_params import SamplingParams
 
 
 def test_defaults_construct():
@@ -20,7 +21,7 @@ def test_the_toy_and_a_real_model_have_their_own_training_defaults(tmp_path):
     the filter, a real model at 1e-5 with one; a value given is kept."""
     toy = LoopConfig()
     assert (toy.train_loss, toy.lr, toy.train_options().loss_on) == ("trace", 2e-4, "trace")
-    assert (toy.filter_reasoning, toy.filter_samples, toy.filter_options().samples) == ("sampled", 8, 8)
+    assert (toy.filter_reasoning, toy.filter_samples, toy.filter_options().judgment.n) == ("sampled", 8, 8)
     (tmp_path / "config.json").write_text("{}")  # a checkpoint that is not the toy's
     real = LoopConfig(model=str(tmp_path))
     assert (real.train_loss, real.lr, real.train_options().loss_on) == ("trace", 1e-5, "trace")
@@ -121,21 +122,24 @@ def test_each_stage_gets_its_own_settings_from_the_config():
                      micro_batches=3, train="lora", lora_rank=4, lora_alpha=8.0, bench="toy", k=3,
                      eval_temperature=0.2, unparsed="random")
     synth = cfg.synth_options()
-    assert (synth.n_samples, synth.temperature, synth.top_k, synth.top_p, synth.min_votes, synth.early_stop,
-            synth.round_size, synth.answer_tokens, synth.rewrite_temperature, synth.batch_rows,
-            synth.batch_tokens) == (12, 0.7, 40, 0.8, 4, 0.9, 3, 33, 0.4, 48, 9000)
+    assert synth.samples == SamplingParams(n=12, max_new_tokens=33, temperature=0.7, top_k=40, top_p=0.8)
+    assert synth.rewrite == SamplingParams(max_new_tokens=33, temperature=0.4, top_k=40, top_p=0.8)
+    assert synth.answer == SamplingParams(max_new_tokens=33)  # greedy
+    assert (synth.min_votes, synth.early_stop, synth.round_size, synth.batch_rows,
+            synth.batch_tokens) == (4, 0.9, 3, 48, 9000)
     assert synth.corrupter is None  # the model rewrites its own answers
     assert LoopConfig(corrupter="rules").synth_options().corrupter is rewrite_with_error
     filtering = cfg.filter_options()
-    assert (filtering.judge_tokens, filtering.temperature, filtering.reasoning, filtering.top_k,
-            filtering.batch_rows, filtering.keep_all) == (55, 0.5, "sampled", 40, 48, False)
+    assert filtering.judgment == SamplingParams(n=8, max_new_tokens=55, temperature=0.5, top_k=40, top_p=0.8)
+    assert (filtering.reasoning, filtering.batch_rows, filtering.keep_all) == ("sampled", 48, False)
     assert LoopConfig(ablation="no-filter").filter_options().keep_all
     training = cfg.train_options()
     assert (training.epochs, training.lr, training.batch_size, training.micro_batches, training.train,
             training.lora_rank, training.lora_alpha) == (2, 2e-4, 8, 3, "lora", 4, 8.0)
     evaluation = cfg.eval_options()
-    assert (evaluation.bench, evaluation.k, evaluation.temperature, evaluation.unparsed, evaluation.judge_tokens,
-            evaluation.batch_tokens) == ("toy", 3, 0.2, "random", 55, 9000)
+    assert evaluation.judgment == SamplingParams(max_new_tokens=55, temperature=0.2, top_k=40, top_p=0.8)
+    assert (evaluation.bench, evaluation.k, evaluation.unparsed, evaluation.batch_tokens) == ("toy", 3, "random", 9000)
+    assert LoopConfig(k=1).eval_options().judgment == SamplingParams(max_new_tokens=80)  # one judgment: greedy
 
 
 @pytest.mark.parametrize("name", ["lr", "min_gain", "temperature", "top_p", "filter_temperature", "dist_timeout_s",

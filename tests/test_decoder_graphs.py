@@ -19,8 +19,8 @@ def _inputs(adapter, seed=11):
     rs = np.random.RandomState(seed)
     images = [Image.fromarray(rs.randint(0, 256, (28 + 9 * i, 48 - 7 * i, 3), dtype=np.uint8)) for i in range(3)]
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(PROMPTS, features)]
-    return adapter._model_inputs(rows, features, left=True)
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(PROMPTS, features)]
+    return adapter.model_inputs(rows, features, left=True)
 
 
 def _adapter(source, tiny_toy_dir, tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import tiny
 from fastjudge.core.answers import extract_answer
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.core.voting import majority_confidence, normalize_answer, sampling_settled
 from fastjudge.engine.decoding import decode_groups
 from fastjudge.engine.options import DecodeOptions
@@ -163,8 +164,8 @@ PROMPTS = ["how many objects are there ?", "what colour is the big circle ?", "d
 
 def _inputs(adapter, images, prompts):
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
-    return adapter._model_inputs(rows, features, left=True)
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
+    return adapter.model_inputs(rows, features, left=True)
 
 
 def _greedy(logits, generator):
@@ -247,13 +248,12 @@ def test_synth_uses_the_device_vote_for_mllama(tmp_path):
     path = write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
     records, _ = data.load_prompts(path)
     adapter = load_adapter(None)
-    options = synth.SynthOptions(n_samples=8, round_size=2, min_votes=3, early_stop=0.8, answer_tokens=12,
-                                 batch_rows=256)
+    options = synth.SynthOptions(samples=SamplingParams(n=8, max_new_tokens=12, temperature=0.6, top_k=50, top_p=0.9),
+                                 round_size=2, min_votes=3, early_stop=0.8, batch_rows=256)
     result = synth.run(adapter, records, options, seed=1)
     assert result.stats["samples"] < 8 * len(records)
     assert synth.run(adapter, records, options, seed=1).stats == result.stats
-    full = synth.run(adapter, records, options.__class__(n_samples=8, min_votes=3, answer_tokens=12, batch_rows=256),
-                     seed=1)
+    full = synth.run(adapter, records, options.__class__(samples=options.samples, min_votes=3, batch_rows=256), seed=1)
     assert full.stats["samples"] == 8 * len(records)
 
 

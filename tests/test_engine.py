@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import tiny
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data import prompts as prompt_texts
 from fastjudge.engine.decoding import decode_groups
 from fastjudge.engine.options import DecodeOptions
@@ -41,10 +42,10 @@ def _images(count, seed):
 
 def _inputs(adapter, images, prompts, repeat=1):
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(prompts, features)]
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
     rows = [r for r in rows for _ in range(repeat)]
     features = [f for f in features for _ in range(repeat)]
-    return adapter._model_inputs(rows, features, left=True)
+    return adapter.model_inputs(rows, features, left=True)
 
 
 def test_shared_prefill_samples_as_repeated_rows_do(adapter):
@@ -225,8 +226,8 @@ def test_rounds_early_stop_draws_fewer_samples_in_whole_rounds(tmp_path):
     path = write_toy_prompts(tmp_path, count=24, seed=3, closed_fraction=1.0)
     records, _ = data.load_prompts(path)
     adapter = load_adapter(None)
-    cfg = synth.SynthOptions(n_samples=8, round_size=2, min_votes=3, early_stop=0.8, answer_tokens=12,
-                             batch_rows=256)
+    cfg = synth.SynthOptions(samples=SamplingParams(n=8, max_new_tokens=12, temperature=0.6, top_k=50, top_p=0.9),
+                             round_size=2, min_votes=3, early_stop=0.8, batch_rows=256)
     groups = synth.sample_adaptively(adapter, data.load_images([r.image for r in records]), records, cfg, seed=1)
     sizes = [len(g) for g in groups]
     assert all(2 <= size <= 8 and size % 2 == 0 for size in sizes)
@@ -239,7 +240,7 @@ def test_rounds_early_stop_draws_fewer_samples_in_whole_rounds(tmp_path):
 
 
 def test_token_budget_splits_batches_without_changing_greedy_output(tiny_toy_dir):
-    from fastjudge.models.adapter import _token_budget
+    from fastjudge.models.generation import _token_budget
     rows = [[1] * 10, [1] * 30, [1] * 5, [1] * 12]
     # 2 samples x (longest + 6 new): [10, 30] holds 2 x 2 x 36 = 144 > 100 positions, so 10 goes alone
     assert list(_token_budget(rows, 2, 6, 100)) == [(0, 1), (1, 2), (2, 4)]

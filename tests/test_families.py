@@ -1,5 +1,7 @@
 """The real model families (Llama-3.2-Vision's Mllama, Qwen2-VL, Qwen2.5-VL) through their adapters, on tiny
-random-weight checkpoints with local tokenizers that carry each family's chat template (tests/tiny.py)."""
+random-weight checkpoints with local tokenizers that carry each family's chat template (tests/tiny.py); and LLaVA,
+a family fastjudge does not ship, added in one module and one registry line (tests/llava_family.py): every test
+here is the contract a family meets."""
 
 import inspect
 import json
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+import llava_family  # noqa: F401  (registers the LLaVA family: its one line)
 import tiny
 from conftest import VLRB_FIXTURE
 from fastjudge import data
@@ -17,7 +20,7 @@ from fastjudge.config import LoopConfig
 from fastjudge.models import FeatureCache, ImageFeatures, load_adapter, mrope_positions
 from fastjudge.toy import files as toy_files
 
-FAMILIES = list(tiny.FAMILIES)
+FAMILIES = [*tiny.FAMILIES, "llava"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -39,7 +42,7 @@ PROMPTS = ["How many objects?", "What colour is the big shape on the left?", "De
 def _reference_inputs(adapter, image, prompt):
     """One unpadded example as the family's own transformers path takes it: pixels, not cached features."""
     feature = adapter.image_features([image])[0]
-    ids = torch.tensor([adapter._prompt_ids(prompt, feature)])
+    ids = torch.tensor([adapter.prompt_ids(prompt, feature)])
     if adapter.model.config.model_type == "mllama":
         pixels = adapter._pixel_inputs([image])
         cross = torch.zeros(1, ids.shape[1], 1, pixels["pixel_values"].shape[2], dtype=torch.long)
@@ -47,6 +50,8 @@ def _reference_inputs(adapter, image, prompt):
         cross[0, start:, 0, :feature.info[0]] = 1
         return ids, dict(pixels, cross_attention_mask=cross)
     batch = adapter.image_processor(images=[image], return_tensors="pt")
+    if adapter.model.config.model_type == "llava":
+        return ids, dict(pixel_values=batch["pixel_values"])
     extra = dict(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
     if "mm_token_type_ids" in inspect.signature(adapter.model.forward).parameters:  # transformers >= 5.1x
         extra["mm_token_type_ids"] = (ids == adapter.image_token_id).int()
@@ -77,7 +82,7 @@ def test_sft_loss_is_transformers_loss_on_assistant_tokens_only(checkpoint):
     losses = []
     for image, prompt, target in zip(images, PROMPTS, targets):
         ids, extra = _reference_inputs(adapter, image, prompt)
-        tail = adapter._target_ids(target)
+        tail = adapter.target_ids(target)
         # the labelled tokens are exactly the target and the chat template's end of turn
         assert adapter.tokenizer.decode(tail[:-1]) == target
         assert tail[-1] == adapter.end_of_turn
@@ -104,10 +109,10 @@ def test_mrope_positions_match_transformers_get_rope_index(family, tmp_path):
     adapter = load_adapter(str(tiny.build_checkpoint(family, tmp_path)))
     images = _images(4, seed=3)
     features = adapter.image_features(images)
-    inputs = adapter._model_inputs([adapter._prompt_ids(p, f) for p, f in zip(PROMPTS, features)], features,
+    inputs = adapter.model_inputs([adapter.prompt_ids(p, f) for p, f in zip(PROMPTS, features)], features,
                                    left=True)
     mask = inputs["attention_mask"]
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(PROMPTS, features)]
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(PROMPTS, features)]
     length = max(map(len, rows))
     input_ids = torch.tensor([[adapter.pad_id] * (length - len(r)) + r for r in rows])
     grids = torch.tensor([f.info for f in features])
@@ -133,7 +138,7 @@ def test_feature_cache_encodes_each_image_once_and_bypasses_when_vision_trains(c
     for a, b in zip(first, again):
         assert torch.equal(a.features, b.features) and a.info == b.info
     # the cached features are what the vision tower computes now, no gradient attached
-    fresh = adapter._encode_images(images)
+    fresh = adapter.encode_images(images)
     for a, b in zip(first, fresh):
         assert torch.allclose(a.features, b.features.cpu(), atol=1e-6)
     # vision trains: computed live, with gradients, and the cache is untouched
@@ -161,13 +166,13 @@ def test_text_training_freezes_the_vision_tower(checkpoint):
     params = adapter.begin_training("text")
     names = {id(p): n for n, p in adapter.model.named_parameters()}
     trained = [names[id(p)] for p in params]
-    assert trained and not any(adapter._is_vision(n) for n in trained)
+    assert trained and not any(adapter.is_vision(n) for n in trained)
     assert any("vision" in n or "visual" in n for n, _ in adapter.model.named_parameters())
     loss = adapter.sft_loss(_images(2, seed=5), PROMPTS[:2], ["yes", "no"])
     loss.backward()
     grads = {name: p.grad for name, p in adapter.model.named_parameters()}
-    assert all(g is None for name, g in grads.items() if adapter._is_vision(name))
-    assert any(g is not None and g.abs().sum() > 0 for name, g in grads.items() if not adapter._is_vision(name))
+    assert all(g is None for name, g in grads.items() if adapter.is_vision(name))
+    assert any(g is not None and g.abs().sum() > 0 for name, g in grads.items() if not adapter.is_vision(name))
     adapter.end_training()
 
 
@@ -212,8 +217,8 @@ def test_saved_checkpoint_loads_in_plain_transformers(checkpoint, tmp_path):
 
 
 def test_unsupported_model_type_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(ValueError, match="model_type 'llava' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
+    with pytest.raises(ValueError, match="model_type 'paligemma' is not supported"):
         load_adapter(str(tmp_path))
 
 

@@ -34,11 +34,11 @@ def test_choice_probabilities_are_the_softmax_of_the_two_verdict_logits(source, 
     for image, prompt, prefix, (p_a, p_b) in zip(images, prompts, prefixes, got):
         # by hand: the row alone (no padding), its last position's logits, the two letters' tokens
         feature = adapter.image_features([image])
-        a_ids, b_ids = (adapter._prefix_ids(prefix + c) for c in prompt_texts.VERDICT_CHOICES[style])
+        a_ids, b_ids = (adapter.prefix_ids(prefix + c) for c in prompt_texts.VERDICT_CHOICES[style])
         shared = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y)
-        row = adapter._prompt_ids(prompt, feature[0]) + a_ids[:shared]
+        row = adapter.prompt_ids(prompt, feature[0]) + a_ids[:shared]
         with torch.no_grad():
-            logits = adapter.model(**adapter._model_inputs([row], feature, left=True)).logits[0, -1].double()
+            logits = adapter.model(**adapter.model_inputs([row], feature, left=True)).logits[0, -1].double()
         expected = torch.softmax(logits[[a_ids[shared], b_ids[shared]]], dim=0)
         assert p_a + p_b == pytest.approx(1.0)
         assert p_a == pytest.approx(float(expected[0]), rel=1e-5, abs=1e-7)
@@ -61,9 +61,9 @@ class _Scripted:
         self.p_first = p_first  # prompt -> probability of "A"
         self.calls = []
 
-    def generate(self, images, prompts, n=1, **kwargs):
-        self.calls.append((len(prompts), n))
-        return [[f"reasoning {s} for {p}" for s in range(n)] for p in prompts]
+    def generate(self, images, prompts, params, **kwargs):
+        self.calls.append((len(prompts), params.n))
+        return [[f"reasoning {s} for {p}" for s in range(params.n)] for p in prompts]
 
     def choice_probabilities(self, images, prompts, prefixes, choices, batch_rows=32):
         return [[self.p_first[p], 1 - self.p_first[p]] for p in prompts]
@@ -164,7 +164,7 @@ def test_bad_pair_lines_are_counted_skips(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(lines) + "\n")
     assert cli.main(["judge", "--pairs", str(pairs), "--out", str(tmp_path / "out")]) == 0
-    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped-judge.jsonl").read_text().splitlines()]
     assert [s["line"] for s in skipped] == [2, 3, 4, 5, 6, 7]
     reasons = " | ".join(s["reason"] for s in skipped)
     for expected in ("malformed JSON", "already used on line 1", "field 'question'", "field 'image'",

@@ -368,9 +368,9 @@ def _batch(adapter):
     images = [Image.fromarray(rs.randint(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(30, 90), (80, 40),
                                                                                           (50, 50)]]
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(["how many?", "describe the picture in detail", "x"],
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(["how many?", "describe the picture in detail", "x"],
                                                       features)]
-    inputs = adapter._model_inputs(rows, features, left=True)
+    inputs = adapter.model_inputs(rows, features, left=True)
     tiles = inputs["cross_attention_mask"][:, -1, 0].sum(-1).tolist()
     assert tiles == [2, 2, 1] and (inputs["cross_attention_mask"][:, :, 0].sum(-1) == 0).any(dim=1).all()
     return images, inputs
@@ -466,7 +466,7 @@ def test_shared_decoder_cross_layers_through_the_kernel(tiny_mllama, monkeypatch
     """The shared Mllama decoder's cross layers through the kernel (n samples of a prompt as query rows over
     its key range) sample exactly what its SDPA path samples; a prompt that sees no image included; with
     end tokens, so that prompts leave the batch (and their ranges with them)."""
-    from fastjudge.engine import mllama as mllama_decoding
+    from fastjudge.engine import shared_cache as mllama_decoding
     from fastjudge.engine.decoding import decode_groups
     _, inputs = _batch(tiny_mllama)
     if blind:

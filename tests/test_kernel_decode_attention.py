@@ -136,7 +136,7 @@ def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp
     """The shared Mllama decoder's self layers through the kernel sample exactly what its SDPA path samples:
     refilled slots (own runs that restart), prompts of different lengths (left padding), end tokens."""
     import tiny
-    from fastjudge.engine import mllama as mllama_decoding
+    from fastjudge.engine import shared_cache as mllama_decoding
     from fastjudge.engine.decoding import decode_groups
     from fastjudge.engine.options import DecodeOptions
     from fastjudge.models import ToyAdapter, load_adapter
@@ -147,8 +147,8 @@ def test_shared_decoder_self_layers_through_the_kernel(source, tiny_toy_dir, tmp
     rs = np.random.RandomState(2)
     images = [Image.fromarray(rs.randint(0, 256, (30 + 9 * i, 44, 3), dtype=np.uint8)) for i in range(3)]
     features = adapter.image_features(images)
-    rows = [adapter._prompt_ids(p, f) for p, f in zip(["How many?", "What colour is the big shape?", "x"], features)]
-    inputs = adapter._model_inputs(rows, features, left=True)
+    rows = [adapter.prompt_ids(p, f) for p, f in zip(["How many?", "What colour is the big shape?", "x"], features)]
+    inputs = adapter.model_inputs(rows, features, left=True)
     calls = []
     kernel = mllama_decoding.shared_prefix_decode_attention
 

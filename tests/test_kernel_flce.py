@@ -283,7 +283,8 @@ def test_liger_kernels_patch_the_mllama_text_model(tmp_path):
         adapter = load_adapter(str(tiny.build_checkpoint("mllama", tmp_path / "mllama")), dtype=torch.float32)
         forwards = {name: module.forward for name, module in adapter.model.named_modules()}
         head = adapter.model.get_output_embeddings().forward
-        assert apply_liger_kernels(adapter.model) and apply_liger_kernels(adapter.model)
+        patch = adapter.liger_patch
+        assert apply_liger_kernels(adapter.model, patch) and apply_liger_kernels(adapter.model, patch)  # once
         changed = {type(m).__name__ for name, m in adapter.model.named_modules() if m.forward != forwards[name]}
         assert changed == {"MllamaTextRMSNorm", "MllamaTextMLP"}
         assert modeling_mllama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")

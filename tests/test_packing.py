@@ -8,7 +8,7 @@ from PIL import Image
 
 import tiny
 from fastjudge.models import ToyAdapter, load_adapter
-from fastjudge.models.adapter import pack_rows
+from fastjudge.models.training import pack_rows
 
 PROMPTS = ["How many objects are in the image?", "What colour is the small shape?",
            "Describe the image in one sentence, please, with every object and where it is.", "Which is larger?",
@@ -55,16 +55,16 @@ def _loss_and_grads(adapter, train, pack, micro_batches):
         p.grad = None
     if pack and train == "all":  # sft_backward packs a frozen tower's batches only (any number of processes
         # runs the same rows); the packed inputs are exact with a training tower too: their loss, backward here
-        images, heads = _images(len(PROMPTS), 1), {i: adapter._prompt_ids(p, None) for i, p in enumerate(PROMPTS)}
-        tails = {i: adapter._target_ids(t) for i, t in enumerate(TARGETS)}
+        images, heads = _images(len(PROMPTS), 1), {i: adapter.prompt_ids(p, None) for i, p in enumerate(PROMPTS)}
+        tails = {i: adapter.target_ids(t) for i, t in enumerate(TARGETS)}
         lengths = [len(heads[i]) + len(tails[i]) for i in range(len(PROMPTS))]
         rows = pack_rows(lengths, max(lengths))
         size = -(-len(rows) // micro_batches)
         count = sum(map(len, tails.values()))
         loss = 0.0
         for k in range(0, len(rows), size):
-            inputs, labels = adapter._packed_training_inputs(images, rows[k:k + size], heads, tails)
-            part = adapter._loss(inputs, labels, reduction="sum")
+            inputs, labels = adapter.packed_training_inputs(images, rows[k:k + size], heads, tails)
+            part = adapter.target_loss(inputs, labels, reduction="sum")
             (part / count).backward()
             loss += part.item() / count
     else:
@@ -97,12 +97,12 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(source, train, micro
 def test_packing_puts_several_examples_in_a_row(mllama_dir, tiny_toy_dir):
     """The batch above does pack: fewer rows than examples, and a row's examples each see their own image."""
     adapter = _adapter("mllama", mllama_dir, tiny_toy_dir)
-    heads = {i: adapter._prompt_ids(p, None) for i, p in enumerate(PROMPTS)}
-    tails = {i: adapter._target_ids(t) for i, t in enumerate(TARGETS)}
+    heads = {i: adapter.prompt_ids(p, None) for i, p in enumerate(PROMPTS)}
+    tails = {i: adapter.target_ids(t) for i, t in enumerate(TARGETS)}
     lengths = [len(heads[i]) + len(tails[i]) for i in range(len(PROMPTS))]
     rows = pack_rows(lengths, max(lengths))
     assert len(rows) < len(PROMPTS)
-    inputs, labels = adapter._packed_training_inputs(_images(len(PROMPTS), 1), rows, heads, tails)
+    inputs, labels = adapter.packed_training_inputs(_images(len(PROMPTS), 1), rows, heads, tails)
     assert inputs["input_ids"].shape == (len(rows), max(lengths))
     assert int((labels != -100).sum()) == sum(len(t) for t in tails.values())
     cross = inputs["cross_attention_mask"]  # (R, T, slots, tiles): a token sees one image slot at most
@@ -132,20 +132,20 @@ def test_a_given_answer_start_is_read_but_not_trained(pack, micro_batches, tiny_
     for p in adapter.model.parameters():
         p.grad = None
     whole = [f"{g} {t}".strip() for g, t in zip(given, targets)]
-    inputs, labels = adapter._training_inputs(images, prompts, whole)  # labels on the given tokens too
+    inputs, labels = adapter.training_inputs(images, prompts, whole)  # labels on the given tokens too
     logits = adapter.model(**inputs).logits[:, :-1]  # (B, T - 1, V), position t predicts token t + 1
     following = labels[:, 1:]
     trained = following != -100
     for row, start in enumerate(given):  # leave out the first len(given ids) labelled tokens of each row
-        skip = len(adapter._prefix_ids(start)) if start else 0
+        skip = len(adapter.prefix_ids(start)) if start else 0
         first = int(trained[row].nonzero()[0])
         trained[row, first:first + skip] = False
     token_losses = torch.nn.functional.cross_entropy(logits[trained], following[trained], reduction="none")
-    reference = token_losses.sum() / sum(len(adapter._target_ids(t)) for t in targets)
+    reference = token_losses.sum() / sum(len(adapter.target_ids(t)) for t in targets)
     reference.backward()
     adapter.end_training()
 
-    assert int(trained.sum()) == sum(len(adapter._target_ids(t)) for t in targets)
+    assert int(trained.sum()) == sum(len(adapter.target_ids(t)) for t in targets)
     assert loss == pytest.approx(reference.item(), rel=1e-12)
     for name, p in adapter.model.named_parameters():
         if name in grads:

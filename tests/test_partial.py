@@ -95,7 +95,7 @@ def test_a_damaged_batch_file_names_itself(adapter, tmp_path):
 
 
 def test_a_stage_drops_only_its_own_batches(tmp_path):
-    from fastjudge.loop import drop_stored_batches
+    from fastjudge.models.partial import drop_stored_batches
     for stage in ("synth", "filter"):
         (tmp_path / "partial-batches" / stage / "call").mkdir(parents=True)
         (tmp_path / "partial-batches" / stage / "call" / "0.json").write_text("{}")

@@ -7,9 +7,11 @@ import random
 import pytest
 
 from fastjudge.config import LoopConfig
+from fastjudge.core.voting import majority_vote
 from fastjudge.data import prompts
 from fastjudge.models import ToyAdapter
 from fastjudge.stages import filter as filter_stage
+from fastjudge.stages import synth
 from fastjudge.toy import files as toy_files
 from fastjudge.toy import pretrain, world
 from fastjudge.toy import rates as toy_rates
@@ -25,6 +27,20 @@ from test_toy_rates import count_pairs
 ])
 def test_the_keep_rule_takes_agreeing_judgments_balanced_between_orders(good_first, bad_first, per_order, expected):
     assert filter_stage.select_traces(good_first, bad_first, per_order) == expected
+
+
+def test_pair_from_vote_takes_the_majority_and_a_random_rival():
+    """The vote-to-pair rule on its own: the good sample is the winner's first, the bad one a random sample of a
+    random rival answer; no pair without a majority, without a rival, or (oracle) without the true answer."""
+    vote = majority_vote([["2", "3", "2", "4", "2", "3"]], min_votes=2)[0]
+    picks = {synth.pair_from_vote(vote, random.Random(seed))[0] for seed in range(40)}
+    assert {good for good, _ in picks} == {0} and {bad for _, bad in picks} == {1, 3, 5}
+    assert synth.pair_from_vote(vote, random.Random(0))[1] == "pair"
+    assert synth.pair_from_vote(majority_vote([["2", "3"]], min_votes=2)[0], random.Random(0)) == (None, "no_majority")
+    assert synth.pair_from_vote(majority_vote([["2", "2"]], min_votes=2)[0], random.Random(0)) == (None, "unanimous")
+    (good, bad), _ = synth.pair_from_vote(vote, random.Random(0), truth="3")  # the oracle's answer wins
+    assert good == 1 and bad in (0, 2, 3, 4)
+    assert synth.pair_from_vote(vote, random.Random(0), truth="7") == (None, "oracle_unsampled")
 
 
 def test_the_filter_samples_k_judgments_per_order_and_keeps_the_agreeing_ones(tiny_toy_dir, tmp_path):

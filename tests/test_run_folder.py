@@ -14,6 +14,7 @@ import pytest
 
 from fastjudge import cli, loop
 from fastjudge.config import LoopConfig
+from fastjudge.data import runs
 from fastjudge.data.runs import LOCK_NAME, RunLock, open_run_folder
 from test_loop import SMALL, inputs  # noqa: F401 (the module's prompt pool and benchmark fixture)
 
@@ -156,12 +157,12 @@ def test_train_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, capsys
     assert code == 2 and err.count("\n") == 1 and "not a checkpoint folder" in err and str(run) in err
     assert {p: p.read_text() for p in files} == files
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "iter_1", "notes.txt"]
-    assert loop.is_checkpoint(tiny_toy_dir) and not loop.is_checkpoint(run)
+    assert runs.is_checkpoint(tiny_toy_dir) and not runs.is_checkpoint(run)
     checkpoint = tmp_path / "judge"
     for _ in range(2):  # a new folder, then the checkpoint it holds, replaced
         code, _, err = run_cli(capsys, [*train, "--out", str(checkpoint)])
         assert code == 0, err
-        assert loop.is_checkpoint(checkpoint)
+        assert runs.is_checkpoint(checkpoint)
 
 
 def test_anticipated_failures_are_one_line_with_their_exit_status(tmp_path, capsys, monkeypatch):

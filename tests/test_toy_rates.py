@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fastjudge import data, loop
+from fastjudge import ablations, data, loop
+from fastjudge.gate import Gate
 from fastjudge.config import LoopConfig
 from fastjudge.data import prompts
 from fastjudge.models import ToyAdapter
@@ -155,7 +156,7 @@ def test_the_loop_never_reads_the_scene_ground_truth(tmp_path, tiny_toy_dir, mon
     answers are its labels); then every way to the scenes' truth raises, and a whole iteration (synth, filter,
     train, eval) still runs."""
     cfg = _toy_preset(tmp_path, tiny_toy_dir, monkeypatch)
-    loop.prepare_inputs(cfg, Path(cfg.out))
+    loop.prepare_inputs(cfg, Path(cfg.out), Gate(Path(cfg.out)))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the loop read the scene ground truth")
@@ -163,7 +164,7 @@ def test_the_loop_never_reads_the_scene_ground_truth(tmp_path, tiny_toy_dir, mon
     for name in ("random_scene", "questions", "benchmark_item", "render", "caption", "response_for"):
         monkeypatch.setattr(world, name, forbidden)
     monkeypatch.setattr(toy_files, "toy_prompt_truth", forbidden)
-    monkeypatch.setattr(loop, "toy_prompt_truth", forbidden)
+    monkeypatch.setattr(ablations, "toy_prompt_truth", forbidden)
     monkeypatch.setattr(toy_rates, "toy_prompt_truth", forbidden)
     monkeypatch.setattr(loop, "measures_rates", lambda cfg: False)  # the rates are measured with the truth
     summary = loop.run(LoopConfig(**(vars(cfg) | {"resume": True})))

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
 from fastjudge.data import prompts
-from fastjudge.data.io import load_images
-from fastjudge.loop import save_checkpoint
+from fastjudge.data.images import load_images
+from fastjudge.stages.train import save_checkpoint
 from fastjudge.models import ToyAdapter
 from fastjudge.stages import train
 from fastjudge.toy import model as toy
@@ -33,7 +33,7 @@ def test_labels_cover_the_assistant_turn_only(tiny_toy_dir, tmp_path):
     adapter = ToyAdapter.load(tiny_toy_dir)
     traces = _traces(tmp_path, 3, seed=0)
     images = [world.render(world.random_scene(random.Random(i)), random.Random(i)) for i in range(3)]
-    inputs, labels = adapter._training_inputs(images, [t["prompt"] for t in traces], [t["target"] for t in traces])
+    inputs, labels = adapter.training_inputs(images, [t["prompt"] for t in traces], [t["target"] for t in traces])
     tokenizer = adapter.tokenizer
     for row, (ids, lab, trace) in enumerate(zip(inputs["input_ids"], labels, traces)):
         prompt_len = len(adapter.encode_prompt(trace["prompt"]))

@@ -5,7 +5,9 @@ config, weights, a byte-level BPE tokenizer trained here on a few sentences, the
 its image processor (the PIL one: no torchvision needed). Families:
 - "mllama": MllamaForConditionalGeneration (Llama-3.2-Vision's architecture and chat format), 28x28 tiles,
   up to 2 tiles per image;
-- "qwen2_vl" / "qwen2_5_vl": Qwen2-VL / Qwen2.5-VL with their chat format, 14x14 patches merged 2x2.
+- "qwen2_vl" / "qwen2_5_vl": Qwen2-VL / Qwen2.5-VL with their chat format, 14x14 patches merged 2x2;
+- "llava": LlavaForConditionalGeneration (CLIP tower, Llama text model), 28x28 images of 4 patches. fastjudge has
+  no LLaVA family: tests/llava_family.py adds one, as a user would (one module, one registry line).
 
 `build_mllama_adapter(preset)` builds the benchmarks' random-weight Mllamas (up to Llama-3.2-11B-Vision's shapes)
 with the same tokenizer and chat template: the one place for the models that tests and benches build.
@@ -50,6 +52,19 @@ QWEN_CHAT_TEMPLATE = (
 )
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|image|>", "<|finetune_right_pad_id|>"]
+# LLaVA-1.5's chat format: "USER: <image>\n... ASSISTANT:", an assistant turn closed by </s>
+LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<image>\n' }}{%- elif part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '</s>' if message['role'] == 'assistant' else ' ' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'ASSISTANT:' }}{%- endif %}"
+)
+LLAVA_SPECIALS = ["<s>", "</s>", "<image>", "<pad>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
 _CORPUS = (
@@ -142,6 +157,29 @@ def _qwen(folder: Path, seed: int, family: str) -> None:
     image_processor.save_pretrained(folder)
 
 
+def _llava(folder: Path, seed: int) -> None:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    tokenizer = build_tokenizer(LLAVA_SPECIALS, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                         max_position_embeddings=4096, bos_token_id=ids("<s>"), eos_token_id=ids("</s>"),
+                         pad_token_id=ids("<pad>"), tie_word_embeddings=False),
+        image_token_index=ids("<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids("</s>")
+    model.generation_config.pad_token_id = ids("<pad>")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+
+
 def build_checkpoint(family: str, folder: Path | str, seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of `family` (see FAMILIES) to `folder`; returns the folder."""
     folder = Path(folder)
@@ -150,8 +188,10 @@ def build_checkpoint(family: str, folder: Path | str, seed: int = 0) -> Path:
         _mllama(folder, seed)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         _qwen(folder, seed, family)
+    elif family == "llava":
+        _llava(folder, seed)
     else:
-        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"family: expected one of {FAMILIES} or 'llava', got {family!r}")
     return folder
 
 

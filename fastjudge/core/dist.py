@@ -13,6 +13,7 @@ the rank, so that any number of processes writes the same files as one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ def start(timeout_s: float = 1800.0, device: str = "cpu") -> World:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return current()
+
+
+@contextlib.contextmanager
+def main_first(world: World):
+    """In a job of several ranks, rank 0 runs the block first and the others after it (rank 0 writes files the
+    others then read); alone, just the block."""
+    if not world.main:
+        barrier()
+    yield
+    if world.main:
+        barrier()
 
 
 def barrier() -> None:

@@ -33,7 +33,9 @@ import numbers
 
 import torch
 
-__all__ = ["sample_logits", "sample_logits_reference"]
+from fastjudge.core.sampling_params import SamplingParams
+
+__all__ = ["SamplingParams", "sample_logits", "sample_logits_reference"]
 
 
 def _check_arguments(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> None:

@@ -5,16 +5,18 @@
 - "toy": the same schema plus "category" (our held-out shapes-world benchmark);
 - "mmrb": Multimodal RewardBench's JSON list of {ID, Text, Image, Output1, Output2, Better, Category}.
 `index` is the item's 0-based position in the file (line among non-empty lines, or list element): the key that
-predictions use. Every rejected entry is a `Skip` naming file, line and field.
+predictions use; `line` is the line where it starts (what a skip names). Every rejected entry is a `Skip` naming file, line and field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
-from fastjudge.data.io import Skip, check_image, parse_lines
+from fastjudge.data.images import check_image
+from fastjudge.data.io import Skip, parse_lines
 
 BENCH_FORMATS = ("toy", "vlrewardbench", "mmrb")
 
@@ -56,15 +58,16 @@ def _load_vlrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], 
         elif not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
             problem = "field 'response': expected a list of 2 strings"
         elif not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]
-                  and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ranking)):
-            problem = "field 'human_ranking': expected 2 different numeric ranks"
+                  and all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
+                          for r in ranking)):
+            problem = "field 'human_ranking': expected 2 different finite numeric ranks"
         else:
             problem = _image_problem(root, obj.get("image_path"), check_images)
             problem = problem and f"field 'image_path': {problem}"
         if problem:
             skips.append(Skip(str(path), number, problem))
             continue
-        items.append(dict(obj, index=index, id=str(obj.get("id", index)),
+        items.append(dict(obj, index=index, line=number, id=str(obj.get("id", index)),
                           image=str((root / obj["image_path"]).resolve())))
     return items, skips
 
@@ -127,7 +130,7 @@ def _load_mmrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], 
             skips.append(Skip(str(path), line, f"entry {index}: {problem}"))
             continue
         first_better = obj["Better"] == "Output1"
-        items.append({"index": index, "id": obj["ID"], "query": obj["Text"],
+        items.append({"index": index, "line": line, "id": obj["ID"], "query": obj["Text"],
                       "response": [obj["Output1"], obj["Output2"]],
                       "human_ranking": [0, 1] if first_better else [1, 0],
                       "image": str((root / obj["Image"]).resolve()), "category": obj["Category"]})

@@ -1,4 +1,5 @@
-"""Files on disk: prompt pools (loaded with counted skips), prediction files, atomic JSON/JSONL writes, images.
+"""Files on disk: prompt pools, pairs, SFT traces, judge pairs and candidates (loaded with counted skips),
+prediction files, atomic JSON/JSONL writes (images: `data.images`).
 
 Prompt pool schema (one JSON object per line), for `--prompts FILE.jsonl`:
     {"id": str (optional; default "<file stem>-<line>"),
@@ -16,16 +17,13 @@ the run writes to `skipped.jsonl` and counts in its summary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-from PIL import Image
+from fastjudge.data.images import check_image
 
 KINDS = ("open", "closed")
 ANSWER_TYPES = ("number", "option", "short")
@@ -68,11 +66,16 @@ def write_jsonl(path: Path | str, rows: Iterable[dict]) -> int:
 
 
 def write_json(path: Path | str, obj) -> None:
+    """Write `obj` as JSON atomically; a write that fails (a full disk, `path` a folder) leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_jsonl(path: Path | str) -> list[dict]:
@@ -94,93 +97,6 @@ def read_records(path: Path | str) -> list[dict]:
     folder = Path(path).parent.resolve()
     return [{**row, "image": str((folder / row["image"]).resolve())} if "image" in row else row
             for row in read_jsonl(path)]
-
-
-def check_image(path: Path) -> str | None:
-    """None when the image opens and decodes, else the reason it does not."""
-    if not path.is_file():
-        return f"image not found: {path}"
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as exc:  # PIL raises many types for corrupt files
-        return f"image unreadable: {path} ({type(exc).__name__}: {exc})"
-    return None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB of any PIL image: grayscale, bilevel, CMYK and palette images converted; transparency
-    (RGBA, LA, palette with a transparent colour) composited over white; 16- and 32-bit integer grayscale scaled
-    down to 8 bits (PIL's own conversion clips them: a 16-bit image would come out nearly white); float
-    grayscale clipped to [0, 255]."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.int64)
-        top = 65535 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else int(values.max())
-        gray = np.clip(values * 255.0 / max(top, 1) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode == "F":
-        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    """`image` downscaled (Lanczos, aspect ratio kept) to at most `max_pixels` pixels; unchanged when it fits."""
-    width, height = image.size
-    if width * height <= max_pixels:
-        return image
-    scale = (max_pixels / (width * height)) ** 0.5
-    size = (max(1, int(width * scale)), max(1, int(height * scale)))
-    while size[0] * size[1] > max_pixels:  # rounding may leave a few pixels too many
-        size = (max(1, size[0] - 1), size[1]) if size[0] >= size[1] else (size[0], max(1, size[1] - 1))
-    return image.resize(size, Image.LANCZOS)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """The image at `path`, decoded, as 8-bit RGB (`to_rgb`)."""
-    with Image.open(path) as im:
-        im.load()
-        rgb = to_rgb(im)
-        return im.copy() if rgb is im else rgb  # the file closes here: nothing may read it lazily later
-
-
-def stage_image(source: Path, folder: Path, max_pixels: int) -> tuple[Path, str]:
-    """A run's own copy of an input image under `folder` (its bytes' sha256 as the name), so that the run folder
-    holds every image it uses and can be moved: RGB within `max_pixels` pixels is hard-linked (copied across
-    file systems); any other image is written as an RGB PNG, downscaled when over the limit. Returns the path
-    and what was done: "linked", "copied", "converted" or "downscaled". A staged image is reused."""
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:32]
-    with Image.open(source) as im:
-        keep = im.mode == "RGB" and im.width * im.height <= max_pixels and im.format in ("PNG", "JPEG", "WEBP")
-        action = "downscaled" if im.width * im.height > max_pixels else "converted"
-        target = folder / (f"{digest}{source.suffix.lower()}" if keep else f"{digest}-{max_pixels}.png")
-        if target.exists():
-            return target, "reused"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        if keep:
-            try:
-                os.link(source, tmp)
-                action = "linked"
-            except OSError:  # another file system, or links not allowed
-                shutil.copyfile(source, tmp)
-                action = "copied"
-        else:
-            fit_pixels(to_rgb(im), max_pixels).save(tmp, format="PNG")
-    os.replace(tmp, target)
-    return target, action
-
-
-def load_images(paths: list[str]) -> list[Image.Image]:
-    """One RGB image per path, each distinct file decoded once (pairs and samples share images)."""
-    cache: dict[str, Image.Image] = {}
-    return [cache[p] if p in cache else cache.setdefault(p, load_image(p)) for p in paths]
 
 
 def decoded_lines(path: Path):
@@ -304,6 +220,8 @@ def load_predictions(path: Path | str, k: int = 1) -> list[dict]:
                 raise ValueError(f"{where}: field 'p_first': expected a probability in [0, 1], got {p_first!r}")
             prediction["p_first"] = float(p_first)
         predictions.append(prediction)
+    if not predictions:
+        raise ValueError(f"predictions: {path} holds no prediction (expected a JSON object a line)")
     return predictions
 
 
@@ -338,9 +256,11 @@ def _judge_item(path: Path, number: int, obj: dict, images: Path | None, ids: di
     return dict(obj, id=str(item_id), image=str(image_path)), None
 
 
-def load_judge_pairs(path: Path | str, images: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
+def load_judge_pairs(path: Path | str, images: Path | str | None = None,
+                     lines: dict[str, int] | None = None) -> tuple[list[dict], list[Skip]]:
     """Pairs to judge, one JSON object a line: {"id", "image" (a path, relative to `images` or else to the file),
-    "question", "response_a", "response_b"}, other fields carried through; every rejected line a Skip."""
+    "question", "response_a", "response_b"}, other fields carried through; every rejected line a Skip. `lines`,
+    when given, gets each kept item's line by its id."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--pairs: file not found: {path}")
@@ -352,12 +272,16 @@ def load_judge_pairs(path: Path | str, images: Path | str | None = None) -> tupl
             skips.append(Skip(str(path), number, reason))
         else:
             items.append(item)
+            if lines is not None:
+                lines[item["id"]] = number
     return items, skips
 
 
-def load_candidates(path: Path | str, images: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
+def load_candidates(path: Path | str, images: Path | str | None = None,
+                    lines: dict[str, int] | None = None) -> tuple[list[dict], list[Skip]]:
     """Answers to rank, one JSON object a line: {"id", "image", "question", "answers": [at least 2]}, other
-    fields carried through; every rejected line a Skip."""
+    fields carried through; every rejected line a Skip. `lines`, when given, gets each kept item's line by its
+    id."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--candidates: file not found: {path}")
@@ -369,4 +293,47 @@ def load_candidates(path: Path | str, images: Path | str | None = None) -> tuple
             skips.append(Skip(str(path), number, reason))
         else:
             items.append(item)
+            if lines is not None:
+                lines[item["id"]] = number
     return items, skips
+
+
+def _load_rows(path: Path | str, flag: str, texts: tuple[str, ...],
+               lines: list[int] | None = None) -> tuple[list[dict], list[Skip]]:
+    """Rows of a pairs or SFT file (one JSON object a line, "image" relative to the file's folder) with the string
+    fields `texts` non-empty and an image that opens; every rejected line a Skip naming its field. `lines`, when
+    given, gets each kept row's line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag}: file not found: {path}")
+    rows, skips, problems = [], [], {}
+    for number, _, obj in parse_lines(path, skips):
+        reason = None
+        image = obj.get("image")
+        if not isinstance(image, str) or not image:
+            reason = "field 'image': missing or not a string"
+        for name in texts:
+            if reason is None and (not isinstance(obj.get(name), str) or not obj[name].strip()):
+                reason = f"field {name!r}: missing, empty or not a string"
+        if reason is None:
+            image = str((path.parent / image).resolve())
+            if image not in problems:
+                problems[image] = check_image(Path(image))
+            reason = problems[image] and f"field 'image': {problems[image]}"
+        if reason:
+            skips.append(Skip(str(path), number, reason))
+        else:
+            rows.append(dict(obj, image=image))
+            if lines is not None:
+                lines.append(number)
+    return rows, skips
+
+
+def load_pairs(path: Path | str, lines: list[int] | None = None) -> tuple[list[dict], list[Skip]]:
+    """A pairs file (`fastjudge synth`'s): {"id", "image", "instruction", "good", "bad", ...} a line."""
+    return _load_rows(path, "--pairs", ("instruction", "good", "bad"), lines)
+
+
+def load_traces(path: Path | str, lines: list[int] | None = None) -> tuple[list[dict], list[Skip]]:
+    """An SFT file (`fastjudge filter`'s): {"image", "prompt", "target", ...} a line."""
+    return _load_rows(path, "--sft", ("prompt", "target"), lines)

@@ -14,6 +14,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 import warnings
 from pathlib import Path
@@ -100,3 +101,80 @@ def _holder(fd: int) -> dict:
         return json.loads(text) if text else {}
     except (OSError, json.JSONDecodeError):
         return {"pid": "unknown", "host": "unknown", "started": "unknown"}
+
+
+# The files of a checkpoint folder as transformers and fastjudge write them: nothing else is ever replaced
+_CHECKPOINT_FILE = re.compile(
+    r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|tokenizer_config"
+    r"|tokenizer|special_tokens_map|added_tokens|chat_template|fastjudge_toy|vocab)\.(json|jinja)"
+    r"|merges\.txt|tokenizer\.model|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a model checkpoint and nothing else (config.json, weights, tokenizer and processor
+    files, no folder): what `save_checkpoint` may replace. A run folder (config.json beside iter_<k>/) is not."""
+    entries = list(Path(folder).iterdir())
+    return (any(e.name == "config.json" for e in entries) and any(e.name.endswith(".safetensors") for e in entries)
+            and all(e.is_file() and _CHECKPOINT_FILE.fullmatch(e.name) for e in entries))
+
+
+def check_checkpoint_out(folder: Path) -> None:
+    """A ValueError naming `folder` unless a checkpoint may be written there: it does not exist, is empty, or is a
+    checkpoint and nothing else (`is_checkpoint`). Commands call it before any work; `save_checkpoint` again."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not is_checkpoint(folder))):
+        raise ValueError(f"--out: {folder} exists and is not a checkpoint folder (it holds other files); refusing "
+                         "to replace it: choose a new folder")
+
+
+MANIFEST_NAME = ".fastjudge-outputs.json"
+
+
+class OwnedOutputs:
+    """`with OwnedOutputs(folder, command, names):` holds `folder` (`RunLock`) for a single-stage command that
+    writes the files or folders `names` there, and makes sure it replaces nothing it did not write.
+
+    Before any work: a folder holding a `fastjudge iterate` run (config.json beside iter_0/) is refused, and so is
+    every name that exists but that the folder's manifest (.fastjudge-outputs.json, {name: command}) does not
+    list as this command's: another command's output or the user's own file. With `overwrite` both are allowed.
+    The names are then written to the manifest as this command's, so that the same command run again (after a
+    kill, or to redo it) may replace them. Nothing is deleted here; the command replaces its own files."""
+
+    def __init__(self, folder: Path | str, command: str, names: list[str], overwrite: bool = False,
+                 flag: str = "--out"):
+        self.folder, self.command, self.names, self.overwrite, self.flag = Path(folder), command, names, overwrite, flag
+        self.lock = RunLock(self.folder, flag)
+
+    def __enter__(self) -> "OwnedOutputs":
+        self.lock.__enter__()
+        try:
+            self._claim()
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.__exit__(*exc)
+
+    def _claim(self) -> None:
+        manifest_path = self.folder / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        if not self.overwrite:
+            if (self.folder / "config.json").is_file() and (self.folder / "iter_0").is_dir():
+                raise ValueError(f"{self.flag}: {self.folder} holds a `fastjudge iterate` run; refusing to write "
+                                 f"`fastjudge {self.command}` output into it: choose another {self.flag}")
+            for name in self.names:
+                path = self.folder / name
+                if path.exists() and manifest.get(name) != self.command:
+                    owner = manifest.get(name)
+                    who = f"`fastjudge {owner}`" if owner else "no fastjudge command (a file of yours?)"
+                    raise ValueError(f"{self.flag}: {path} exists and was written by {who}; refusing to replace it: "
+                                     f"choose another {self.flag}, or pass --overwrite")
+        manifest.update({name: self.command for name in self.names})
+        tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, manifest_path)

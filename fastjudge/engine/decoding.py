@@ -37,7 +37,8 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                   generator: torch.Generator | None = None, sampler: Callable | None = None,
                   stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
-                  early_stop=None, options: DecodeOptions = DecodeOptions()) -> list[list[list[int]]]:
+                  early_stop=None, options: DecodeOptions = DecodeOptions(),
+                  shared: bool | None = None) -> list[list[list[int]]]:
     """Generate up to max_new_tokens after each of B left-padded prompts, n samples each; returns, per prompt,
     its samples' token lists (EOS excluded).
 
@@ -47,12 +48,16 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
     `core.sampling.sample_logits` with the given temperature, top_k, top_p, min_p: C++ on the CPU, Triton on a
     GPU). A sample ends at an EOS token or where `stop(sample_tokens)` says a stop string was reached.
 
-    Mllama with `options.shared_mllama` (the default) decodes in `engine.mllama` (the prompt's cache shared by
+    `shared` (the adapter's `refills_with(options)`: its family's `shared_decoder` and `options.shared_mllama`;
+    None: an Mllama model with `options.shared_mllama`, the default) decodes in `engine.mllama` (the prompt's cache shared by
     its samples; slots that start the next sample when one ends; early stop on the device vote,
     `engine.vote.EarlyStop`; host looks every `options.sync_every` steps). Other families, and Mllama with
     shared_mllama off, take the generic decoder (`_decode_generic`) with slots=None and early_stop=None."""
     sync_every = options.sync_every or default_sync_every(inputs["attention_mask"].device)
-    if getattr(model.config, "model_type", None) == "mllama" and options.shared_mllama:
+    if shared is None:
+        from transformers import MllamaForConditionalGeneration
+        shared = isinstance(model, MllamaForConditionalGeneration) and options.shared_mllama
+    if shared:
         # on a GPU our sampler's check of bad logits rows waits for the GPU: the decoder checks them at its looks
         # instead (on the CPU the C++ sampler checks every call at no such cost)
         check_logits = sampler is None and temperature > 0 and inputs["attention_mask"].is_cuda

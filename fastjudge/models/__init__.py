@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from fastjudge.engine.options import DecodeOptions
-from fastjudge.models.adapter import TRAIN_MODES, Adapter, apply_liger_kernels
+from fastjudge.models.adapter import Adapter
+from fastjudge.models.training import TRAIN_MODES, apply_liger_kernels
 from fastjudge.models.chat import ChatAdapter
 from fastjudge.models.features import DEFAULT_CACHE_BYTES, FeatureCache, ImageFeatures, image_hash
 from fastjudge.models.mllama import MllamaAdapter, MllamaFamily, patch_mllama
@@ -20,16 +21,42 @@ from fastjudge.models.qwen2_vl import QwenVLAdapter, mrope_positions
 from fastjudge.models.toy import TOY_MARKER, ToyAdapter, base_model_dir
 
 __all__ = ["FAMILIES", "TRAIN_MODES", "Adapter", "ChatAdapter", "FeatureCache", "ImageFeatures", "MllamaAdapter",
-           "MllamaFamily", "QwenVLAdapter", "ToyAdapter", "apply_liger_kernels", "default_dtype", "image_hash",
-           "load_adapter", "mrope_positions", "patch_mllama"]
+           "MllamaFamily", "QwenVLAdapter", "ToyAdapter", "apply_liger_kernels", "check_device", "default_dtype", "image_hash",
+           "load_adapter", "mrope_positions", "patch_mllama", "register_family"]
 
 
-# config.json model_type -> (adapter, transformers model class)
+# The registry: config.json model_type -> (adapter, transformers model class). A new family is one module and one
+# `register_family` line (docs/architecture.md).
 FAMILIES = {
     "mllama": (MllamaAdapter, "MllamaForConditionalGeneration"),
     "qwen2_vl": (QwenVLAdapter, "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": (QwenVLAdapter, "Qwen2_5_VLForConditionalGeneration"),
 }
+
+
+def register_family(model_type: str, adapter_class: type[Adapter], model_class: str) -> None:
+    """Make checkpoints whose config.json says `model_type` load as `adapter_class` around transformers'
+    `model_class` (the name of its class in the `transformers` package)."""
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, Adapter)):
+        raise ValueError(f"adapter_class: expected a subclass of Adapter, got {adapter_class!r}")
+    FAMILIES[model_type] = (adapter_class, model_class)
+
+
+def check_device(device: str) -> None:
+    """A ValueError naming `device` when this machine cannot run a model there: not a torch device, or a GPU
+    that torch cannot use here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} is not available: this torch ({torch.__version__}) sees no CUDA "
+                             "GPU; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} is not available: {torch.cuda.device_count()} GPU(s) here")
+    elif parsed.type not in ("cpu", "meta"):
+        raise ValueError(f"device: {device!r}: fastjudge runs on cpu or cuda")
 
 
 def default_dtype(device: str, toy_model: bool) -> torch.dtype:
@@ -45,6 +72,7 @@ def load_adapter(model_path: str | None, *, device: str = "cpu", dtype: torch.dt
     feature_cache: the image-feature cache the adapter uses (a run hands the same one to every adapter it
     loads; default: a cache of the adapter's own, 16 GiB). decode_options: how it decodes (default:
     `DecodeOptions.from_environment()`)."""
+    check_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     adapter = _load(model_path, device, dtype)

@@ -57,11 +57,11 @@ class ChatAdapter(Adapter):
                 if (self.source / name).is_file() and not (path / name).exists():
                     shutil.copy(self.source / name, path / name)
 
-    def _preprocessing(self):
+    def preprocessing(self):
         return self.image_processor.to_json_string()
 
-    def _prompt_ids(self, prompt, image):
-        return self._templated_ids(self._chat(prompt), image)
+    def prompt_ids(self, prompt, image):
+        return self.templated_ids(self._chat(prompt), image)
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.tokenizer.encode(self._chat(prompt), add_special_tokens=False))
@@ -110,7 +110,7 @@ class ChatAdapter(Adapter):
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
         return next((t for t in after if t in special), self.tokenizer.eos_token_id)
 
-    def _target_ids(self, target):
+    def target_ids(self, target):
         return self.tokenizer.encode(target, add_special_tokens=False) + [self.end_of_turn]
 
     def decode(self, tokens: list[int]) -> str:

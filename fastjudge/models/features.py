@@ -102,3 +102,51 @@ def image_hash(image: Image.Image) -> str:
         digest = _IMAGE_HASHES[id(image)] = h.hexdigest()
         weakref.finalize(image, _IMAGE_HASHES.pop, id(image), None)
     return digest
+
+
+def vision_fingerprint(adapter) -> str:
+    """sha256 over the image preprocessing and the vision tower's parameter names and bytes; computed once
+    per set of weights."""
+    if adapter._vision_fingerprint is None:
+        h = hashlib.sha256(type(adapter.model).__name__.encode())
+        h.update(adapter.preprocessing().encode())
+        for name, p in adapter.model.named_parameters():
+            if adapter.is_vision(name):
+                h.update(name.encode())
+                h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        adapter._vision_fingerprint = h.hexdigest()
+    return adapter._vision_fingerprint
+
+
+
+def image_features(adapter, images: list[Image.Image]) -> list[ImageFeatures]:
+    """Features of each image: from the cache when the vision tower is frozen (misses encoded in batches of
+    VISION_BATCH, VISION_BATCH_CPU on the CPU), computed with gradients when it trains."""
+    if adapter.vision_trains() or adapter.feature_cache is None or adapter.feature_cache.max_bytes <= 0:
+        return adapter.encode_images(images)
+    fingerprint = vision_fingerprint(adapter)
+    keys = [(image_hash(im), fingerprint) for im in images]
+    found: dict[tuple[str, str], ImageFeatures] = {}
+    missing: dict[tuple[str, str], Image.Image] = {}
+    for key, image in zip(keys, images):
+        if key in found or key in missing:
+            continue
+        entry = adapter.feature_cache.get(key)
+        if entry is None:
+            missing[key] = image
+        else:
+            found[key] = entry
+    todo = list(missing.items())
+    training = adapter.model.training
+    adapter.model.eval()  # cached features must not depend on the mode (dropout) they were computed in
+    per_batch = VISION_BATCH if adapter.device.type == "cuda" else VISION_BATCH_CPU
+    for start, stop in chunks(len(todo), per_batch):
+        with torch.no_grad():
+            encoded = adapter.encode_images([image for _, image in todo[start:stop]])
+        for (key, _), entry in zip(todo[start:stop], encoded):
+            # a copy: a view would keep the whole batch's features alive
+            entry = ImageFeatures(entry.features.to("cpu", copy=True), entry.info)
+            found[key] = entry
+            adapter.feature_cache.put(key, entry)
+    adapter.model.train(training)
+    return [found[key] for key in keys]

@@ -24,12 +24,27 @@ class MllamaFamily(Adapter):
 
     vision_modules = ("vision_model", "multi_modal_projector")
     image_token_id: int
+    # capabilities (`Adapter`): the shared-prefix decoder (`engine.mllama`), exact packing, FSDP2 sharding, Liger
+    shared_decoder = True
+    packs = True
+    shardable = True
+    liger_patch = "apply_liger_kernel_to_mllama"
+
+    def shard_groups(self, vision_trains: bool) -> list[torch.nn.Module]:
+        """Each encoder layer (local and global), the rest of the tower and the projector when the vision tower
+        trains; then each decoder layer (self- and cross-attention)."""
+        inner = self.model.model
+        groups: list[torch.nn.Module] = []
+        if vision_trains:
+            tower = inner.vision_model
+            groups += [*tower.transformer.layers, *tower.global_transformer.layers, tower, inner.multi_modal_projector]
+        return groups + list(inner.language_model.layers)
 
     def _pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """pixel_values (N, 1, tiles, 3, S, S), aspect_ratio_ids (N, 1), aspect_ratio_mask (N, 1, tiles)."""
         raise NotImplementedError
 
-    def _encode_images(self, images):
+    def encode_images(self, images):
         pixels = self._pixel_inputs(images)
         inner = self.model.model
         states = inner.vision_model(
@@ -40,13 +55,13 @@ class MllamaFamily(Adapter):
         valid_tiles = pixels["aspect_ratio_mask"].sum(dim=(1, 2)).tolist()
         return [ImageFeatures(states[i].flatten(0, 2), (int(valid_tiles[i]),)) for i in range(len(images))]
 
-    def _model_inputs(self, rows, features, left):
+    def model_inputs(self, rows, features, left):
         tiles = features[0].features.shape[0] // self._patches_per_tile
         states = torch.stack([f.features for f in features])  # (B, tiles * P, H)
         return dict(self._text_inputs(rows, tiles, [f.info[0] for f in features], left),
                     cross_attention_states=states.to(self.device, self.model.dtype))
 
-    def _pixel_model_inputs(self, rows, images):
+    def pixel_model_inputs(self, rows, images):
         # the root's forward runs the vision tower and the projector on these (as transformers' own training)
         pixels = self._pixel_inputs(images)
         valid_tiles = pixels["aspect_ratio_mask"].sum(dim=(1, 2)).tolist()
@@ -55,11 +70,7 @@ class MllamaFamily(Adapter):
                     aspect_ratio_ids=pixels["aspect_ratio_ids"].to(self.device),
                     aspect_ratio_mask=pixels["aspect_ratio_mask"].to(self.device))
 
-    @property
-    def packs(self) -> bool:
-        return True
-
-    def _packed_training_inputs(self, images, rows, heads, tails):
+    def packed_training_inputs(self, images, rows, heads, tails):
         # the cross-attention layers read the packed mask as key ranges (`key_ranges`: its 2s), which
         # transformers' dense path cannot: they run through `patch_mllama` (the kernel on CUDA, its reference
         # elsewhere) until `end_training`
@@ -154,7 +165,7 @@ class MllamaAdapter(ChatAdapter, MllamaFamily):
         batch = self.image_processor(images=[[im] for im in images], return_tensors="pt")
         return {k: batch[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
 
-    def _templated_ids(self, text, image):
+    def templated_ids(self, text, image):
         # the template writes <|begin_of_text|> itself
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -174,7 +185,7 @@ class _PatchState:
 def key_ranges(cross_attention_mask: torch.Tensor, patches: int):
     """From transformers' compact mask (B, T, images, tiles) to (start, end, seen), each (B, T): row t sees keys
     [start, end) of the (images x tiles x patches) keys; seen is True where it sees an image. A 1 marks a tile
-    the row sees. A 2 (packed training only: `MllamaFamily._packed_training_inputs`) marks a tile a row that
+    the row sees. A 2 (packed training only: `MllamaFamily.packed_training_inputs`) marks a tile a row that
     sees no image attends to all the same: unpacked, such a row (a token before its image token) attends to
     every key of its one image and its MLP output is zeroed, as transformers does; packed, its keys are those
     of its own image, not those of the row's other examples. None when some row's keys are not one contiguous

@@ -16,12 +16,15 @@ stage's own files are written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from PIL import Image
 
+from fastjudge.core.dist import World
 from fastjudge.data.io import write_json
 from fastjudge.models.features import image_hash
 
@@ -71,3 +74,30 @@ class StoredCall:
     def save(self, batch: int, texts: list[list[str]]) -> None:
         write_json(self.folder / f"{batch}.json", {"completions": texts})
         self.store.saved += 1
+
+
+@contextlib.contextmanager
+def stored_batches(adapter, folder: Path, stage: str, world: World = World()):
+    """While the block runs, `adapter.generate` writes each finished batch under folder/partial-batches/<stage>/
+    and reads the batches an interrupted run of the stage left there (`fastjudge.models.partial`)."""
+    store = BatchStore(folder / "partial-batches" / stage)
+    adapter.batch_store = store
+    try:
+        yield store
+    finally:
+        adapter.batch_store = None
+    if store.loaded:
+        print(f"{stage}: {store.loaded} finished generation batches read from {store.folder}"
+              + (f" (rank {world.rank})" if world.size > 1 else ""), flush=True)
+
+
+def drop_stored_batches(folder: Path, world: World = World(), stage: str | None = None) -> None:
+    """Remove folder/partial-batches/ once the stages whose batches it holds have written their files (rank 0,
+    after every rank is past them); with `stage`, only that stage's batches (the folder shared with other
+    commands' stages goes once it is empty)."""
+    if not world.main:
+        return
+    root = folder / "partial-batches"
+    shutil.rmtree(root if stage is None else root / stage, ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()

@@ -18,10 +18,13 @@ class QwenVLAdapter(ChatAdapter):
 
     def __init__(self, model, tokenizer, image_processor, source=None, chat_template=None):
         super().__init__(model, tokenizer, image_processor, source, chat_template)
+        # Liger patches Qwen2-VL and Qwen2.5-VL by two functions
+        self.liger_patch = {"qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
+                            "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl"}[model.config.model_type]
         self.image_token_id = model.config.image_token_id
         self.merge = model.config.vision_config.spatial_merge_size
 
-    def _encode_images(self, images):
+    def encode_images(self, images):
         batch = self.image_processor(images=images, return_tensors="pt")
         grids = batch["image_grid_thw"]  # (N, 3)
         out = self.model.model.get_image_features(batch["pixel_values"].to(self.device, self.model.dtype),
@@ -29,13 +32,13 @@ class QwenVLAdapter(ChatAdapter):
         # pooler_output: the merger's output, one (tokens, H) tensor per image (transformers 5.17 and 5.24)
         return [ImageFeatures(e, tuple(int(x) for x in g)) for e, g in zip(out.pooler_output, grids)]
 
-    def _templated_ids(self, text, image):
+    def templated_ids(self, text, image):
         t, h, w = image.info
         count = t * h * w // (self.merge ** 2)
         text = text.replace(self.image_placeholder, self.image_placeholder * count, 1)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _model_inputs(self, rows, features, left):
+    def model_inputs(self, rows, features, left):
         ids = _pad(rows, self.pad_id, left).to(self.device)  # (B, T)
         mask = _pad([[1] * len(row) for row in rows], 0, left).to(self.device)
         embeds = self.model.get_input_embeddings()(ids)  # (B, T, H)

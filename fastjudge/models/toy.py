@@ -72,13 +72,13 @@ class ToyAdapter(MllamaFamily):
     def encode_prompt(self, prompt: str) -> list[int]:
         return self._head + self._words(prompt) + [self._assistant]
 
-    def _prompt_ids(self, prompt, image):
+    def prompt_ids(self, prompt, image):
         return self.encode_prompt(prompt)
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.encode_prompt(prompt))
 
-    def _target_ids(self, target):
+    def target_ids(self, target):
         return self._words(target) + [self.tokenizer.eos_token_id]
 
     def decode(self, tokens: list[int]) -> str:
@@ -90,7 +90,7 @@ class ToyAdapter(MllamaFamily):
     def token_pieces(self) -> list[str]:
         return [" " + token for token in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]
 
-    def _preprocessing(self):
+    def preprocessing(self):
         return f"toy image_tensor {self._image_size}"
 
     def _pixel_inputs(self, images):

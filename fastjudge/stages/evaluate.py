@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
+from fastjudge.core import dist
+from fastjudge.core.dist import World
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data import prompts as prompt_texts
-from fastjudge.data.io import load_images
+from fastjudge.data.images import load_images
+from fastjudge.data.io import write_json, write_jsonl
 from fastjudge.data.scoring import score
-from fastjudge.models import Adapter
+from fastjudge.models import Adapter, generation
+from fastjudge.models.partial import drop_stored_batches, stored_batches
+from fastjudge.report import plot_reliability
 
 
 @dataclass(frozen=True)
@@ -27,11 +35,9 @@ class EvalOptions:
     bench: str = "toy"  # the scoring rules: "toy", "vlrewardbench", "mmrb"
     prompt: str = "ours"  # "ours" (what the loop trains on) or "benchmark" (the benchmark's own)
     unparsed: str = "wrong"  # mmrb: an unparsed verdict is "wrong" or the official seeded "random" guess
-    k: int = 1  # samples per item; 1 is greedy
-    temperature: float = 0.6  # used when k > 1
-    top_k: int = 50
-    top_p: float = 0.9
-    judge_tokens: int = 1024
+    k: int = 1  # judgments per item, each a call of its own (its order drawn anew)
+    # each judgment's sampling: greedy for k = 1 (`LoopConfig.eval_options`), T 0.6, top-k 50, top-p 0.9 above
+    judgment: SamplingParams = SamplingParams(max_new_tokens=1024)
     batch_rows: int = 32
     batch_tokens: int | None = None
 
@@ -66,23 +72,39 @@ def run(judge: Adapter, items: list[dict], options: EvalOptions, seed: int,
             calls.append((item["index"], first))
             images.append(image)
             judge_prompts.append(judge_prompt_for(judge, options.bench, options.prompt, item["query"], a, b))
-    temperature = 0.0 if options.k == 1 else options.temperature
+    # the probability of the answer shown first is read at the verdict's position: only our prompt asks for a
+    # verdict in the form read there
     with tqdm(total=len(calls), desc="eval", unit="judgment") as bar:
-        outputs = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
-                                               temperature=temperature, top_k=options.top_k, top_p=options.top_p,
-                                               batch_rows=options.batch_rows, batch_tokens=options.batch_tokens,
-                                               seed=seed, progress=bar.update)]
+        texts, p_first = generation.judgments(judge, images, judge_prompts, options.judgment.replace(seed=seed),
+                                              batch_rows=options.batch_rows, batch_tokens=options.batch_tokens,
+                                              progress=bar.update, probabilities=options.prompt == "ours")
+    outputs = [t[0] for t in texts]
     predictions = [{"index": index, "shown_first": first, "verdict": prompt_texts.parse_verdict(text)}
                    for (index, first), text in zip(calls, outputs)]
-    if options.prompt == "ours":
-        # the probability of the answer shown first, read at the verdict's position
-        # (`Adapter.choice_probabilities`); only our prompt asks for a verdict in the form read there
-        style = judge.judge_style
-        p_first = judge.choice_probabilities(
-            images, judge_prompts, [prompt_texts.verdict_prefix(text, style) for text in outputs],
-            prompt_texts.VERDICT_CHOICES[style], batch_rows=options.batch_rows)
-        for prediction, (p, _) in zip(predictions, p_first):
+    if p_first is not None:
+        for prediction, (p,) in zip(predictions, p_first):
             prediction["p_first"] = p
     raw = [dict(p, output=text) for p, text in zip(predictions, outputs)]
     # the scorer adds the calibration of the p_first values (data.scoring.calibration)
     return EvalResult(score(options.bench, score_items or items, predictions, options.unparsed), predictions, raw)
+
+
+def run_to(folder: Path, judge: Adapter, items: list[dict], options: EvalOptions, seed: int,
+           score_items: list[dict] | None = None, before_done: Callable[[], None] | None = None,
+           world: World = World()) -> dict:
+    """Evaluate and write folder/predictions.jsonl, outputs.jsonl, reliability.png, then metrics.json, the file
+    that marks the stage done; `before_done` runs just before it (the stage's record, so that a run cut in
+    between redoes the stage rather than lose its record). Finished generation batches are kept under the folder
+    until then: a killed evaluation run again picks them up."""
+    with stored_batches(judge, folder, "eval", world):
+        result = run(judge, items, options, seed=seed, score_items=score_items)
+    if world.main:  # every rank holds the whole result; one writes it
+        write_jsonl(folder / "predictions.jsonl", result.predictions)
+        write_jsonl(folder / "outputs.jsonl", result.raw)
+        if before_done is not None:
+            before_done()
+        plot_reliability(folder / "reliability.png", result.metrics.get("calibration"))
+        write_json(folder / "metrics.json", result.metrics)
+    dist.barrier()
+    drop_stored_batches(folder, world)
+    return result.metrics

@@ -1,6 +1,6 @@
 """Stage 2, filter: the current judge judges each synthetic pair in both orders; keep agreeing pairs.
 
-For each pair the judge sees (good, bad) as (A, B) and (bad, good) as (A, B) and writes `FilterOptions.samples`
+For each pair the judge sees (good, bad) as (A, B) and (bad, good) as (A, B) and writes `FilterOptions.judgment.n`
 judgments in each order, each its reasoning and a verdict. A pair is kept when at least one judgment in each order
 picks the synthetic preference (A, then B): a rejection-sampling filter, which gives a pair whose item is hard
 for the judge more than one chance to show a right judgment. A kept pair gives the same number of training traces
@@ -8,7 +8,7 @@ in each order (`select_traces`), the judge's own agreeing judgments, so the kept
 
 How the judgments are drawn (`FilterOptions.reasoning`):
 - "sampled" (default, the paper's recipe): the whole judgment, reasoning and verdict, is sampled at
-  `FilterOptions.temperature`; fine-tuning then trains the reasoning of the judgments that agreed with the
+  `FilterOptions.judgment`'s temperature; fine-tuning then trains the reasoning of the judgments that agreed with the
   synthetic preference as well as their verdicts.
 - "greedy": the reasoning is the judge's greedy reasoning and only the verdict is sampled after it. The judge is
   then trained on reasoning it would write anyway (with `--train-loss verdict`, on the verdict alone).
@@ -21,20 +21,19 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data import prompts as prompt_texts
-from fastjudge.data.io import load_images
+from fastjudge.data.images import load_images
 from fastjudge.models import Adapter
 
 
 @dataclass(frozen=True)
 class FilterOptions:
     """How the judge judges the pairs (the loop's `LoopConfig.filter_options()`)."""
-    judge_tokens: int = 1024  # new tokens per judgment
-    temperature: float = 1.0  # the verdict's (and with reasoning="sampled", the whole judgment's)
-    top_k: int = 50
-    top_p: float = 0.9
+    # the judgments: n per pair and order (k of the rejection-sampling filter), each up to max_new_tokens; the
+    # sampling of the whole judgment (with reasoning="greedy", of the verdict after greedy reasoning)
+    judgment: SamplingParams = SamplingParams(n=1, max_new_tokens=1024, temperature=1.0, top_k=50, top_p=0.9)
     reasoning: str = "sampled"  # "sampled" or "greedy" (module docstring)
-    samples: int = 1  # judgments per pair and order (k of the rejection-sampling filter)
     traces_per_order: int = 1  # at most this many agreeing judgments of each order become traces
     batch_rows: int = 32
     batch_tokens: int | None = None
@@ -60,7 +59,7 @@ def select_traces(good_first: list[bool], bad_first: list[bool], per_order: int)
 
 
 def run(judge: Adapter, pairs: list[dict], options: FilterOptions, seed: int) -> FilterResult:
-    """Judge each pair in both orders, `options.samples` times each, and keep it by `select_traces`. Stats count
+    """Judge each pair in both orders, `options.judgment.n` times each, and keep it by `select_traces`. Stats count
     the pairs kept, those with an agreeing judgment in one order only, in neither, and unparsed judgments."""
     style = judge.judge_style
     images, judge_prompts, expected = [], [], []
@@ -109,26 +108,24 @@ VERDICT_TOKENS = 8  # "[[ A ]]" and its end of turn, with room to spare
 
 def judge_pairs(judge: Adapter, images: list, judge_prompts: list[str], options: FilterOptions,
                 seed: int) -> list[list[str]]:
-    """`options.samples` judgments per prompt, drawn as `options.reasoning` says (see the module's docstring)."""
-    k = options.samples
-    sample = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                  batch_rows=options.batch_rows, batch_tokens=options.batch_tokens, seed=seed)
+    """`options.judgment.n` judgments per prompt, drawn as `options.reasoning` says (see the module's docstring)."""
+    k = options.judgment.n
+    batching = dict(batch_rows=options.batch_rows, batch_tokens=options.batch_tokens)
     if options.reasoning == "sampled":
         with tqdm(total=len(judge_prompts), desc="filter", unit="prompt") as bar:
-            return judge.generate(images, judge_prompts, n=k, max_new_tokens=options.judge_tokens,
-                                  progress=bar.update, **sample)
+            return judge.generate(images, judge_prompts, options.judgment.replace(seed=seed), progress=bar.update,
+                                  **batching)
     with tqdm(total=len(judge_prompts), desc="filter: reasoning", unit="judgment") as bar:
-        greedy = [c[0] for c in judge.generate(images, judge_prompts, max_new_tokens=options.judge_tokens,
-                                               temperature=0.0, batch_rows=options.batch_rows,
-                                               batch_tokens=options.batch_tokens, seed=seed, progress=bar.update)]
+        greedy = [c[0] for c in judge.generate(images, judge_prompts, SamplingParams(
+            max_new_tokens=options.judgment.max_new_tokens, seed=seed), progress=bar.update, **batching)]
     # the verdict is sampled after the greedy reasoning; an output without a verdict stays as it is (unparsed)
     splits = [prompt_texts.split_at_verdict(text) for text in greedy]
     open_verdict = [i for i, split in enumerate(splits) if split is not None]
     prefixes = [splits[i][0] for i in open_verdict]
     with tqdm(total=len(open_verdict), desc="filter: verdict", unit="judgment") as bar:
         verdicts = judge.generate([images[i] for i in open_verdict], [judge_prompts[i] for i in open_verdict],
-                                  n=k, max_new_tokens=VERDICT_TOKENS, prefixes=prefixes, progress=bar.update,
-                                  **sample | {"seed": seed + 1})
+                                  options.judgment.replace(max_new_tokens=VERDICT_TOKENS, seed=seed + 1),
+                                  prefixes=prefixes, progress=bar.update, **batching)
     outputs = [[text] * k for text in greedy]
     for i, texts in zip(open_verdict, verdicts):
         outputs[i] = list(texts)

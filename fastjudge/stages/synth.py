@@ -18,9 +18,11 @@ from typing import Callable
 from tqdm import tqdm
 
 from fastjudge.core.answers import extract_answer
-from fastjudge.core.voting import majority_vote, sampling_settled
+from fastjudge.core.sampling_params import SamplingParams
+from fastjudge.core.voting import Vote, majority_vote, sampling_settled
 from fastjudge.data import prompts as prompt_texts
-from fastjudge.data.io import PromptRecord, load_images
+from fastjudge.data.images import load_images
+from fastjudge.data.io import PromptRecord
 from fastjudge.models import Adapter
 
 Corrupter = Callable[[str, random.Random], "str | None"]
@@ -28,25 +30,24 @@ Corrupter = Callable[[str, random.Random], "str | None"]
 
 @dataclass(frozen=True)
 class SynthOptions:
-    """How pairs are made (the loop's `LoopConfig.synth_options()`; defaults: the paper's sampling)."""
-    n_samples: int = 16  # samples per closed prompt
-    temperature: float = 0.6
-    top_k: int = 50
-    top_p: float = 0.9
+    """How pairs are made (the loop's `LoopConfig.synth_options()`): the sampling of each generation call
+    (defaults: the paper's), then the vote. Each call's seed is the stage's, offset per call."""
+    answer: SamplingParams = SamplingParams(max_new_tokens=512)  # an open prompt's answer: greedy
+    rewrite: SamplingParams = SamplingParams(max_new_tokens=512, temperature=0.6, top_k=50, top_p=0.9)  # degraded
+    samples: SamplingParams = SamplingParams(n=16, max_new_tokens=512, temperature=0.6, top_k=50, top_p=0.9)  # closed
     min_votes: int = 5  # the majority answer needs at least this many votes
     # adaptive early stop for closed prompts: stop a prompt's sampling once its majority's confidence
-    # (`core.voting.majority_confidence`) reaches `early_stop`; 0 = always n_samples. Mllama decodes
+    # (`core.voting.majority_confidence`) reaches `early_stop`; 0 = always samples.n. Mllama decodes
     # `round_size` samples at a time per prompt, voting on the device; other families sample in rounds of
     # `round_size`, voting on the host between rounds
     early_stop: float = 0.0
     round_size: int = 4
-    answer_tokens: int = 512  # new tokens per answer (and per rewrite)
-    rewrite_temperature: float = 0.6
     batch_rows: int = 32  # decoding rows per generation batch
     batch_tokens: int | None = None  # cap on rows x (longest prompt + new tokens) per generation batch
     # None: the model rewrites its answer with one error; else a rule-based corrupter (answer, rng) -> the
     # answer with one error, or None when it cannot make one
     corrupter: Corrupter | None = None
+
 
 @dataclass
 class SynthResult:
@@ -65,7 +66,6 @@ def run(adapter: Adapter, records: list[PromptRecord], options: SynthOptions, se
     stats = {"prompts": len(records), "open": 0, "closed": 0, "samples": 0, "pairs": 0, "identical": 0,
              "no_majority": 0, "unanimous": 0, "uncorruptible": 0, "duplicate": 0, "oracle_unsampled": 0}
     batching = dict(batch_rows=options.batch_rows, batch_tokens=options.batch_tokens)
-    filters = dict(top_k=options.top_k, top_p=options.top_p)
     style = adapter.judge_style
     open_records = [r for r in records if r.kind == "open"]
     closed_records = [r for r in records if r.kind == "closed"]
@@ -76,13 +76,12 @@ def run(adapter: Adapter, records: list[PromptRecord], options: SynthOptions, se
     if open_records:
         images = load_images([r.image for r in open_records])
         answers = [c[0] for c in adapter.generate(
-            images, [r.instruction for r in open_records], max_new_tokens=options.answer_tokens, seed=seed,
+            images, [r.instruction for r in open_records], options.answer.replace(seed=seed),
             progress=bar.update, **batching)]
         if options.corrupter is None:
             rewrites = adapter.generate(
                 images, [prompt_texts.rewrite_prompt(r.instruction, a, style) for r, a in zip(open_records, answers)],
-                max_new_tokens=options.answer_tokens, temperature=options.rewrite_temperature, seed=seed + 1,
-                progress=bar.update, **filters, **batching)
+                options.rewrite.replace(seed=seed + 1), progress=bar.update, **batching)
             degraded = [c[0] for c in rewrites]
         else:
             degraded = [options.corrupter(a, rng) for a in answers]
@@ -100,32 +99,21 @@ def run(adapter: Adapter, records: list[PromptRecord], options: SynthOptions, se
             samples = sample_adaptively(adapter, closed_images, closed_records, options, seed + 2)
             bar.update(len(closed_records))
         else:  # with early stop: one decoding run, voting on the device
-            stopping = dict(slots=min(options.round_size, options.n_samples), early_stop=options.early_stop,
+            stopping = dict(slots=min(options.round_size, options.samples.n), early_stop=options.early_stop,
                             min_votes=options.min_votes) if options.early_stop > 0 else {}
             samples = adapter.generate(
-                closed_images, [r.instruction for r in closed_records], n=options.n_samples,
-                max_new_tokens=options.answer_tokens, temperature=options.temperature, seed=seed + 2,
-                progress=bar.update, **filters, **batching, **stopping)
+                closed_images, [r.instruction for r in closed_records], options.samples.replace(seed=seed + 2),
+                progress=bar.update, **batching, **stopping)
         stats["samples"] = sum(map(len, samples))
         extracted = [[extract_answer(s, r.answer_type) for s in group] for r, group in zip(closed_records, samples)]
         votes = majority_vote(extracted, min_votes=options.min_votes)
         for record, group, vote in zip(closed_records, samples, votes):
-            if vote.winner is None:
-                stats["no_majority"] += 1
+            truth = None if oracle is None else extract_answer(oracle[record.id], record.answer_type)
+            chosen, outcome = pair_from_vote(vote, rng, truth)
+            if chosen is None:
+                stats[outcome] += 1
                 continue
-            others = [answer for answer in vote.counts if answer != vote.winner]
-            if not others:
-                stats["unanimous"] += 1
-                continue
-            winner = vote.winner
-            if oracle is not None:
-                winner = extract_answer(oracle[record.id], record.answer_type)
-                others = [answer for answer in vote.counts if answer != winner]
-                if winner not in vote.counts or not others:
-                    stats["oracle_unsampled"] += 1
-                    continue
-            good = group[vote.indices[winner][0]]
-            bad = group[rng.choice(vote.indices[rng.choice(others)])]
+            good, bad = group[chosen[0]], group[chosen[1]]
             if good.strip() == bad.strip():
                 stats["identical"] += 1
                 continue
@@ -146,29 +134,49 @@ def run(adapter: Adapter, records: list[PromptRecord], options: SynthOptions, se
     return SynthResult(pairs, stats)
 
 
+def pair_from_vote(vote: Vote, rng: random.Random, truth: str | None = None) -> tuple[tuple[int, int] | None, str]:
+    """The vote-to-pair rule of a closed prompt: ((index of the good sample, index of the bad one), "pair"), or
+    (None, why not). The good sample is the first that gives the winning answer (the majority's; with `truth`,
+    the "oracle-votes" ablation, the true answer, where the majority rule would make a pair too); the bad one a
+    random sample of a random other answer. No pair: "no_majority" (no answer has min_votes votes), "unanimous"
+    (no other answer), "oracle_unsampled" (no sample gives the true answer, or no other)."""
+    if vote.winner is None:
+        return None, "no_majority"
+    winner = vote.winner
+    others = [answer for answer in vote.counts if answer != winner]
+    if not others:
+        return None, "unanimous"
+    if truth is not None:
+        winner = truth
+        others = [answer for answer in vote.counts if answer != winner]
+        if winner not in vote.counts or not others:
+            return None, "oracle_unsampled"
+    return (vote.indices[winner][0], rng.choice(vote.indices[rng.choice(others)])), "pair"
+
+
 def sample_adaptively(adapter: Adapter, images, records: list[PromptRecord], options: SynthOptions,
                       seed: int) -> list[list[str]]:
     """Samples for closed prompts, drawn in rounds of `round_size` (the families without the shared Mllama
     decoder, which does this in one run with the vote on the device): a prompt stops once its vote is settled
     (`core.voting.sampling_settled`: a leader with min_votes votes and a `majority_confidence` of at least
-    `early_stop`, or no answer able to reach min_votes), or at `n_samples`. Returns each prompt's
-    samples (between round_size and n_samples of them)."""
+    `early_stop`, or no answer able to reach min_votes), or at `samples.n`. Returns each prompt's
+    samples (between round_size and samples.n of them)."""
     groups: list[list[str]] = [[] for _ in records]
     pending = list(range(len(records)))
-    for round_index in range(-(-options.n_samples // options.round_size)):
+    n = options.samples.n
+    for round_index in range(-(-n // options.round_size)):
         if not pending:
             break
         # every pending prompt has as many samples
-        size = min(options.round_size, options.n_samples - len(groups[pending[0]]))
-        drawn = adapter.generate([images[i] for i in pending], [records[i].instruction for i in pending], n=size,
-                                 max_new_tokens=options.answer_tokens, temperature=options.temperature,
-                                 top_k=options.top_k, top_p=options.top_p, batch_rows=options.batch_rows,
-                                 batch_tokens=options.batch_tokens, seed=seed * 7919 + round_index)
+        size = min(options.round_size, n - len(groups[pending[0]]))
+        drawn = adapter.generate([images[i] for i in pending], [records[i].instruction for i in pending],
+                                 options.samples.replace(n=size, seed=seed * 7919 + round_index),
+                                 batch_rows=options.batch_rows, batch_tokens=options.batch_tokens)
         for i, new in zip(pending, drawn):
             groups[i].extend(new)
         votes = majority_vote([[extract_answer(s, records[i].answer_type) for s in groups[i]] for i in pending])
-        pending = [i for i, vote in zip(pending, votes) if len(groups[i]) < options.n_samples and not sampling_settled(
-            vote.counts, len(groups[i]), options.n_samples, options.min_votes, options.early_stop)]
+        pending = [i for i, vote in zip(pending, votes) if len(groups[i]) < n and not sampling_settled(
+            vote.counts, len(groups[i]), n, options.min_votes, options.early_stop)]
     return groups
 
 

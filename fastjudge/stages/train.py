@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -22,7 +23,9 @@ from tqdm import tqdm
 from fastjudge.core import dist
 from fastjudge.core.dist import World
 from fastjudge.data import prompts
-from fastjudge.data.io import load_images, write_json
+from fastjudge.data.images import load_images
+from fastjudge.data.io import write_json
+from fastjudge.data.runs import check_checkpoint_out
 from fastjudge.models import Adapter
 
 
@@ -232,3 +235,60 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(adapter: Adapter, folder: Path) -> None:
+    """Write a checkpoint folder atomically; an existing folder is replaced only if it is a checkpoint and nothing
+    else (`check_checkpoint_out`): any other folder is left as it was."""
+    folder = Path(folder)
+    check_checkpoint_out(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+
+
+def run_to(checkpoint: Path, judge: Adapter, traces: list[dict], options: TrainOptions, seed: int,
+           world: World, reload: Callable[[Path | str | None], Adapter], source: Path | str | None,
+           on_done: Callable[[dict], None] | None = None, state_dir: Path | None = None,
+           go_on: bool = True) -> Adapter | None:
+    """Fine-tune `judge` on `traces` and save it as a plain checkpoint at `checkpoint`; returns the judge to go
+    on with. In a job whose model can be sharded (`can_shard`), every rank trains its shard (FSDP2,
+    mid-run state under `state_dir`); rank 0 writes the gathered weights into a fresh copy of the judge's
+    `source` (`reload`) and saves that; every rank then loads the checkpoint (a sharded model cannot generate
+    on batches that differ between the ranks). Otherwise fine-tuning runs on rank 0 alone and the other ranks
+    load its checkpoint. `on_done(stats)` runs on rank 0 before the checkpoint is written (the stage's record).
+    With `go_on` False nothing is loaded afterwards and None is returned (the caller is done with the judge); the
+    ranks other than 0 then return at once when fine-tuning is not sharded."""
+    sharded = world.size > 1 and can_shard(judge, options) and bool(traces)
+    if sharded:
+        stats = run(judge, traces, options, seed, world, state_dir=state_dir)
+        weights = gathered_state_dict(judge)
+        if world.main:
+            fresh = reload(source)
+            if options.train == "lora":  # the same adapters on the fresh copy, loaded, then merged
+                fresh.begin_training("lora", lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
+            fresh.model.load_state_dict(weights)
+            fresh.end_training()
+            if on_done is not None:
+                on_done(dict(stats, sharded_ranks=world.size))
+            save_checkpoint(fresh, checkpoint)
+            if state_dir is not None:
+                shutil.rmtree(state_dir, ignore_errors=True)  # the mid-run state, now done with
+    elif world.main:
+        stats = run(judge, traces, options, seed)
+        if on_done is not None:
+            on_done(stats)
+        save_checkpoint(judge, checkpoint)
+    if not go_on and not sharded:
+        # the other ranks are done: none waits for rank 0's training, which can outlast a collective's timeout
+        return None
+    dist.barrier()
+    if not go_on:
+        return None
+    if world.size > 1 and (not world.main or judge._sharded):
+        judge = reload(checkpoint)
+    return judge

@@ -16,9 +16,10 @@ This is the only place where scene ground truth trains anything; the loop never 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,6 +83,15 @@ class PretrainConfig:
     threads: int = 1
 
     def __post_init__(self):
+        # a number that is not finite (inf or nan from a flag) passes every comparison below: refused first
+        numbers = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), float)}
+        for group in ("mixture", "qa_families"):
+            weights = getattr(self, group)
+            if isinstance(weights, dict):  # any other type is refused by name below
+                numbers.update({f"{group} {k}": v for k, v in weights.items() if isinstance(v, float)})
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value}")
         for name in ("steps", "batch_size", "warmup", "save_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 
 from fastjudge.core.answers import extract_answer
+from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data import prompts
 from fastjudge.toy import world
 from fastjudge.toy.files import toy_prompt_truth
@@ -148,7 +149,7 @@ def perception_probe(adapter, per_category: int = 100, seed: int = PROBE_SEED) -
         images.append(world.render(scene, rng))
         questions.append(question)
         categories.append(category)
-    outputs = adapter.generate(images, [q.instruction for q in questions], max_new_tokens=64)
+    outputs = adapter.generate(images, [q.instruction for q in questions], SamplingParams(max_new_tokens=64))
     right: dict[str, list[bool]] = {}
     by_family: dict[str, list[bool]] = {}
     for (text,), q, category in zip(outputs, questions, categories):
