@@ -214,3 +214,36 @@ def test_the_inputs_that_once_took_gigabytes_stay_within_2_gb(tmp_path, inputs, 
     assert code == "0", done.stderr[-3000:]
     assert int(peak_mb) < 2048, f"peak {peak_mb} MB"
     assert [s["line"] for s in data.read_jsonl(skipped)] == [1]
+
+
+@pytest.mark.parametrize("command", ["iterate", "synth", "filter", "train", "eval", "judge", "rank"])
+def test_an_unavailable_device_is_a_one_line_error(tmp_path, capsys, inputs, tiny_toy_dir, command):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU: cuda is available")
+    code, err = run_case(capsys, argv(command, inputs, tmp_path / "out", tiny_toy_dir) + ["--device", "cuda"])
+    message = one_line(err)
+    assert code == 2 and "device" in message and "cuda" in message, message
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_loses_nothing(tmp_path, capsys, inputs, tiny_toy_dir, monkeypatch):
+    """The disk fills up while `train` writes its checkpoint over the one it wrote before: a one-line error,
+    the earlier checkpoint intact, no half-written copy left; the same command then succeeds."""
+    import errno
+    from fastjudge.models import ToyAdapter, load_adapter
+    out = tmp_path / "out"
+    line = argv("train", inputs, out, tiny_toy_dir)
+    assert run_case(capsys, line)[0] == 0
+    before = snapshot(out / "ckpt")
+    save = ToyAdapter.save
+
+    def full_disk(self, path):
+        save(self, path)  # most of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(ToyAdapter, "save", full_disk)
+    code, err = run_case(capsys, line)
+    message = one_line(err)
+    assert code == 2 and "No space left on device" in message, message
+    assert snapshot(out / "ckpt") == before and not (out / "ckpt.tmp").exists()
+    load_adapter(str(out / "ckpt"))  # still a checkpoint
+    monkeypatch.setattr(ToyAdapter, "save", save)
+    assert run_case(capsys, line)[0] == 0

@@ -244,7 +244,11 @@ def save_checkpoint(adapter: Adapter, folder: Path) -> None:
     check_checkpoint_out(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    adapter.save(tmp)
+    try:
+        adapter.save(tmp)
+    except BaseException:  # a full disk, Ctrl-C: the old checkpoint stays, and no half-written copy beside it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
