@@ -43,7 +43,7 @@ def help_of(name: str) -> str:
 
 
 RESUMABLE = ("iterations", "min_gain", "patience", "device", "batch_rows", "batch_tokens", "feature_cache_gb",
-             "dist_timeout_s")
+             "dist_timeout_s", "log_to")
 
 
 @dataclass
@@ -51,8 +51,14 @@ class LoopConfig:
     out: str = option("runs/demo", "output folder of the run")
     model: str | None = option(None, "local checkpoint folder (a toy one, Llama-3.2-Vision, Qwen2-VL or Qwen2.5-VL); "
                                      "default: the shipped toy base model")
-    prompts: str | None = option(None, "prompt pool JSONL (schema: README, \"Your own prompts\"); default: a "
-                                       "shapes-world pool drawn from --seed")
+    prompts: str | None = option(None, "prompt pool: JSONL (schema: README, \"Your own prompts\") or parquet (a file, "
+                                       "a folder of shards, a glob; LLaVA-OneVision-Data's schema by default); "
+                                       "default: a shapes-world pool drawn from --seed")
+    prompt_columns: str | None = option(None, "a parquet pool's columns as name=column,... over id, image, "
+                                              "instruction, answer, kind (default: LLaVA-OneVision-Data's id, image, "
+                                              "conversations; docs/inputs.md)")
+    sample: int | None = option(None, "draw this many prompts uniformly from the pool (seeded by --seed) instead of "
+                                      "taking it whole")
     seed: int = option(0, "random seed; a CPU run with the same seed is reproducible")
     device: str = option("cpu", "torch device for the model (cpu, cuda)")
     dtype: str | None = option(None, "model dtype: float32, bfloat16, float16 (default: float32 for the toy and on "
@@ -134,8 +140,8 @@ class LoopConfig:
                                          "resumes (0: none)")
     # eval
     bench: str = option("toy", "benchmark format: toy (our held-out shapes-world benchmark), vlrewardbench, mmrb")
-    bench_data: str | None = option(None, "the benchmark file (VL-RewardBench JSONL, Multimodal RewardBench JSON); "
-                                          "default: the toy one")
+    bench_data: str | None = option(None, "the benchmark file (VL-RewardBench JSONL or its Hub parquet, images "
+                                          "embedded; Multimodal RewardBench JSON); default: the toy one")
     toy_bench_per_category: int = option(100, "items per category of the toy benchmark (when there is no "
                                               "--bench-data)")
     images: str | None = option(None, "folder that the benchmark's image paths are relative to (default: the data "
@@ -146,6 +152,9 @@ class LoopConfig:
                                     "guess)")
     k: int = option(1, "judge samples per benchmark item (1 = greedy)")
     eval_temperature: float = option(0.6, "sampling temperature of the judge when k > 1")
+    log_to: str | None = option(None, "also write training curves: 'tensorboard' (event files in DIR/tensorboard: the "
+                                      "fine-tuning loss per step, accuracy and rates per iteration; needs the "
+                                      "tensorboard package)")
     ablation: str = option("none", "take a piece of the loop away to see what it does: 'no-filter' (train on every "
                                    "pair's first judgments, whatever their verdicts), 'shuffled-labels' (swap good "
                                    "and bad in a random half of the pairs), 'oracle-votes' (closed pairs labelled by "
@@ -174,6 +183,11 @@ class LoopConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.sample is not None and self.sample < 1:
+            raise ValueError(f"sample: expected >= 1, got {self.sample}")
+        if self.prompt_columns is not None:
+            from fastjudge.data.parquet import Columns
+            Columns.parse(self.prompt_columns)  # a ValueError naming the bad part
         if self.temperature == 0 and self.n_samples > 1:
             raise ValueError(f"temperature: 0 is greedy and gives one answer, but n_samples is {self.n_samples}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -196,7 +210,7 @@ class LoopConfig:
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         choices = {"corrupter": ("model", "rules"), "filter_reasoning": ("greedy", "sampled"),
-                   "train_loss": ("trace", "verdict"),
+                   "train_loss": ("trace", "verdict"), "log_to": (None, "tensorboard"),
                    "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
                    "bench": ("toy", "vlrewardbench", "mmrb"), "prompt": ("ours", "benchmark"),
                    "unparsed": ("wrong", "random"), "ablation": ABLATIONS,
@@ -204,8 +218,12 @@ class LoopConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        if self.prompts is not None and not Path(self.prompts).is_file():
-            raise ValueError(f"prompts: file not found: {self.prompts!r}")
+        if self.prompts is not None:
+            from fastjudge.data.parquet import is_parquet, parquet_files
+            if is_parquet(self.prompts):
+                parquet_files(self.prompts, "prompts")  # a ValueError when it names no parquet file
+            elif not Path(self.prompts).is_file():
+                raise ValueError(f"prompts: file not found: {self.prompts!r}")
         if self.bench_data is not None and not Path(self.bench_data).is_file():
             raise ValueError(f"bench_data: file not found: {self.bench_data!r}")
         if self.bench != "toy" and self.bench_data is None:

@@ -17,11 +17,13 @@ a run whose inputs came through here.
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from fastjudge import data
+from fastjudge.data import parquet
 from fastjudge.core.dist import World
 from fastjudge.data import prompts as prompt_texts
 from fastjudge.models import Adapter
@@ -43,18 +45,36 @@ class Gate:
 
     # ---- files
 
-    def prompts(self, path: Path | str, max_image_pixels: int) -> list[data.PromptRecord]:
-        """A prompt pool's usable records, their images staged in the run folder (`stage_prompt_images`)."""
-        records, skips = data.load_prompts(path)
-        self.skip(skips, "prompt lines")
+    def prompts(self, path: Path | str, max_image_pixels: int, columns: str | None = None, sample: int | None = None,
+                seed: int = 0) -> list[data.PromptRecord]:
+        """A prompt pool's usable records, their images staged in the run folder: JSONL (`stage_prompt_images`) or
+        parquet (`data.parquet`, images extracted under their content's hash; `columns`: the column mapping).
+        With `sample`, that many prompts drawn uniformly from the pool (seeded), in the pool's order."""
+        if parquet.is_parquet(path):
+            records, skips, counts = parquet.load_prompts(path, parquet.Columns.parse(columns), self.out / "images",
+                                                          max_image_pixels, sample, seed)
+            self.skip(skips, "prompt rows")
+            if self.world.main:
+                data.write_json(self.out / "inputs.json", {"images": counts, "max_image_pixels": max_image_pixels})
+        else:
+            if columns:
+                raise ValueError(f"prompt_columns: {path} is JSONL, whose fields are fixed (README); the columns "
+                                 "are for parquet")
+            records, skips = data.load_prompts(path)
+            self.skip(skips, "prompt lines")
+            if sample is not None and sample < len(records):
+                keep = sorted(random.Random(seed).sample(range(len(records)), sample))
+                records = [records[i] for i in keep]
+            records = stage_prompt_images(records, self.out, max_image_pixels, write=self.world.main)
         if not records:
             raise ValueError(f"prompts: no usable prompt in {path} (see {self.path})")
-        return stage_prompt_images(records, self.out, max_image_pixels, write=self.world.main)
+        return records
 
     def bench(self, fmt: str, path: Path | str, images: Path | str | None) -> tuple[list[dict], list[dict]]:
         """The benchmark items the judge can run on, and the items the score counts (those too whose image is
-        missing or was skipped here: they count as unpredicted, as `fastjudge score` counts them)."""
-        items, skips = data.load_bench(fmt, path, images)
+        missing or was skipped here: they count as unpredicted, as `fastjudge score` counts them). A parquet
+        benchmark's images are extracted to out/bench-images."""
+        items, skips = data.load_bench(fmt, path, images, extract_to=self.out / "bench-images")
         self.skip(skips, "benchmark entries")
         if not items:
             raise ValueError(f"data: no usable item in {path} (see {self.path})")

@@ -11,6 +11,7 @@ Layout of a run (`--out DIR`):
     DIR/summary.json         {"iterations": [{"iteration", "metrics", "pairs", "kept", "keep_rate", "rates",
                              "seconds"}, ...], "best": {"iteration", "overall", "checkpoint"}}
     DIR/accuracy.png         accuracy per category over iterations (and, toy preset, the rates)
+    DIR/report.html          the run to read: accuracy, rates, sample pairs with the judge's judgments (`report_html`)
 
 Every file is written atomically, and a stage counts as done when its output exists, so `--resume` continues a
 stopped run from its last completed stage.
@@ -39,6 +40,8 @@ from fastjudge.gate import Gate
 from fastjudge.models import Adapter, FeatureCache, load_adapter
 from fastjudge.models.partial import drop_stored_batches, stored_batches
 from fastjudge.report import write_summary
+from fastjudge.curves import check_available, write_curves
+from fastjudge.report_html import write_report
 from fastjudge.stages import evaluate, synth, train
 from fastjudge.stages import filter as filter_stage
 from fastjudge.toy import rates as toy_rates
@@ -66,7 +69,7 @@ def prepare_inputs(cfg: LoopConfig, out: Path, gate: Gate, world: World = World(
             bench_path = out / "benchmark" / "benchmark.jsonl"
             if not bench_path.exists():
                 write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category)
-        records = gate.prompts(prompts_path, cfg.max_image_pixels)
+        records = gate.prompts(prompts_path, cfg.max_image_pixels, cfg.prompt_columns, cfg.sample, cfg.seed)
         items, score_items = gate.bench(cfg.bench, bench_path, cfg.images)
     return records, items, score_items
 
@@ -222,6 +225,8 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
         return adapter
 
     try:
+        if cfg.log_to == "tensorboard":
+            check_available()  # before any work
         if world.main:
             cfg.save(out / "config.json")
         torch.manual_seed(cfg.seed)
@@ -247,7 +252,7 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
                                   "pairs": 0, "kept": 0, "keep_rate": None, "seconds": _Stages(folder0).record["seconds"]})
     if measures_rates(cfg):
         summary["iterations"][0]["rates"] = rates_of(0, cfg, out, items, world)
-    write_summary(out, summary, world.main)
+    _written(out, summary, cfg, world)
 
     judge: Adapter | None = None
     for k in range(1, cfg.iterations + 1):
@@ -266,7 +271,7 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
         if measures_rates(cfg):
             entry["rates"] = rates_of(k, cfg, out, items, world)
         summary["iterations"].append(entry)
-        write_summary(out, summary, world.main)
+        _written(out, summary, cfg, world)
         # no scored item (every verdict unparsed) counts as accuracy 0 for the stopping rule
         flat = flat_iterations(summary["iterations"], cfg.min_gain)
         if flat >= cfg.patience:
@@ -276,7 +281,16 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
                 print(f"stopping after iteration {k}: overall accuracy changed by {changes} "
                       f"(< min_gain {cfg.min_gain} {flat} time(s) in a row)")
             break
+    if world.main:
+        print(f"report: {write_report(out)}")
     return summary
+
+
+def _written(out: Path, summary: dict, cfg: LoopConfig, world: World) -> None:
+    """summary.json, accuracy.png and the line of the last iteration; with --log-to tensorboard, the curves."""
+    write_summary(out, summary, world.main)
+    if cfg.log_to == "tensorboard" and world.main:
+        write_curves(out / "tensorboard", summary)
 
 
 def flat_iterations(iterations: list[dict], min_gain: float) -> int:

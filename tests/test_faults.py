@@ -59,11 +59,12 @@ def _child(cfg: LoopConfig, kill_at: int) -> subprocess.CompletedProcess:
 def _outputs(out: Path) -> dict[str, str]:
     """Every file of a finished run by its path in the run, as a digest or, for JSON records, the record (compared
     by `_same`); what records time is compared without
-    its seconds and cache counts, the plot not at all (matplotlib stamps it), the lock file not at all."""
+    its seconds and cache counts, the plot and report.html, which embeds it, not at all (matplotlib stamps it), the
+    lock file not at all."""
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         name = str(path.relative_to(out))
-        if name in (".fastjudge.lock", "accuracy.png"):
+        if name in (".fastjudge.lock", "accuracy.png", "report.html"):
             continue
         if path.name in ("summary.json", "stages.json", "config.json"):
             record = json.loads(path.read_text())

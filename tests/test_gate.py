@@ -18,7 +18,9 @@ from fastjudge.data import prompts as prompt_texts
 from fastjudge.gate import Gate
 from fastjudge.toy import files as toy_files
 
-LONG = "describe " * 600 + "."  # 601 words: the toy model's context is 512 tokens
+LONG = "describe " * 600 + "."
+# a child process's own peak resident memory in MB, as Python source (see test_bad_input_matrix.PEAK_MB)
+PEAK_MB = "next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')) // 1024"  # 601 words: the toy model's context is 512 tokens
 FAST = ["--batch-rows", "64"]
 
 
@@ -180,9 +182,9 @@ def test_a_16_bit_png_past_the_decode_budget_is_refused_from_its_header_in_bound
     read. A JPEG past the budget decodes at a reduced scale instead."""
     path = tmp_path / "deep.png"
     Image.new("I;16", (13000, 13000), 1234).save(path)
-    script = ("import resource, sys\nfrom pathlib import Path\nfrom fastjudge.data import images\n"
+    script = ("from pathlib import Path\nfrom fastjudge.data import images\n"
               f"print(images.check_image(Path({str(path)!r})))\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+              f"print({PEAK_MB})\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     reason, peak_mb = done.stdout.splitlines()
     assert reason.startswith("image too large") and "13000 x 13000 pixels" in reason

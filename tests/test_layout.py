@@ -15,7 +15,7 @@ LEVELS = {
     "fastjudge._C": 0, "fastjudge.kernels": 0,
     "fastjudge.core": 1,
     "fastjudge.data": 2,
-    "fastjudge.report": 2.5,
+    "fastjudge.report": 2.5, "fastjudge.report_html": 2.5, "fastjudge.curves": 2.5,
     "fastjudge.engine": 3,
     "fastjudge.models": 4,
     "fastjudge.stages": 5, "fastjudge.gate": 5, "fastjudge.sampler": 5, "fastjudge.cost": 5, "fastjudge.judge": 5,

@@ -40,7 +40,7 @@ def cmd_synth(args) -> None:
     with common.owned(folder, "synth", names, args.overwrite, job.main):
         gate = Gate(folder, job, common.skipped_name("synth"))
         with dist.main_first(job):  # rank 0 stages the images; the others find its copies
-            records = gate.prompts(args.prompts, cfg.max_image_pixels)
+            records = gate.prompts(args.prompts, cfg.max_image_pixels, cfg.prompt_columns, cfg.sample, cfg.seed)
         adapter = common.load(args.model, cfg, job)
         records = gate.fit_prompts(adapter, records, cfg.answer_tokens, cfg.max_prompt_tokens)
         # finished batches kept beside --out until it is written: the same command run again picks them up
@@ -100,7 +100,7 @@ def cmd_train(args) -> None:
                      reload=lambda path: common.load(None if path is None else str(path), cfg, job),
                      source=args.judge, on_done=records.append, state_dir=state_dir, go_on=False)
     if job.main:
-        print(json.dumps(dict(records[0], skipped=len(gate.skips))))
+        print(json.dumps({k: v for k, v in records[0].items() if k != "losses"} | {"skipped": len(gate.skips)}))
 
 
 def cmd_eval(args) -> None:
@@ -111,7 +111,7 @@ def cmd_eval(args) -> None:
     out = Path(args.out)
     cfg = common.config(args, model=args.judge)
     job = common.job(cfg)
-    names = ["predictions.jsonl", "outputs.jsonl", "metrics.json", "reliability.png", "benchmark",
+    names = ["predictions.jsonl", "outputs.jsonl", "metrics.json", "reliability.png", "benchmark", "bench-images",
              common.skipped_name("eval"), "partial-batches/eval"]
     with common.owned(out, "eval", names, args.overwrite, job.main):
         if job.main and not cfg.bench_data:
@@ -129,7 +129,8 @@ def cmd_eval(args) -> None:
         print(json.dumps(dict(metrics, skipped_entries=len(gate.skips))))
 
 
-SYNTH_FLAGS = ["seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "max_image_pixels",
+SYNTH_FLAGS = ["prompt_columns", "sample", "seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s",
+               "max_image_pixels",
                "max_prompt_tokens", "n_samples", "temperature", "top_k", "top_p", "min_votes", "early_stop",
                "round_size", "corrupter", "rewrite_temperature", "answer_tokens", "batch_rows", "batch_tokens"]
 FILTER_FLAGS = ["seed", "device", "dtype", "feature_cache_gb", "dist_timeout_s", "judge_tokens", "filter_temperature",
@@ -152,7 +153,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("synth", help="preference pairs from a prompt pool")
     p.add_argument("--model", default=None, help="local checkpoint folder (default: the shipped toy base model)")
-    p.add_argument("--prompts", required=True, help="prompt pool JSONL")
+    p.add_argument("--prompts", required=True, help="prompt pool: JSONL, or parquet (a file, a folder of shards, a "
+                                                    "glob)")
     p.add_argument("--out", required=True, help="pairs JSONL to write (its folder gets the staged images and "
                                                 "skipped-synth.jsonl)")
     common.add_config_flags(p, SYNTH_FLAGS)

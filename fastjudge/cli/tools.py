@@ -150,6 +150,16 @@ def cmd_rank(args) -> None:
     print(json.dumps({"ranked": len(rows), "skipped": len(gate.skips), "rankings": str(out / "rankings.jsonl")}))
 
 
+def cmd_report(args) -> None:
+    from fastjudge.data.runs import RunLock
+    from fastjudge.report_html import write_report
+    run = Path(args.run)
+    if not run.is_dir():
+        raise ValueError(f"report: {run} is not a folder")
+    with RunLock(run, "RUN"):  # not while a run writes there
+        print(json.dumps({"report": str(write_report(run))}))
+
+
 def cmd_toy_pretrain(args) -> None:
     from fastjudge.toy import pretrain
     open_run_folder(args.out)  # toy-pretrain resumes from its own files in --out
@@ -177,8 +187,8 @@ def cmd_toy_pretrain(args) -> None:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score predictions with a benchmark's official rules; prints one JSON line")
     p.add_argument("--format", required=True, choices=["vlrewardbench", "mmrb"], help="benchmark format")
-    p.add_argument("--data", required=True, help="the benchmark file (VL-RewardBench JSONL, Multimodal "
-                   "RewardBench JSON list); images are not needed")
+    p.add_argument("--data", required=True, help="the benchmark file (VL-RewardBench JSONL or its Hub parquet, "
+                   "Multimodal RewardBench JSON list); images are not needed")
     p.add_argument("--predictions", required=True, help='JSONL of {"index", "shown_first", "verdict"}')
     p.add_argument("--unparsed", choices=["wrong", "random"], default="wrong",
                    help="mmrb: an unparsed verdict is wrong, or the official seeded random guess (default: wrong)")
@@ -227,6 +237,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="run the shipped base's whole recipe (its phases in OUT/phase-<k>, the last one's checkpoint "
                         "the base); the other settings are the recipe's own")
     p.set_defaults(func=cmd_toy_pretrain)
+
+    p = sub.add_parser("report", help="RUN/report.html: a run's accuracy, rates and sample pairs with the judge's "
+                                      "judgments, one self-contained page")
+    p.add_argument("run", help="the folder of a `fastjudge iterate` run")
+    p.set_defaults(func=cmd_report)
 
     for name, helptext in (("judge", "judge your own pairs: p_a (the probability that A is better) in both orders"),
                            ("rank", "rank N answers per question by a Bradley-Terry fit on the judge's p_a")):

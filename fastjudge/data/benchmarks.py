@@ -22,15 +22,21 @@ BENCH_FORMATS = ("toy", "vlrewardbench", "mmrb")
 
 
 def load_bench(fmt: str, path: Path | str, images: Path | str | None = None,
-               check_images: bool = True) -> tuple[list[dict], list[Skip]]:
+               check_images: bool = True, extract_to: Path | str | None = None) -> tuple[list[dict], list[Skip]]:
     """Read a benchmark of format `fmt` (see BENCH_FORMATS) into item dicts (module docstring); every rejected
     entry is returned as a Skip naming file, line and field. `check_images=False` (scoring) skips the check that
-    each image opens."""
+    each image opens. VL-RewardBench's parquet (the Hub's `data/test-00000-of-00001.parquet`: the fields of its
+    data.jsonl, the image embedded in `image`) is read too: with `extract_to`, each image is written there under
+    its content's hash (the judge reads it from there); without, the items name no image (scoring)."""
     if fmt not in BENCH_FORMATS:
         raise ValueError(f"bench: expected one of {BENCH_FORMATS}, got {fmt!r}")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data: file not found: {path}")
+    if path.suffix == ".parquet":
+        if fmt == "mmrb":
+            raise ValueError(f"data: {path}: Multimodal RewardBench is read from its JSON list (all_data.json)")
+        return _load_vlrb_parquet(path, extract_to)
     root = Path(images) if images is not None else path.parent
     if fmt == "mmrb":
         return _load_mmrb(path, root, check_images)
@@ -51,17 +57,8 @@ def _image_problem(root: Path, name, check: bool) -> str | None:
 def _load_vlrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], list[Skip]]:
     items, skips = [], []
     for number, index, obj in parse_lines(path, skips):
-        responses, ranking = obj.get("response"), obj.get("human_ranking")
-        problem = None
-        if not isinstance(obj.get("query"), str) or not obj["query"].strip():
-            problem = "field 'query': missing or empty"
-        elif not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
-            problem = "field 'response': expected a list of 2 strings"
-        elif not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]
-                  and all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
-                          for r in ranking)):
-            problem = "field 'human_ranking': expected 2 different finite numeric ranks"
-        else:
+        problem = _vlrb_problem(obj)
+        if problem is None:
             problem = _image_problem(root, obj.get("image_path"), check_images)
             problem = problem and f"field 'image_path': {problem}"
         if problem:
@@ -69,6 +66,49 @@ def _load_vlrb(path: Path, root: Path, check_images: bool) -> tuple[list[dict], 
             continue
         items.append(dict(obj, index=index, line=number, id=str(obj.get("id", index)),
                           image=str((root / obj["image_path"]).resolve())))
+    return items, skips
+
+
+def _vlrb_problem(obj: dict) -> str | None:
+    """What is wrong with a VL-RewardBench entry's text fields, or None."""
+    responses, ranking = obj.get("response"), obj.get("human_ranking")
+    if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+        return "field 'query': missing or empty"
+    if not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
+        return "field 'response': expected a list of 2 strings"
+    if not (isinstance(ranking, list) and len(ranking) == 2 and ranking[0] != ranking[1]
+            and all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in ranking)):
+        return "field 'human_ranking': expected 2 different finite numeric ranks"
+    return None
+
+
+def _load_vlrb_parquet(path: Path, extract_to: Path | str | None) -> tuple[list[dict], list[Skip]]:
+    """VL-RewardBench's parquet, row by row (a row group in memory at a time): the items of its data.jsonl, in
+    the same order (`index`: the row's place from 0), each image extracted to `extract_to`."""
+    import pyarrow.parquet as pq
+    from fastjudge.data.images import stage_image_bytes
+    from fastjudge.data.parquet import image_bytes, rows
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as exc:  # pyarrow raises its own types for a file that is not parquet
+        raise ValueError(f"data: {path}: not a parquet file ({type(exc).__name__}: {exc})") from None
+    items, skips = [], []
+    for _, row, obj in rows([path], names):
+        problem = _vlrb_problem(obj)
+        data, _ = image_bytes(obj.get("image"))
+        image = ""
+        if problem is None and data is None and extract_to is not None:
+            problem = "field 'image': no embedded image"
+        elif problem is None and extract_to is not None:
+            try:
+                image = str(stage_image_bytes(data, Path(extract_to), 1 << 62)[0])  # kept as it is: no downscaling
+            except Exception as exc:  # PIL raises many types for bytes that are not an image
+                problem = f"field 'image': image unreadable ({type(exc).__name__}: {exc})"
+        if problem:
+            skips.append(Skip(str(path), row, problem))
+            continue
+        item = {k: v for k, v in obj.items() if k != "image"}
+        items.append(dict(item, index=row - 1, line=row, id=str(obj.get("id", row - 1)), image=image))
     return items, skips
 
 

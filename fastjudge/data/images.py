@@ -4,6 +4,7 @@ folder. Every image a model sees comes through here (`fastjudge.gate` for the co
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import warnings
@@ -103,18 +104,37 @@ def stage_image(source: Path, folder: Path, max_pixels: int) -> tuple[Path, str]
     holds every image it uses and can be moved: RGB within `max_pixels` pixels is hard-linked (copied across
     file systems); any other image is written as an RGB PNG, downscaled when over the limit. Returns the path
     and what was done: "linked", "copied", "converted" or "downscaled". A staged image is reused."""
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:32]
-    with _open_within(source, MAX_DECODE_PIXELS) as im:
+    return _stage(source.read_bytes(), folder, max_pixels, source.suffix.lower(), source)
+
+
+# the file name suffix of an image kept as it is, by its format (images embedded in parquet have no name)
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+
+
+def stage_image_bytes(data: bytes, folder: Path, max_pixels: int) -> tuple[Path, str]:
+    """`stage_image` of an image's bytes (embedded in a parquet row): written as they are ("written") when RGB
+    within `max_pixels` in PNG, JPEG or WebP, else converted or downscaled. Raises as `Image.open` and the decode
+    budget do on bytes that are not an image within it."""
+    return _stage(data, folder, max_pixels, None, None)
+
+
+def _stage(data: bytes, folder: Path, max_pixels: int, suffix: str | None, source: Path | None) -> tuple[Path, str]:
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    with _open_within(io.BytesIO(data) if source is None else source, MAX_DECODE_PIXELS) as im:
         reduced = "reduced_from" in im.info
-        keep = (im.mode == "RGB" and im.width * im.height <= max_pixels and im.format in ("PNG", "JPEG", "WEBP")
-                and not reduced)
+        keep = (im.mode == "RGB" and im.width * im.height <= max_pixels and im.format in SUFFIXES and not reduced)
         action = "downscaled" if reduced or im.width * im.height > max_pixels else "converted"
-        target = folder / (f"{digest}{source.suffix.lower()}" if keep else f"{digest}-{max_pixels}.png")
+        name = f"{digest}{suffix if suffix is not None else SUFFIXES.get(im.format, '')}"
+        target = folder / (name if keep else f"{digest}-{max_pixels}.png")
         if target.exists():
             return target, "reused"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        if keep:
+        if keep and source is None:
+            im.load()  # the whole image decodes: bytes that only begin like an image are refused here
+            tmp.write_bytes(data)
+            action = "written"
+        elif keep:
             try:
                 os.link(source, tmp)
                 action = "linked"

@@ -78,6 +78,18 @@ def write_json(path: Path | str, obj) -> None:
         raise
 
 
+def write_text(path: Path | str, text: str) -> None:
+    """Write `text` atomically; a write that fails leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_jsonl(path: Path | str) -> list[dict]:
     """Strict reader for files this package wrote itself (a bad line here is a bug, not user input)."""
     with open(path) as f:

@@ -95,7 +95,8 @@ def can_shard(adapter: Adapter, options: TrainOptions) -> bool:
 
 def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
         job: World = World(), state_dir: Path | None = None) -> dict:
-    """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last"}.
+    """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last",
+    "losses" (one a step)}.
 
     In a torchrun job (`job.size` > 1; every rank calls this with the same traces) the model is sharded with
     FSDP2 (`Adapter.shard_for_training`) and each rank takes its share of every batch; the losses are the whole
@@ -104,7 +105,7 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
     (torch.distributed.checkpoint, each rank its shards); a job killed mid-stage resumes from the last save,
     skipping the steps it had taken."""
     if not traces:
-        return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "seconds": 0.0}
+        return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "losses": [], "seconds": 0.0}
     rng = random.Random(seed)
     # what the run's result depends on: a saved state made from other inputs is never resumed from
     inputs_key = _inputs_key(adapter, traces, options, seed, job.size) if job.size > 1 and state_dir else None
@@ -160,7 +161,7 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
                         state.save(adapter.model, opt, step, losses, job)
     finally:  # also on an error: merge LoRA back, freeze, eval mode
         adapter.end_training()
-    return {"steps": step, "examples": len(traces), "loss_first": losses[0], "loss_last": losses[-1],
+    return {"steps": step, "examples": len(traces), "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
             "seconds": time.time() - t0}
 
 
