@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from fastjudge.core.sampling_params import SamplingParams
+from fastjudge.data.images import encode_image
 from fastjudge.data import prompts as prompt_texts
 from fastjudge.models import Adapter, generation, load_adapter
 
@@ -44,6 +45,11 @@ class Judge:
         self.adapter = adapter
         self.judge_tokens, self.temperature, self.top_k, self.top_p = judge_tokens, temperature, top_k, top_p
         self.batch_rows, self.seed = batch_rows, seed
+
+    @staticmethod
+    def remote(url: str, api_key: str | None = None, timeout_s: float = 600.0) -> "RemoteJudge":
+        """A judge served by `fastjudge serve` at `url`, with the same `compare`, `compare_many` and `rank`."""
+        return RemoteJudge(url, api_key, timeout_s)
 
     @classmethod
     def load(cls, path: str | None, device: str = "cpu", dtype=None, **options) -> "Judge":
@@ -106,6 +112,65 @@ class Judge:
                                    [answers[j] for _, j in pairs], k=k)
         scores = bradley_terry(len(answers), [(i, j, jd.p_a) for (i, j), jd in zip(pairs, judged)])
         return sorted(range(len(answers)), key=lambda i: (-scores[i], i)), scores
+
+
+class RemoteJudge:
+    """`Judge.remote(URL)`: a `fastjudge serve` server behind `Judge`'s methods (stdlib HTTP, no dependency). A
+    refusal from the server (400, 401, 403, 413, 429) is a ValueError carrying its status and reason."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0):
+        self.url, self.api_key, self.timeout_s = url.rstrip("/"), api_key, timeout_s
+
+    def _post(self, path: str, body: dict) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            reason = error.read().decode(errors="replace")
+            raise ValueError(f"{self.url}{path}: {error.code} {reason}") from None
+
+    def compare(self, image: Image.Image, question: str, a: str, b: str, k: int = 1,
+                both_orders: bool = True) -> Judgment:
+        return self.compare_many([image], [question], [a], [b], k=k, both_orders=both_orders)[0]
+
+    def compare_many(self, images: list[Image.Image], questions: list[str], answers_a: list[str],
+                     answers_b: list[str], k: int = 1, both_orders: bool = True, progress=None) -> list[Judgment]:
+        """As `Judge.compare_many`; k is the server's (`fastjudge serve --k`)."""
+        encoded: dict[int, str] = {}
+        pairs = [{"image": encoded.setdefault(id(im), encode_image(im)), "question": q, "response_a": a,
+                  "response_b": b} for im, q, a, b in zip(images, questions, answers_a, answers_b)]
+        results = self._post("/v1/judge", {"pairs": pairs, "both_orders": both_orders, "reasoning": True})["results"]
+        if progress:
+            progress(len(pairs) * (2 if both_orders else 1))
+        return [Judgment(p_a=r["p_a"], verdict=r["verdict"], reasonings=r.get("reasonings", []),
+                         orders_agree=r["orders_agree"], p_a_by_order=r["p_a_by_order"]) for r in results]
+
+    def rank(self, image: Image.Image, question: str, answers: list[str], k: int = 1) -> tuple[list[int], list[float]]:
+        result = self._post("/v1/rank", {"image": encode_image(image), "question": question, "answers": answers})
+        return result["order"], result["scores"]
+
+
+def reward_function(url: str, api_key: str | None = None):
+    """A reward for RL trainers that take callables (TRL's `reward_funcs`): `reward(prompts, completions, image,
+    reference, **kwargs) -> list[float]`, each completion's probability of being better than its prompt's reference
+    answer (p_a, both orders), from a `fastjudge serve` judge. `image` and `reference` are the dataset's columns
+    of those names (PIL images, strings), which TRL passes as keyword arguments."""
+    judge = RemoteJudge(url, api_key)
+
+    def reward(prompts: list, completions: list, image: list, reference: list, **kwargs) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
+        questions = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        questions = [q if isinstance(q, str) else " ".join(part.get("text", "") for part in q) for q in questions]
+        return [j.p_a for j in judge.compare_many(list(image), questions, texts, list(reference))]
+
+    return reward
 
 
 def bradley_terry(count: int, outcomes: list[tuple[int, int, float]], iterations: int = 500,

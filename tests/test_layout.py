@@ -19,7 +19,7 @@ LEVELS = {
     "fastjudge.engine": 3,
     "fastjudge.models": 4,
     "fastjudge.stages": 5, "fastjudge.gate": 5, "fastjudge.sampler": 5, "fastjudge.cost": 5, "fastjudge.judge": 5,
-    "fastjudge.toy": 6,
+    "fastjudge.toy": 6, "fastjudge.serve": 6.5,
     "fastjudge.config": 7,
     "fastjudge.ablations": 7.5,
     "fastjudge.loop": 8,

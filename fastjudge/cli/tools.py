@@ -160,6 +160,28 @@ def cmd_report(args) -> None:
         print(json.dumps({"report": str(write_report(run))}))
 
 
+def cmd_serve(args) -> None:
+    import os
+    import signal
+    import uvicorn
+    from fastjudge.serve import ServeSettings, create_app
+    judge_tokens = _judge_tokens(args)
+    settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs,
+                             max_queue=args.max_queue, max_body_mb=args.max_body_mb, max_pairs=args.max_pairs,
+                             image_root=args.image_root, api_key=args.api_key or os.environ.get("FASTJUDGE_API_KEY"))
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise ValueError(f"--image-root: {args.image_root} is not a folder")
+    judge = _judge_for(args, judge_tokens)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"serve: listening on {args.host} with no --api-key: anyone who reaches it may use it",
+              file=sys.stderr)
+    # uvicorn ends on SIGTERM: it stops accepting, finishes the requests in flight, returns, and raises the signal
+    # again for the handler it found; this one lets the command end as a finished one (exit 0)
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
+    uvicorn.run(create_app(judge, settings, k=args.k), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.grace_s)
+
+
 def cmd_toy_pretrain(args) -> None:
     from fastjudge.toy import pretrain
     open_run_folder(args.out)  # toy-pretrain resumes from its own files in --out
@@ -237,6 +259,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="run the shipped base's whole recipe (its phases in OUT/phase-<k>, the last one's checkpoint "
                         "the base); the other settings are the recipe's own")
     p.set_defaults(func=cmd_toy_pretrain)
+
+    p = sub.add_parser("serve", help="the judge as a batched HTTP reward server (POST /v1/judge, /v1/rank; "
+                                     "docs/serve.md)")
+    p.add_argument("--judge", default=None, help="judge checkpoint (default: the shipped toy base)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests to join it (default: 10)")
+    p.add_argument("--max-batch-pairs", type=int, default=64, help="pairs an engine call holds at most (default: 64)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting at most; more are answered 429 (default: 256)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body; more is 413 (default: 32)")
+    p.add_argument("--max-pairs", type=int, default=256, help="pairs or candidates a request may hold (default: 256)")
+    p.add_argument("--image-root", default=None,
+                   help="requests may name images by a path under this folder (default: base64 only)")
+    p.add_argument("--api-key", default=None,
+                   help="a bearer token every request must carry (default: $FASTJUDGE_API_KEY, else none)")
+    p.add_argument("--grace-s", type=float, default=60.0,
+                   help="on SIGTERM, seconds the requests in flight have to finish (default: 60)")
+    p.add_argument("--k", type=int, default=1, help="reasonings per judgment: 1 greedy, more sampled (T 0.6)")
+    p.add_argument("--judge-tokens", type=int, default=None,
+                   help="most tokens of reasoning a judgment (default: 80 for the toy, 1024 for a real model)")
+    p.add_argument("--batch-rows", type=int, default=256,
+                   help="rows a generation batch holds: a batch's pairs x orders x k (default: 256)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="RUN/report.html: a run's accuracy, rates and sample pairs with the judge's "
                                       "judgments, one self-contained page")

@@ -3,6 +3,7 @@ folder. Every image a model sees comes through here (`fastjudge.gate` for the co
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -19,7 +20,7 @@ from PIL import Image
 MAX_DECODE_PIXELS = 40_000_000
 
 
-def _open_within(path: Path, max_pixels: int) -> Image.Image:
+def _open_within(path: Path | io.BytesIO, max_pixels: int) -> Image.Image:
     """The image at `path` opened (its header read, nothing decoded yet) and, if it is a JPEG over `max_pixels`,
     set to decode at the smallest reduction that brings it within; a ValueError naming the size when it cannot
     be decoded within `max_pixels`."""
@@ -90,10 +91,22 @@ def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize(size, Image.LANCZOS)
 
 
+def encode_image(image: Image.Image) -> str:
+    """A PIL image as base64 PNG, as a `fastjudge serve` request carries it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """An image's bytes (a request's, a parquet row's) decoded within `max_pixels` as 8-bit RGB (`load_image`)."""
+    return load_image(io.BytesIO(data), max_pixels)
+
+
 def load_image(path: str | Path, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     """The image at `path`, decoded within `max_pixels` (a larger JPEG at a reduced scale), as 8-bit RGB
     (`to_rgb`)."""
-    with _open_within(Path(path), max_pixels) as im:
+    with _open_within(path if isinstance(path, io.BytesIO) else Path(path), max_pixels) as im:
         im.load()
         rgb = to_rgb(im)
         return im.copy() if rgb is im else rgb  # the file closes here: nothing may read it lazily later
