@@ -7,6 +7,7 @@ changes, so that a resumed run's curves hold each point once. TensorBoard is an 
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -24,11 +25,8 @@ def _writer(folder: Path):
 
 def check_available() -> None:
     """A ValueError before any work when TensorBoard is asked for but not installed."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise ValueError("log_to: 'tensorboard' needs the tensorboard package (pip install 'fastjudge[tensorboard]')") \
-            from None
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("log_to: 'tensorboard' needs the tensorboard package (pip install 'fastjudge[tensorboard]')")
 
 
 def write_curves(folder: Path, summary: dict) -> None:
