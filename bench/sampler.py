@@ -1,5 +1,7 @@
 """Generated tokens per second: our shared-prefix engine (`Adapter.generate`) against transformers'
-`generate(num_return_sequences=n)` on the same weights and inputs, n in {1, 4, 16}, measured in one run.
+`generate(num_return_sequences=n)` on the same weights and inputs, n in {1, 4, 16}, measured in one run: eagerly
+with its default dynamic cache, and on its documented fast path, the static cache with `torch.compile` (each n's
+compile a warm-up, reported apart; its greedy tokens checked equal to eager's; `--no-static` skips it).
 
     python bench/sampler.py                                   # CPU, the "small" Mllama (tests/tiny.py)
     python bench/sampler.py --preset llama-3.2-11b --device cuda
@@ -54,6 +56,9 @@ def main() -> None:
                         help="count the host synchronizations of one call of ours at the largest n, by code line")
     parser.add_argument("--profile", type=int, default=0,
                         help="after the timings, profile one call of ours at this n (GPU kernels, top 15 by time)")
+    parser.add_argument("--no-static", action="store_true",
+                        help="skip transformers' fast path: generate with its static cache and torch.compile (each "
+                             "n compiles anew: minutes on the CPU)")
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -82,14 +87,15 @@ def main() -> None:
                          options=options.with_(cuda_graphs=graphs), **sampling)
 
     @torch.no_grad()
-    def theirs(n):
+    def theirs(n, **extra):
         # from the same PIL images and texts as ours: the image processor and the tokenizer run in both
         pixels = {k: v.to(args.device) for k, v in adapter._pixel_inputs(images).items()}
         pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
         [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
-        model.generate(input_ids=ids, attention_mask=mask, cross_attention_mask=cross, **pixels, do_sample=True,
-                       num_return_sequences=n, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                       eos_token_id=None, pad_token_id=adapter.pad_id, **sampling)
+        options = dict(do_sample=True, num_return_sequences=n, max_new_tokens=args.new_tokens,
+                       min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=adapter.pad_id, **sampling)
+        return model.generate(input_ids=ids, attention_mask=mask, cross_attention_mask=cross, **pixels,
+                              **(options | extra))
 
     def timed(fn, n, **kwargs):
         # one untimed call first at each n: new shapes compile kernels (Triton, cuDNN plans) on first use
@@ -140,6 +146,7 @@ def main() -> None:
         if "ours_eager_tok_s" in r:
             line += f"{r['ours_eager_tok_s']:>13.1f}{r['speedup_eager']:>8.2f}x{r['ours_eager_step_ms']:>9.2f}"
         print(line)
+    static = None if args.no_static else static_compile_baseline(model, theirs, results, args)
     largest = results[-1]
     backends = {}
     for name in filter(None, args.self_attention.split(",")):
@@ -171,8 +178,44 @@ def main() -> None:
               "cuda_graphs_failure": graphs_failure,
               "prompts": args.prompts,
               "prompt_tokens": length, "new_tokens": args.new_tokens, "sampling": sampling,
-              "preprocessing_s": preprocessing, "results": results}
+              "preprocessing_s": preprocessing, "results": results, "transformers_static_compile": static}
     report(result, args.out)
+
+
+def static_compile_baseline(model, theirs, results: list[dict], args) -> dict:
+    """transformers' documented fast path, timed after every other column (it replaces the model's forward with
+    a compiled one, restored afterwards): `generate(cache_implementation="static")` with `torch.compile(forward)`.
+    Each n's first call compiles (its time reported as warm-up, not timed); its greedy tokens must equal eager
+    generate's. Adds to each row the fast path's time and the speedup of ours against the faster transformers."""
+    eager_forward = model.forward
+    out = {"greedy_equal": None, "warmup_s": {}}
+    try:
+        greedy_options = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        eager = theirs(1, **greedy_options)
+        model.forward = torch.compile(model.forward)
+        for row in results:
+            n = row["n"]
+            t0 = time.perf_counter()
+            compiled = theirs(n, cache_implementation="static")  # compiles for this batch shape
+            out["warmup_s"][n] = time.perf_counter() - t0
+            if n == 1:
+                greedy = theirs(1, cache_implementation="static", **greedy_options)
+                out["greedy_equal"] = bool(torch.equal(eager, greedy))
+            seconds = median_ms(lambda: theirs(n, cache_implementation="static"), args.repeats,
+                                args.device.startswith("cuda")) / 1e3
+            best = min(seconds, row["transformers_s"])
+            row.update(transformers_static_compile_s=seconds, transformers_static_compile_tok_s=row["tokens"] / seconds,
+                       transformers_best_s=best, speedup_vs_best=best / row["ours_s"])
+            print(f"n={n}: transformers static cache + compile {row['tokens'] / seconds:.1f} tok/s "
+                  f"(eager {row['transformers_tok_s']:.1f}); ours {row['ours_tok_s']:.1f}, "
+                  f"{row['speedup_vs_best']:.2f}x the faster", flush=True)
+        del compiled
+    except Exception as failure:  # reported in the result: the other columns stand
+        out["failed"] = repr(failure)
+        print(f"static cache + compile failed: {failure!r}", flush=True)
+    finally:
+        model.forward = eager_forward
+    return out
 
 
 def sync_check(call) -> dict:
