@@ -19,7 +19,9 @@
 #      docs/distributed.md);
 #   7. every stage's rate at Llama-3.2-11B-Vision's shapes, ours against transformers (bench/paper_scale.py): the
 #      rates file the cost model (`fastjudge cost`) reads, as OUT/paper-scale.json (commit it as
-#      bench/results/rates-<card>-<date>.json).
+#      bench/results/rates-<card>-<date>.json);
+#   8. the sampler of part 3 against transformers' fast path too, its static cache with torch.compile (the
+#      compile a warm-up, greedy equality checked), about 5 minutes: a call of its own (PARTS=8).
 # PARTS (default 1,2,3,4,5,6,7) picks parts: a lease can run them in two calls (part 1 always runs). Each bench
 # appends its rows to OUT/bench.log as it goes, the result's JSON line last, and writes its JSON file under OUT;
 # a part cut short keeps what it measured. 8 files at most come back: pytest.log, bench.log and six results.
@@ -43,7 +45,7 @@ echo "GPU tests rc $?: $(tail -1 $OUT/pytest.log)"
 grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head -8; }
 
 part 3 && { echo "== sampler" >> $LOG; timeout 150 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
-  --new-tokens 64 --ns 16 --repeats 2 --no-eager --self-attention cudnn,kernel \
+  --new-tokens 64 --ns 16 --repeats 2 --no-eager --self-attention cudnn,kernel --no-static \
   --out $OUT/sampler.json >> $LOG 2>&1; echo "sampler rc $?"
 grep -v "Loading\|Writing\|^{\|Warning\|forward_call\|USDT\|profiler\|warn" $LOG | tail -12; }
 
@@ -70,3 +72,8 @@ part 7 && { echo "== paper scale" >> $LOG
 timeout 150 python3 bench/paper_scale.py --preset llama-3.2-11b --device cuda --out $OUT/paper-scale.json \
   >> $LOG 2>&1; echo "paper scale rc $?"
 grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -8; }
+
+part 8 && { echo "== sampler against transformers' static cache + torch.compile" >> $LOG
+  timeout 300 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
+  --new-tokens 64 --ns 16 --repeats 2 --no-eager --out $OUT/sampler-static.json >> $LOG 2>&1; echo "sampler-static rc $?"
+grep "n=16\|static" $LOG | tail -4; }
