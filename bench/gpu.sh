@@ -21,7 +21,10 @@
 #      rates file the cost model (`fastjudge cost`) reads, as OUT/paper-scale.json (commit it as
 #      bench/results/rates-<card>-<date>.json);
 #   8. the sampler of part 3 against transformers' fast path too, its static cache with torch.compile (the
-#      compile a warm-up, greedy equality checked), about 5 minutes: a call of its own (PARTS=8).
+#      compile a warm-up, greedy equality checked), about 5 minutes: a call of its own (PARTS=8);
+#   9. the whole loop end to end at Llama-3.2-11B-Vision's widths and vocabulary with 3 text layers
+#      (bench/e2e.py --preset wide-11b-short): iterate, train under torchrun (text, lora), judge, the checkpoint
+#      reloaded; each stage's time and peak memory, as OUT/e2e.json (PARTS=9, with 8 in the second call).
 # PARTS (default 1,2,3,4,5,6,7) picks parts: a lease can run them in two calls (part 1 always runs). Each bench
 # appends its rows to OUT/bench.log as it goes, the result's JSON line last, and writes its JSON file under OUT;
 # a part cut short keeps what it measured. 8 files at most come back: pytest.log, bench.log and six results.
@@ -77,3 +80,8 @@ part 8 && { echo "== sampler against transformers' static cache + torch.compile"
   timeout 300 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
   --new-tokens 64 --ns 16 --repeats 2 --no-eager --out $OUT/sampler-static.json >> $LOG 2>&1; echo "sampler-static rc $?"
 grep "n=16\|static" $LOG | tail -4; }
+
+part 9 && { echo "== end to end" >> $LOG
+  timeout 420 python3 bench/e2e.py --preset wide-11b-short --device cuda --work /tmp/e2e --out $OUT/e2e.json \
+  >> $LOG 2>&1; echo "e2e rc $?"
+grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -12; }

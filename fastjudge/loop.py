@@ -95,9 +95,9 @@ def prompts_for(records: list[data.PromptRecord], cfg: LoopConfig, iteration: in
 
 
 class _Stages:
-    """iter_<k>/stages.json: seconds and counts of each finished stage. A stage's record is written before the
-    file that marks the stage done (pairs.jsonl, sft.jsonl, the checkpoint, metrics.json): a run cut between
-    the two redoes the stage and writes its record again; the other order would lose it."""
+    """iter_<k>/stages.json: seconds, counts and peak memory of each finished stage. A stage's record is written
+    before the file that marks the stage done (pairs.jsonl, sft.jsonl, the checkpoint, metrics.json): a run cut
+    between the two redoes the stage and writes its record again; the other order would lose it."""
 
     def __init__(self, folder: Path, world: World = World()):
         self.path, self.world = folder / "stages.json", world
@@ -106,8 +106,26 @@ class _Stages:
     def done(self, stage: str, seconds: float, stats: dict) -> None:
         self.record["seconds"][stage] = round(seconds, 2)
         self.record["stats"][stage] = stats
+        self.record.setdefault("peak_mb", {})[stage] = peak_memory_mb()
         if self.world.main:
             data.write_json(self.path, self.record)
+
+
+def peak_memory_mb() -> dict:
+    """This process's peak memory since the last call (the first: since it began), then reset: resident memory
+    (Linux's VmHWM, reset through /proc/self/clear_refs) and, on a GPU, the memory torch allocated."""
+    peak: dict = {"rss": None, "cuda": None}
+    try:
+        with open("/proc/self/status") as f:
+            peak["rss"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, StopIteration):  # not Linux: no resident peak
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda"] = torch.cuda.max_memory_allocated() // 2**20
+        torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def run_iteration(k: int, cfg: LoopConfig, out: Path, generator: Adapter, judge: Adapter,

@@ -96,10 +96,11 @@ def _same(a, b) -> bool:
 
 
 def _without_seconds(value):
-    """A record without what depends on the process rather than the run: times, and the feature cache's hit
-    counts (a resumed process starts with a cold cache)."""
+    """A record without what depends on the process rather than the run: times, peak memory, and the feature
+    cache's hit counts (a resumed process starts with a cold cache)."""
     if isinstance(value, dict):
-        return {k: _without_seconds(v) for k, v in value.items() if k not in ("seconds", "feature_cache_so_far")}
+        return {k: _without_seconds(v) for k, v in value.items()
+                if k not in ("seconds", "feature_cache_so_far", "peak_mb")}
     if isinstance(value, list):
         return [_without_seconds(v) for v in value]
     return value

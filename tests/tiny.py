@@ -227,8 +227,17 @@ NARROW_11B = dict(
     text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=40, num_attention_heads=32,
                      num_key_value_heads=8, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38]),
 )
+# Llama-3.2-11B-Vision's widths, head counts and vocabulary with a few layers, a cross-attention layer among them:
+# every stage of the loop at the 11B's tensor shapes, small enough to build, save and reload in a lease
+# (bench/e2e.py)
+WIDE_11B_SHORT = dict(
+    vision_config=dict(LLAMA_11B["vision_config"], num_hidden_layers=2, num_global_layers=1,
+                       intermediate_layers_indices=[0, 1], vision_output_dim=3 * 1280),
+    text_config=dict(LLAMA_11B["text_config"], num_hidden_layers=3, cross_attention_layers=[1]),
+)
 # preset -> (shapes, tile side); the tokenizer's vocabulary where the shapes name none
-MLLAMA_PRESETS = {"llama-3.2-11b": (LLAMA_11B, 560), "small": (SMALL, 224), "narrow-11b": (NARROW_11B, 28)}
+MLLAMA_PRESETS = {"llama-3.2-11b": (LLAMA_11B, 560), "small": (SMALL, 224), "narrow-11b": (NARROW_11B, 28),
+                  "wide-11b-short": (WIDE_11B_SHORT, 560)}
 
 
 def build_mllama_adapter(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
