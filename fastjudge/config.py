@@ -95,12 +95,13 @@ class LoopConfig:
     corrupter: str = option("model", "who degrades open-ended answers: the model ('model') or the rule-based "
                                      "corrupter ('rules')")
     rewrite_temperature: float = option(0.6, "sampling temperature of the model's degraded rewrite")
-    answer_tokens: int | None = option(None, "maximum new tokens per answer (default: 64 for the toy, 512 for a real model)")
+    answer_tokens: int | None = option(None, "maximum new tokens per answer (default: 64 for the toy, 512 for a real "
+                                             "model)")
     synth_model: str = option("base", "which model writes the pairs: the base model ('base') or the latest judge "
                                       "('judge')")
     # filter and eval
-    judge_tokens: int | None = option(None, "maximum new tokens per judgment, reasoning and verdict (default: 80 for the toy, 1024 for a "
-                                                      "real model)")
+    judge_tokens: int | None = option(None, "maximum new tokens per judgment, reasoning and verdict (default: 80 "
+                                            "for the toy, 1024 for a real model)")
     # the filter samples judgments: a greedy judge with a position bias would keep no pair at all
     filter_temperature: float = option(1.0, "sampling temperature of the judge's judgments in the filter (with "
                                             "--filter-reasoning greedy, of the verdict alone)")

@@ -14,15 +14,6 @@ from pathlib import Path
 LOG_TO = (None, "tensorboard")
 
 
-def _writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch's writer needs the tensorboard package
-        raise ValueError("log_to: 'tensorboard' needs the tensorboard package (pip install 'fastjudge[tensorboard]')") \
-            from None
-    return SummaryWriter(str(folder))
-
-
 def check_available() -> None:
     """A ValueError before any work when TensorBoard is asked for but not installed."""
     if importlib.util.find_spec("tensorboard") is None:
@@ -31,8 +22,10 @@ def check_available() -> None:
 
 def write_curves(folder: Path, summary: dict) -> None:
     """Write the run's curves (module docstring) from `summary` (summary.json's content) into `folder`."""
+    check_available()  # torch's writer needs the tensorboard package
+    from torch.utils.tensorboard import SummaryWriter
     shutil.rmtree(folder, ignore_errors=True)  # our own files, written anew: each point once
-    writer = _writer(folder)
+    writer = SummaryWriter(str(folder))
     step = 0
     for entry in summary["iterations"]:
         k = entry["iteration"]

@@ -40,8 +40,7 @@ class Gate:
         self.out, self.world = Path(out), world
         self.path = self.out / skipped_name
         self.skips: list[data.Skip] = []
-        self.lines: dict[str, int] = {}  # the line of each pair or candidates item read here, by its id
-        self.row_lines: dict[str, list[int]] = {}  # file -> the line of each pair or trace read from it, in order
+        self.row_lines: dict[str, list[int]] = {}  # file -> the line of each row read from it here, in order
 
     # ---- files
 
@@ -53,64 +52,57 @@ class Gate:
         if parquet.is_parquet(path):
             records, skips, counts = parquet.load_prompts(path, parquet.Columns.parse(columns), self.out / "images",
                                                           max_image_pixels, sample, seed)
-            self.skip(skips, "prompt rows")
+            records = self._usable(records, skips, path, "prompt rows", "prompts", "prompt")
             if self.world.main:
                 data.write_json(self.out / "inputs.json", {"images": counts, "max_image_pixels": max_image_pixels})
-        else:
-            if columns:
-                raise ValueError(f"prompt_columns: {path} is JSONL, whose fields are fixed (README); the columns "
-                                 "are for parquet")
-            records, skips = data.load_prompts(path)
-            self.skip(skips, "prompt lines")
-            if sample is not None and sample < len(records):
-                keep = sorted(random.Random(seed).sample(range(len(records)), sample))
-                records = [records[i] for i in keep]
-            records = stage_prompt_images(records, self.out, max_image_pixels, write=self.world.main)
-        if not records:
-            raise ValueError(f"prompts: no usable prompt in {path} (see {self.path})")
-        return records
+            return records
+        if columns:
+            raise ValueError(f"prompt_columns: {path} is JSONL, whose fields are fixed (README); the columns are for "
+                             "parquet")
+        records = self._usable(*data.load_prompts(path), path, "prompt lines", "prompts", "prompt")
+        if sample is not None and sample < len(records):
+            keep = sorted(random.Random(seed).sample(range(len(records)), sample))
+            records = [records[i] for i in keep]
+        return stage_prompt_images(records, self.out, max_image_pixels, write=self.world.main)
 
     def bench(self, fmt: str, path: Path | str, images: Path | str | None) -> tuple[list[dict], list[dict]]:
         """The benchmark items the judge can run on, and the items the score counts (those too whose image is
         missing or was skipped here: they count as unpredicted, as `fastjudge score` counts them). A parquet
         benchmark's images are extracted to out/bench-images."""
         items, skips = data.load_bench(fmt, path, images, extract_to=self.out / "bench-images")
-        self.skip(skips, "benchmark entries")
-        if not items:
-            raise ValueError(f"data: no usable item in {path} (see {self.path})")
+        items = self._usable(items, skips, path, "benchmark entries", "data", "item")
+        self.row_lines[str(path)] = [item["line"] for item in items]
         return items, data.load_bench(fmt, path, images, check_images=False)[0]
 
     def pairs(self, path: Path | str) -> list[dict]:
         """A pairs file's usable pairs (`fastjudge filter`)."""
-        self.row_lines[str(path)] = []
-        pairs, skips = data.load_pairs(path, self.row_lines[str(path)])
-        self.skip(skips, "pair lines")
-        if not pairs:
-            raise ValueError(f"--pairs: no usable pair in {path} (see {self.path})")
-        return pairs
+        return self._usable(*data.load_pairs(path, self._lines(path)), path, "pair lines", "--pairs", "pair")
 
     def traces(self, path: Path | str) -> list[dict]:
         """An SFT file's usable traces (`fastjudge train`)."""
-        self.row_lines[str(path)] = []
-        traces, skips = data.load_traces(path, self.row_lines[str(path)])
-        self.skip(skips, "trace lines")
-        if not traces:
-            raise ValueError(f"--sft: no usable trace in {path} (see {self.path})")
-        return traces
+        return self._usable(*data.load_traces(path, self._lines(path)), path, "trace lines", "--sft", "trace")
 
     def judge_pairs(self, path: Path | str, images: Path | str | None) -> list[dict]:
-        items, skips = data.load_judge_pairs(path, images, self.lines)
-        self.skip(skips, "pair lines")
-        if not items:
-            raise ValueError(f"--pairs: no usable pair in {path} (see {self.path})")
-        return items
+        """A `fastjudge judge` pairs file's usable pairs."""
+        return self._usable(*data.load_judge_pairs(path, images, self._lines(path)), path, "pair lines", "--pairs",
+                            "pair")
 
     def candidates(self, path: Path | str, images: Path | str | None) -> list[dict]:
-        items, skips = data.load_candidates(path, images, self.lines)
-        self.skip(skips, "candidate lines")
-        if not items:
-            raise ValueError(f"--candidates: no usable line in {path} (see {self.path})")
-        return items
+        """A `fastjudge rank` candidates file's usable lines."""
+        return self._usable(*data.load_candidates(path, images, self._lines(path)), path, "candidate lines",
+                            "--candidates", "line")
+
+    def _usable(self, rows: list, skips: list[data.Skip], path: Path | str, what: str, flag: str, noun: str) -> list:
+        """`rows`, with `skips` counted; a ValueError naming `flag` and `path` when none is usable."""
+        self.skip(skips, what)
+        if not rows:
+            raise ValueError(f"{flag}: no usable {noun} in {path} (see {self.path})")
+        return rows
+
+    def _lines(self, path: Path | str) -> list[int]:
+        """A fresh list to hold the line of each row read from `path`, in order (what a skip decided later names)."""
+        self.row_lines[str(path)] = []
+        return self.row_lines[str(path)]
 
     # ---- token limits (the model loaded)
 
@@ -163,18 +155,16 @@ class Gate:
             t["target"]), 0, self._row_line(source), "prompt, target")
 
     def fit_judged(self, adapter: Adapter, items: list[dict], judge_tokens: int,
-                   prompt_of: Callable[[dict, str, str], str], question: str, answers: Callable[[dict], list[str]],
-                   source: Path | str, field: str, lines: dict[str, int] | None = None) -> list[dict]:
-        """Eval, judge, rank: each item's judge prompt on its two longest answers, with a judgment after it. An
-        item's line is its "line" (benchmarks) or `lines[item["id"]]` (pairs and candidates files)."""
+                   prompt_of: Callable[[dict, str, str], str], answers: Callable[[dict], list[str]],
+                   source: Path | str, field: str) -> list[dict]:
+        """Eval, judge, rank: each item's judge prompt on its two longest answers, with a judgment after it."""
         def tokens(item: dict) -> int:
             a, b = sorted(answers(item), key=len, reverse=True)[:2]
             return adapter.prompt_tokens(prompt_of(item, a, b))
-        return self.fit(adapter, items, tokens, judge_tokens,
-                        lambda i, item: (str(source), lines[item["id"]] if lines else item["line"]), field)
+        return self.fit(adapter, items, tokens, judge_tokens, self._row_line(source), field)
 
     def _row_line(self, source: Path | str) -> Callable[[int, Row], tuple[str, int]]:
-        """(file, line) of row i of `source`: as `pairs`/`traces` read it, or line i + 1 of a run's own file."""
+        """(file, line) of row i of `source`: as this gate read it, or line i + 1 of a run's own file."""
         lines = self.row_lines.get(str(source))
         return lambda i, row: (str(source), lines[i] if lines else i + 1)
 

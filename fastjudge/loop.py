@@ -34,13 +34,13 @@ from fastjudge import ablations, data
 from fastjudge.config import LoopConfig, resolved
 from fastjudge.core import dist
 from fastjudge.core.dist import World
+from fastjudge.curves import check_available, write_curves
 from fastjudge.data.runs import RunLock, open_run_folder, run_files
 from fastjudge.data.scoring import headline
 from fastjudge.gate import Gate
 from fastjudge.models import Adapter, FeatureCache, load_adapter
 from fastjudge.models.partial import drop_stored_batches, stored_batches
 from fastjudge.report import write_summary
-from fastjudge.curves import check_available, write_curves
 from fastjudge.report_html import write_report
 from fastjudge.stages import evaluate, synth, train
 from fastjudge.stages import filter as filter_stage
@@ -53,10 +53,10 @@ FAILED_START_KEEPS = ("skipped.jsonl",)
 
 
 def prepare_inputs(cfg: LoopConfig, out: Path, gate: Gate, world: World = World()
-                   ) -> tuple[list[data.PromptRecord], list[dict], list[dict]]:
-    """The prompt pool (images staged in the run folder), the benchmark items the judge can run on, and the items
-    the score counts (`Gate.bench`), read through the run's input gate; the toy preset's pool and benchmark are
-    written first. In a job of several ranks, rank 0 writes the files first and the others read them after it."""
+                   ) -> tuple[list[data.PromptRecord], list[dict], list[dict], Path]:
+    """The prompt pool (images staged in the run folder), the benchmark items the judge can run on, the items
+    the score counts (`Gate.bench`) and the benchmark file, read through the run's input gate; the toy preset's
+    pool and benchmark are written first. In a job of several ranks, rank 0 writes the files first and the others read them after it."""
     with dist.main_first(world):  # rank 0 writes the toy world, the image copies and skipped.jsonl first
         prompts_path = cfg.prompts
         if prompts_path is None:
@@ -71,17 +71,17 @@ def prepare_inputs(cfg: LoopConfig, out: Path, gate: Gate, world: World = World(
                 write_toy_benchmark(out / "benchmark", cfg.toy_bench_per_category)
         records = gate.prompts(prompts_path, cfg.max_image_pixels, cfg.prompt_columns, cfg.sample, cfg.seed)
         items, score_items = gate.bench(cfg.bench, bench_path, cfg.images)
-    return records, items, score_items
+    return records, items, score_items, Path(bench_path)
 
 
-def fit_inputs(gate: Gate, adapter: Adapter, cfg: LoopConfig, records: list[data.PromptRecord], items: list[dict]
-               ) -> tuple[list[data.PromptRecord], list[dict]]:
+def fit_inputs(gate: Gate, adapter: Adapter, cfg: LoopConfig, records: list[data.PromptRecord], items: list[dict],
+               bench_path: Path) -> tuple[list[data.PromptRecord], list[dict]]:
     """The prompts and benchmark items whose texts fit the model's context (`Gate.fit_prompts`,
     `Gate.fit_judged`); the others are counted skips."""
     records = gate.fit_prompts(adapter, records, cfg.answer_tokens, cfg.max_prompt_tokens)
     items = gate.fit_judged(adapter, items, cfg.judge_tokens, lambda item, a, b: evaluate.judge_prompt_for(
-        adapter, cfg.bench, cfg.prompt, item["query"], a, b), "query", lambda item: item["response"],
-        cfg.bench_data or "benchmark", "query, response")
+        adapter, cfg.bench, cfg.prompt, item["query"], a, b), lambda item: item["response"], bench_path,
+        "query, response")
     return records, items
 
 
@@ -91,7 +91,6 @@ def prompts_for(records: list[data.PromptRecord], cfg: LoopConfig, iteration: in
     if len(records) >= size * iteration:
         return records[size * (iteration - 1): size * iteration]
     return random.Random(cfg.seed * 7919 + iteration).sample(records, min(size, len(records)))
-
 
 
 class _Stages:
@@ -211,7 +210,6 @@ def rates_of(k: int, cfg: LoopConfig, out: Path, items: list[dict], world: World
     return json.loads(path.read_text())
 
 
-
 def run(cfg: LoopConfig, given: set[str] | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Run (or, with cfg.resume, continue) the loop; returns the summary written to DIR/summary.json.
 
@@ -248,9 +246,9 @@ def _run_locked(cfg: LoopConfig, out: Path, world: World) -> dict:
         if world.main:
             cfg.save(out / "config.json")
         torch.manual_seed(cfg.seed)
-        records, items, score_items = prepare_inputs(cfg, out, gate, world)
+        records, items, score_items, bench_path = prepare_inputs(cfg, out, gate, world)
         base = load(cfg.model)
-        records, items = fit_inputs(gate, base, cfg, records, items)
+        records, items = fit_inputs(gate, base, cfg, records, items, bench_path)
     except BaseException:
         if fresh:  # nothing of a failed start may block the corrected command; skipped.jsonl says why it failed
             for entry in run_files(out):

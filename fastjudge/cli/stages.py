@@ -122,7 +122,7 @@ def cmd_eval(args) -> None:
         items, score_items = gate.bench(cfg.bench, bench_data, cfg.images)
         judge = common.load(args.judge, cfg, job)
         items = gate.fit_judged(judge, items, cfg.judge_tokens, lambda item, a, b: evaluate.judge_prompt_for(
-            judge, cfg.bench, cfg.prompt, item["query"], a, b), "query", lambda item: item["response"], bench_data,
+            judge, cfg.bench, cfg.prompt, item["query"], a, b), lambda item: item["response"], bench_data,
             "query, response")
         metrics = evaluate.run_to(out, judge, items, cfg.eval_options(), cfg.seed, score_items, world=job)
     if job.main:

@@ -91,7 +91,7 @@ def _fit(gate, judge, items: list[dict], path: str, answers, field: str) -> list
     from fastjudge.data import prompts as prompt_texts
     style = judge.adapter.judge_style
     return gate.fit_judged(judge.adapter, items, judge.judge_tokens, lambda item, a, b: prompt_texts.judge_prompt(
-        item["question"], a, b, style), "question", answers, path, field, lines=gate.lines)
+        item["question"], a, b, style), answers, path, field)
 
 
 def cmd_judge(args) -> None:

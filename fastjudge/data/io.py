@@ -66,20 +66,14 @@ def write_jsonl(path: Path | str, rows: Iterable[dict]) -> int:
 
 
 def write_json(path: Path | str, obj) -> None:
-    """Write `obj` as JSON atomically; a write that fails (a full disk, `path` a folder) leaves no temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `obj` as JSON atomically (`write_text`), its folder made first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_text(path: Path | str, text: str) -> None:
-    """Write `text` atomically; a write that fails leaves no temporary file."""
+    """Write `text` atomically (a temporary file renamed into place); a write that fails (a full disk, `path` a
+    folder) leaves no temporary file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -269,10 +263,10 @@ def _judge_item(path: Path, number: int, obj: dict, images: Path | None, ids: di
 
 
 def load_judge_pairs(path: Path | str, images: Path | str | None = None,
-                     lines: dict[str, int] | None = None) -> tuple[list[dict], list[Skip]]:
+                     lines: list[int] | None = None) -> tuple[list[dict], list[Skip]]:
     """Pairs to judge, one JSON object a line: {"id", "image" (a path, relative to `images` or else to the file),
     "question", "response_a", "response_b"}, other fields carried through; every rejected line a Skip. `lines`,
-    when given, gets each kept item's line by its id."""
+    when given, gets each kept item's line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--pairs: file not found: {path}")
@@ -285,15 +279,14 @@ def load_judge_pairs(path: Path | str, images: Path | str | None = None,
         else:
             items.append(item)
             if lines is not None:
-                lines[item["id"]] = number
+                lines.append(number)
     return items, skips
 
 
 def load_candidates(path: Path | str, images: Path | str | None = None,
-                    lines: dict[str, int] | None = None) -> tuple[list[dict], list[Skip]]:
+                    lines: list[int] | None = None) -> tuple[list[dict], list[Skip]]:
     """Answers to rank, one JSON object a line: {"id", "image", "question", "answers": [at least 2]}, other
-    fields carried through; every rejected line a Skip. `lines`, when given, gets each kept item's line by its
-    id."""
+    fields carried through; every rejected line a Skip. `lines`, when given, gets each kept item's line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--candidates: file not found: {path}")
@@ -306,7 +299,7 @@ def load_candidates(path: Path | str, images: Path | str | None = None,
         else:
             items.append(item)
             if lines is not None:
-                lines[item["id"]] = number
+                lines.append(number)
     return items, skips
 
 
