@@ -108,6 +108,13 @@ def save(path: str | Path, result: dict) -> None:
     path.write_text(json.dumps(result | {"environment": environment()}, indent=2) + "\n")
 
 
+def save_partial(path: str | Path | None, result: dict) -> None:
+    """What a bench has measured so far, marked "partial": rewritten after each of its parts, so that a run cut
+    short (a lease's time limit) keeps them; the bench's last `report` replaces it with the whole result."""
+    if path:
+        save(path, result | {"partial": True})
+
+
 def median_ms(fn, repeats: int, cuda: bool) -> float:
     """Median milliseconds of fn() over `repeats` calls (no warm-up here); on CUDA synchronized around each
     call, so the device's work is inside the time."""

@@ -1,7 +1,7 @@
 """The whole loop end to end, as a user would run it: every stage's time and peak memory, and the checkpoint
 reloaded with plain transformers.
 
-    python bench/e2e.py --preset wide-11b-short --device cuda --out $OUT/e2e.json   # bench/gpu.sh part 9
+    python bench/e2e.py --preset wide-11b-short --device cuda --out $OUT/e2e.json   # bench/gpu.sh, call 1
     python bench/e2e.py --preset tiny                                              # CPU (tests/test_e2e.py)
 
 A random-weight Mllama (`tiny`: tests/tiny.py's checkpoint; `wide-11b-short`: Llama-3.2-11B-Vision's widths,
@@ -11,10 +11,12 @@ saved as a checkpoint with the Llama chat template. Then, each a `fastjudge` com
    filter, fine-tune (`--train text`), eval with verdict probabilities; with `--ablation no-filter`, since random
    weights write no parseable verdict and the filter would keep nothing to train on. Each stage's seconds and
    peak memory come from the run's stages.json;
-2. `train` under torchrun (world size 1), `--train text`, then `--train lora` (where peft is installed);
+2. `train` under torchrun (world size 1: FSDP2 over one rank), `--train text`, then `--train lora` (where peft
+   is installed);
 3. `judge` with the fine-tuned checkpoint on the toy judge pairs;
 4. the checkpoint loaded with `AutoModelForImageTextToText`.
-Prints a table, then one JSON line; --out also writes it to a file. A stage that fails is recorded with its
+Prints a table, then one JSON line; --out also writes it to a file, and rewrites it after each stage (marked
+"partial" until the end), so that a run cut short keeps what it measured. A stage that fails is recorded with its
 error; the stages after it still run where they can.
 """
 
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny.py: the models we build
 import tiny  # noqa: E402
-from _env import report  # noqa: E402
+from _env import report, save_partial  # noqa: E402
 
 # a command in a process of its own, reporting its exit status, seconds and peak memory as its last line
 RUNNER = """
@@ -49,7 +51,7 @@ cuda = torch.cuda.max_memory_allocated() // 2**20 if torch.cuda.is_available() e
 print(json.dumps({"code": code, "seconds": round(time.perf_counter() - t0, 2), "rss_peak_mb": rss,
                   "cuda_peak_mb": cuda}))
 """
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "0"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]  # a free port
 
 
 def command(argv: list[str], launcher: list[str] | None = None) -> dict:
@@ -62,10 +64,14 @@ def command(argv: list[str], launcher: list[str] | None = None) -> dict:
         line = [sys.executable, "-c", RUNNER, *argv]
     t0 = time.perf_counter()
     done = subprocess.run(line, capture_output=True, text=True, timeout=3600)
+    lines = done.stdout.strip().splitlines()
     try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         result = {"code": done.returncode}
+    for line in lines[:-1]:  # train's own line: over how many ranks FSDP2 sharded the model
+        if line.startswith("{") and '"sharded_ranks"' in line:
+            result["sharded_ranks"] = json.loads(line)["sharded_ranks"]
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if result.get("code") != 0:
         result["error"] = done.stderr.strip().splitlines()[-1:] if done.stderr.strip() else []
@@ -95,25 +101,31 @@ def main() -> None:
     bench = toy_files.write_toy_benchmark(work / "benchmark", per_category=2)
     pairs, _ = toy_files.write_judge_examples(bench, work / "judge-inputs")
     common = ["--device", args.device, "--answer-tokens", "16", "--judge-tokens", "16"]
-    stages = {}
-    stages["iterate"] = command(["iterate", "--model", str(checkpoint), "--prompts", str(pool), "--bench-data",
+    stages: dict[str, dict] = {}
+
+    def measured(name: str, row: dict) -> None:
+        stages[name] = row
+        save_partial(args.out, {"bench": "e2e", "preset": args.preset, "device": args.device,
+                                "build_seconds": round(built, 1), "commands": stages})
+
+    measured("iterate", command(["iterate", "--model", str(checkpoint), "--prompts", str(pool), "--bench-data",
                                  str(bench), "--out", str(work / "run"), "--iterations", "1", "--prompts-per-iteration",
                                  str(args.prompts), "--n-samples", "4", "--min-votes", "2", "--filter-samples", "2",
-                                 "--epochs", "1", "--batch-size", "4", "--ablation", "no-filter", *common])
+                                 "--epochs", "1", "--batch-size", "4", "--ablation", "no-filter", *common]))
     record = work / "run" / "iter_1" / "stages.json"
     loop_stages = json.loads(record.read_text()) if record.is_file() else {}
     sft = work / "run" / "iter_1" / "sft.jsonl"
     training = ["--judge", str(checkpoint), "--sft", str(sft), "--epochs", "1", "--batch-size", "4", "--device",
                 args.device]
-    stages["train text (torchrun)"] = command(["train", *training, "--train", "text", "--out", str(work / "text")],
-                                              TORCHRUN)
+    measured("train text (torchrun)", command(["train", *training, "--train", "text", "--out", str(work / "text")],
+                                              TORCHRUN))
     if importlib.util.find_spec("peft") is not None:
-        stages["train lora (torchrun)"] = command(["train", *training, "--train", "lora", "--out",
-                                                   str(work / "lora")], TORCHRUN)
+        measured("train lora (torchrun)", command(["train", *training, "--train", "lora", "--out",
+                                                   str(work / "lora")], TORCHRUN))
     else:
-        stages["train lora (torchrun)"] = {"skipped": "peft is not installed"}
-    stages["judge"] = command(["judge", "--judge", str(work / "text"), "--pairs", str(pairs), "--out",
-                               str(work / "judged"), "--judge-tokens", "16", "--device", args.device])
+        measured("train lora (torchrun)", {"skipped": "peft is not installed"})
+    measured("judge", command(["judge", "--judge", str(work / "text"), "--pairs", str(pairs), "--out",
+                               str(work / "judged"), "--judge-tokens", "16", "--device", args.device]))
     try:
         from transformers import AutoModelForImageTextToText
         AutoModelForImageTextToText.from_pretrained(work / "text")

@@ -1,87 +1,112 @@
 #!/usr/bin/env bash
-# The bench's one GPU entry point: the standing measurement of the code as it is, in one lent-GPU call.
+# The bench's one GPU entry point: the standing measurement of the code as it is, in two lent-GPU calls.
 #
-#   bash bench/gpu.sh            # needs OUT (a folder for logs and result files)
+#   OUT=DIR CALL=1 bash bench/gpu.sh     # device call 1 (run(command, timeout_s=450))
+#   OUT=DIR CALL=2 bash bench/gpu.sh     # device call 2, on the same warm machine
 #
-# Parts, each with its own time limit (parts 1 to 6 about 8 minutes, part 7 about 2 more: in a 15-minute lease run
-# PARTS=1,2,3,4,5,6 and PARTS=7 as two calls; a cold Triton cache makes the tests the slowest part):
-#   1. build (the compiled core) and print versions and the git revision the results will carry;
-#   2. the tests that only a GPU runs: bf16 kernels against float64, tile presets, CUDA-graph decoding, host
-#      synchronizations, the fused loss on the GPU;
-#   3. the sampler at Llama-3.2-11B-Vision's shapes (random bf16 weights), n 16: ours against transformers'
-#      generate, and ours with the decoding step's SDPA limited to cuDNN and with the self-attention kernel;
-#   4. the Mllama cross-attention kernels at the 11B shapes: forward + backward at T 512 and 2048 with one valid
-#      tile for every tile preset, and decoding at n 1 and 16 for every decode tile preset;
-#   5. the fused linear cross-entropy at 4,096 and 8,192 rows (V 128,256, H 4,096, bf16) against Liger's, when
-#      liger-kernel is carried as a wheel in .whl/ where the machine has none: see docs/performance.md;
-#   6. one FSDP2 fine-tuning step at world size 1 (the fused loss and the cross-attention kernel in the sharded
-#      layers) against the same step unsharded, with --train text and all (bench/fsdp_step.py,
-#      docs/distributed.md);
-#   7. every stage's rate at Llama-3.2-11B-Vision's shapes, ours against transformers (bench/paper_scale.py): the
-#      rates file the cost model (`fastjudge cost`) reads, as OUT/paper-scale.json (commit it as
-#      bench/results/rates-<card>-<date>.json);
-#   8. the sampler of part 3 against transformers' fast path too, its static cache with torch.compile (the
-#      compile a warm-up, greedy equality checked), about 5 minutes: a call of its own (PARTS=8);
-#   9. the whole loop end to end at Llama-3.2-11B-Vision's widths and vocabulary with 3 text layers
-#      (bench/e2e.py --preset wide-11b-short): iterate, train under torchrun (text, lora), judge, the checkpoint
-#      reloaded; each stage's time and peak memory, as OUT/e2e.json (PARTS=9, with 8 in the second call).
-# PARTS (default 1,2,3,4,5,6,7) picks parts: a lease can run them in two calls (part 1 always runs). Each bench
-# appends its rows to OUT/bench.log as it goes, the result's JSON line last, and writes its JSON file under OUT;
-# a part cut short keeps what it measured. 8 files at most come back: pytest.log, bench.log and six results.
+# Each call fits 7 minutes: it stops starting parts once BUDGET seconds (default 400) have passed, cuts each part
+# to what is left, and prints each part's time as it goes ("[part] rc R in S s, T s into the call"). Every bench
+# rewrites its result file after each of its own steps, so a part cut short keeps what it measured. The most
+# valuable parts come first.
+#
+# Call 1, what a user's first GPU run depends on:
+#   build       the compiled core (pip install --no-build-isolation -e .), versions and the git revision;
+#   e2e         the whole loop end to end at Llama-3.2-11B-Vision's widths, head counts and 128k vocabulary with
+#               3 text layers, one cross-attention (bench/e2e.py --preset wide-11b-short): iterate (synth closed
+#               and open, filter, train, eval with verdict probabilities), train under torchrun at world size 1
+#               (FSDP2) with --train text and lora, judge, the checkpoint reloaded with transformers; each
+#               stage's time and peak memory -> e2e.json;
+#   sampler     the sampler at the 11B shapes (random bf16 weights), n 16: ours against transformers' generate
+#               eager and on its fast path, the static cache with torch.compile (the compile a warm-up reported
+#               apart, greedy equality checked) -> sampler.json.
+# Call 2, the rates and the kernels:
+#   build       (a no-op on the warm machine of call 1);
+#   paper-scale every stage's rate at the 11B shapes, ours against the faster transformers setting
+#               (bench/paper_scale.py): the rates file the cost model reads -> paper-scale.json (commit it as
+#               bench/results/rates-<card>-<date>.json);
+#   gpu-tests   the tests only a GPU runs: bf16 kernels against float64, tile presets, CUDA-graph decoding, host
+#               synchronizations, the fused loss -> pytest.log;
+#   cross-attn  the Mllama cross-attention kernels at the 11B shapes, every tile preset -> cross-attention.json;
+#   flce        the fused linear cross-entropy at 4,096 and 8,192 rows against Liger's (where liger-kernel is
+#               carried as a wheel in .whl/: docs/performance.md) -> flce.json;
+#   fsdp        one FSDP2 fine-tuning step at world size 1 against the same step unsharded -> fsdp-step.json.
+# PARTS=name,name (with CALL unset) runs the parts named, in the order above. Logs: OUT/bench.log (each bench's
+# table, its JSON line last). At most 8 files come back from a call: bench.log, pytest.log and the results.
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to a folder for the logs and results}"
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
-fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
-# versions and revision to the call's output (every result file carries them too)
-python3 -c 'import sys; sys.path.insert(0, "bench"); import json, _env; print(json.dumps(_env.environment()))'
-PARTS=",${PARTS:-1,2,3,4,5,6,7},"
-part() { [[ $PARTS == *",$1,"* ]]; }
+export OUT
+case "${CALL:-}" in
+  1) PARTS=build,e2e,sampler ;;
+  2) PARTS=build,paper-scale,gpu-tests,cross-attn,flce,fsdp ;;
+  "") : "${PARTS:?set CALL=1 or CALL=2 (or PARTS)}" ;;
+  *) echo "CALL: expected 1 or 2, got $CALL"; exit 2 ;;
+esac
+BUDGET=${BUDGET:-400}
+START=$SECONDS
 LOG=$OUT/bench.log
+touch "$LOG"
+PARTS=",$PARTS,"
+want() { [[ $PARTS == *",$1,"* ]]; }
 
-part 2 && { timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decoder_graphs.py tests/test_kernel_cross_attention.py \
-  tests/test_kernel_decode_attention.py tests/test_kernel_flce.py \
-  -k "gpu or synchron or graph or tiles or bf16" > $OUT/pytest.log 2>&1
-echo "GPU tests rc $?: $(tail -1 $OUT/pytest.log)"
-grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head -8; }
+# part NAME LIMIT COMMAND...: runs COMMAND (its output to the log) under min(LIMIT, what is left of the call's
+# budget); skipped when under 30 s are left; prints its time either way
+part() {
+  local name=$1 limit=$2; shift 2
+  want "$name" || return 0
+  local left=$((BUDGET - (SECONDS - START)))
+  if ((left < 30)); then
+    echo "[$name] skipped: ${left} s left of the call's ${BUDGET} s"; return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit $limit s)" >> "$LOG"
+  local t0=$SECONDS from=$(($(wc -l < "$LOG") + 1))
+  timeout "$limit" bash -c '"$@"' _ "$@" >> "$LOG" 2>&1  # through bash: a part may be a function of this script
+  local rc=$?
+  echo "[$name] rc $rc in $((SECONDS - t0)) s (limit $limit s), $((SECONDS - START)) s into the call"
+  tail -n "+$from" "$LOG" | grep -v "Warning\|warn\|Loading\|Writing\|^{\|forward_call\|USDT\|profiler" | tail -8
+  return $rc
+}
 
-part 3 && { echo "== sampler" >> $LOG; timeout 150 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
-  --new-tokens 64 --ns 16 --repeats 2 --no-eager --self-attention cudnn,kernel --no-static \
-  --out $OUT/sampler.json >> $LOG 2>&1; echo "sampler rc $?"
-grep -v "Loading\|Writing\|^{\|Warning\|forward_call\|USDT\|profiler\|warn" $LOG | tail -12; }
+build() {
+  if ls .whl/*.whl > /dev/null 2>&1; then  # packages the machine lacks (liger-kernel), carried as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || return 1
+  fi
+  python3 -m pip install -q --no-build-isolation --no-deps -e . || return 1
+  # versions and revision (every result file carries them too)
+  python3 -c 'import sys; sys.path.insert(0, "bench"); import json, _env; print(json.dumps(_env.environment()))'
+}
+gpu_tests() {
+  python3 -m pytest -q -p no:cacheprovider tests/test_decoder_graphs.py tests/test_kernel_cross_attention.py \
+    tests/test_kernel_decode_attention.py tests/test_kernel_flce.py -k "gpu or synchron or graph or tiles or bf16" \
+    > "$OUT/pytest.log" 2>&1
+  local rc=$?
+  tail -1 "$OUT/pytest.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -8
+  return $rc
+}
+ls .whl/*.whl > /dev/null 2>&1 && export PYTHONPATH=/tmp/site
+export -f build gpu_tests
+part build 150 build || { tail -20 "$LOG"; exit 1; }
+grep '"git' "$LOG" | tail -1
 
-part 4 && { echo "== cross-attention" >> $LOG; timeout 110 python3 bench/cross_attention.py --device cuda --tiles 1 --no-flex --tile-presets all \
-  --decode-tiles all --repeats 10 --out $OUT/cross-attention.json >> $LOG 2>&1
-echo "cross-attention rc $?"; grep -v "^{" $LOG | tail -24; }
+part e2e 200 python3 bench/e2e.py --preset wide-11b-short --device cuda --out "$OUT/e2e.json"
 
-if ! part 5; then
-  :
-elif python3 -c "import liger_kernel" 2> /dev/null; then
-  echo "== fused loss" >> $LOG
-  timeout 60 python3 bench/flce.py --device cuda --rows 4096,8192 --repeats 5 --skip torch-chunked \
-    --out $OUT/flce.json >> $LOG 2>&1; echo "fused loss rc $?"; grep -v "^{" $LOG | tail -12
-else
-  echo "fused loss: skipped (no liger-kernel; carry its wheel in .whl/)"
-fi
+part sampler 180 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
+  --new-tokens 64 --ns 16 --repeats 2 --no-eager --out "$OUT/sampler.json"
 
-part 6 && { echo "== fsdp step" >> $LOG
-timeout 90 python3 -m torch.distributed.run --nproc-per-node 1 bench/fsdp_step.py --device cuda --preset small \
-  --train text,all --out $OUT/fsdp-step.json >> $LOG 2>&1; echo "fsdp step rc $?"
-grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -6; }
+part paper-scale 170 python3 bench/paper_scale.py --preset llama-3.2-11b --device cuda --repeats 1 \
+  --out "$OUT/paper-scale.json"
 
-part 7 && { echo "== paper scale" >> $LOG
-timeout 150 python3 bench/paper_scale.py --preset llama-3.2-11b --device cuda --out $OUT/paper-scale.json \
-  >> $LOG 2>&1; echo "paper scale rc $?"
-grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -8; }
+part gpu-tests 100 gpu_tests
 
-part 8 && { echo "== sampler against transformers' static cache + torch.compile" >> $LOG
-  timeout 300 python3 bench/sampler.py --preset llama-3.2-11b --device cuda --prompts 4 --prompt-words 400 \
-  --new-tokens 64 --ns 16 --repeats 2 --no-eager --out $OUT/sampler-static.json >> $LOG 2>&1; echo "sampler-static rc $?"
-grep "n=16\|static" $LOG | tail -4; }
+part cross-attn 80 python3 bench/cross_attention.py --device cuda --tiles 1 --no-flex --tile-presets all \
+  --decode-tiles all --repeats 10 --out "$OUT/cross-attention.json"
 
-part 9 && { echo "== end to end" >> $LOG
-  timeout 420 python3 bench/e2e.py --preset wide-11b-short --device cuda --work /tmp/e2e --out $OUT/e2e.json \
-  >> $LOG 2>&1; echo "e2e rc $?"
-grep -v "Warning\|warn\|Loading\|Writing\|^{" $LOG | tail -12; }
+want flce && ! python3 -c "import liger_kernel" 2> /dev/null && \
+  echo "[flce] without Liger's side: no liger-kernel here (carry its wheel in .whl/)"
+part flce 45 python3 bench/flce.py --device cuda --rows 4096,8192 --repeats 5 --skip torch-chunked \
+  --out "$OUT/flce.json"
+
+part fsdp 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 bench/fsdp_step.py --device cuda \
+  --preset small --train text,all --out "$OUT/fsdp-step.json"
+echo "call done in $((SECONDS - START)) s"

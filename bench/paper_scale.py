@@ -20,8 +20,13 @@ presets). Measured, each the median of --repeats after a warm-up, per GPU:
   has them after the first epoch); baseline: transformers' model on padded rows with its pixels, the loss by
   Liger's fused linear cross-entropy where liger-kernel is installed, else the logits and torch's
   cross-entropy.
-Every generation runs exactly its token count (end tokens off in both). A table, then one JSON line; --out
-writes the rates file (the card, versions and date in it).
+Each generation stage times transformers twice: eagerly with its default dynamic cache, and on its documented
+fast path, the static cache with `torch.compile` (`--no-static` skips it): the compile is a warm-up reported apart,
+and the compiled path's greedy tokens must equal eager's on the stage's prompts. The rates file's baseline is the
+faster transformers setting of each stage (its `setting` names it); both settings' rates are kept under
+`transformers_settings`. Every generation runs exactly its token count (end tokens off in both). A table, then
+one JSON line; --out writes the rates file (the card, versions and date in it), rewritten after each stage
+(marked "partial" until the end) so that a run cut short keeps the stages it measured.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny.py: the models we build
 import tiny  # noqa: E402
+from fastjudge.core.sampling_params import SamplingParams  # noqa: E402
 from fastjudge.models.features import FeatureCache  # noqa: E402
-from _env import environment, median_ms, report  # noqa: E402
+from _env import environment, median_ms, report, save_partial  # noqa: E402
 
 SAMPLING = dict(temperature=0.6, top_k=50, top_p=0.9)
+GREEDY = dict(temperature=0.0)
 WORDS = ("which answer is better for the picture of two red circles and a blue square on the left the image "
          "shows a small dog next to a wooden bench under a tree").split()
 
@@ -58,6 +65,8 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stages", default="image,closed,open,judge,train")
+    parser.add_argument("--no-static", action="store_true",
+                        help="skip transformers' static cache with torch.compile (a compile per stage's shapes)")
     parser.add_argument("--out", default=None, help="the rates file to write")
     args = parser.parse_args()
 
@@ -81,37 +90,86 @@ def main() -> None:
         fn()  # warm-up: new shapes compile kernels and plan attention on first use
         return median_ms(fn, args.repeats, cuda) / 1e3
 
-    def generation(prompts: list[str], n: int, tokens: int, sample: bool) -> dict:
-        """Generated tokens per second, ours and transformers', for one batch of prompts at n samples each."""
+    compiled_stages = []  # (stage, theirs, tokens count, greedy eager tokens): timed on the fast path at the end
+
+    def generation(stage: str, prompts: list[str], n: int, tokens: int, sample: bool) -> dict:
+        """Generated tokens per second, ours and transformers' (eager), for one batch of prompts at n samples
+        each; the stage is queued for transformers' static cache with torch.compile (`fast_path`)."""
         features = adapter.image_features(images)
         rows = [adapter.prompt_ids(p, f) for p, f in zip(prompts, features)]
         length = max(map(len, rows))
         ids = torch.tensor([[adapter.pad_id] * (length - len(r)) + r for r in rows], device=args.device)
         mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=args.device)
         cross = adapter.model_inputs(rows, features, left=True)["cross_attention_mask"]
-        sampling = SAMPLING if sample else dict(temperature=0.0)
 
         def ours():
-            adapter.generate(images, prompts, n=n, max_new_tokens=tokens, seed=0, batch_rows=len(prompts) * n,
-                             **sampling)
+            params = SamplingParams(n=n, max_new_tokens=tokens, seed=0, **(SAMPLING if sample else GREEDY))
+            adapter.generate(images, prompts, params, batch_rows=len(prompts) * n)
 
         @torch.no_grad()
-        def theirs():
+        def theirs(samples: int = n, greedy: bool = not sample, **cache):
             pixels = {k: v.to(args.device) for k, v in adapter._pixel_inputs(images).items()}
             pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
-            model.generate(input_ids=ids, attention_mask=mask, cross_attention_mask=cross, **pixels,
-                           do_sample=sample, num_return_sequences=n, max_new_tokens=tokens, min_new_tokens=tokens,
-                           eos_token_id=None, pad_token_id=adapter.pad_id, **(SAMPLING if sample else {}))
+            options = dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy \
+                else dict(do_sample=True, **SAMPLING)
+            return model.generate(input_ids=ids, attention_mask=mask, cross_attention_mask=cross, **pixels,
+                                  num_return_sequences=samples, max_new_tokens=tokens, min_new_tokens=tokens,
+                                  eos_token_id=None, pad_token_id=adapter.pad_id, **options, **cache)
 
         count = len(prompts) * n * tokens
         where = f"{len(prompts)} prompts of {length} tokens, n {n}, {tokens} new tokens each"
-        return {"ours": {"per_s": count / timed(ours),
-                         "source": f"measured: Adapter.generate, the images' features cached, {where}"},
-                "baseline": {"per_s": count / timed(theirs),
-                             "source": f"measured: transformers generate(num_return_sequences={n}), {where}"}}
+        rates = {"ours": {"per_s": count / timed(ours),
+                          "source": f"measured: Adapter.generate, the images' features cached, {where}"},
+                 "baseline": {"per_s": count / timed(theirs), "setting": "eager",
+                              "source": f"measured: transformers generate(num_return_sequences={n}), dynamic cache, "
+                                        f"eager, {where}"}}
+        if not args.no_static:
+            compiled_stages.append((stage, theirs, count, where, theirs(1, greedy=True)))
+        return rates
+
+    def fast_path(measured: dict) -> dict:
+        """transformers' static cache with `torch.compile(forward)`, timed after every eager column (it replaces
+        the model's forward, restored afterwards), for each queued stage: the first call compiles (its time
+        reported, not timed; near 0 where an earlier stage compiled the same shapes), the greedy tokens at n 1
+        must equal eager's, and the faster setting becomes the stage's baseline. Returns, per stage, both
+        settings' rates."""
+        settings = {stage: {"eager": rates["baseline"]["per_s"]} for stage, rates in measured.items()
+                    if rates["baseline"].get("setting") == "eager"}
+        if not compiled_stages:
+            return settings
+        eager_forward = model.forward
+        model.forward = torch.compile(model.forward)
+        try:
+            for stage, theirs, count, where, eager_tokens in compiled_stages:
+                t0 = time.perf_counter()
+                theirs(cache_implementation="static")  # compiles for this stage's shapes
+                warmup = time.perf_counter() - t0
+                equal = bool(torch.equal(theirs(1, greedy=True, cache_implementation="static"), eager_tokens))
+                seconds = median_ms(lambda: theirs(cache_implementation="static"), args.repeats, cuda) / 1e3
+                settings[stage].update(static_compile=count / seconds, warmup_s=round(warmup, 2), greedy_equal=equal)
+                baseline = measured[stage]["baseline"]
+                if equal and count / seconds > baseline["per_s"]:
+                    measured[stage]["baseline"] = {
+                        "per_s": count / seconds, "setting": "static cache + torch.compile",
+                        "source": f"measured: transformers generate(num_return_sequences=...), static cache with "
+                                  f"torch.compile (the faster setting; eager {baseline['per_s']:,.1f}/s), {where}"}
+                print(f"{stage}: transformers static cache + compile {count / seconds:,.1f}/s (eager "
+                      f"{settings[stage]['eager']:,.1f}/s), compile {warmup:.1f} s, greedy equal: {equal}", flush=True)
+                keep(measured, settings)
+        except Exception as failure:  # reported in the result: the eager baselines stand
+            for stage, *_ in compiled_stages:
+                settings[stage].setdefault("static_compile_failed", repr(failure))
+            print(f"static cache + compile failed: {failure!r}", flush=True)
+        finally:
+            model.forward = eager_forward
+        return settings
 
     measured: dict[str, dict] = {}
     wanted = set(args.stages.split(","))
+
+    def keep(done: dict, settings: dict | None = None) -> None:  # what is measured so far, should the run be cut
+        save_partial(args.out, result_of(done, settings or {}, args, cuda))
+
     if "image" in wanted:
         def encode():
             with torch.no_grad():
@@ -121,27 +179,43 @@ def main() -> None:
         measured["image encoding"] = {"ours": {"per_s": per_s, "source": source},
                                       "baseline": {"per_s": per_s, "source": source + " (the same forward)"}}
     if "closed" in wanted:
-        measured["synth closed"] = generation(texts(args.prompt_words), 16, args.answer_tokens, sample=True)
+        measured["synth closed"] = generation("synth closed", texts(args.prompt_words), 16, args.answer_tokens,
+                                              sample=True)
+        keep(measured)
     if "open" in wanted:
-        measured["synth open + rewrite"] = generation(texts(args.prompt_words), 1, args.answer_tokens, sample=True)
+        measured["synth open + rewrite"] = generation("synth open + rewrite", texts(args.prompt_words), 1,
+                                                      args.answer_tokens, sample=True)
+        keep(measured)
     if "judge" in wanted:
-        measured["filter judging"] = generation(texts(args.judge_prompt_words), 1, args.judge_tokens, sample=False)
-        measured["evaluation"] = {stack: {"per_s": rate["per_s"],
-                                          "source": rate["source"] + " (filter judging's rate: the same operation)"}
-                                  for stack, rate in measured["filter judging"].items()}
+        measured["filter judging"] = generation("filter judging", texts(args.judge_prompt_words), 1,
+                                                args.judge_tokens, sample=False)
+        keep(measured)
     if "train" in wanted:
         measured["fine-tuning"] = fine_tuning(adapter, args, dtype, timed)
+        keep(measured)
+    settings = fast_path(measured)
+    if "filter judging" in measured:
+        measured["evaluation"] = {stack: dict(rate, source=rate["source"] + " (filter judging's rate: the same "
+                                                                           "operation)")
+                                  for stack, rate in measured["filter judging"].items()}
 
-    print(f"{'stage':<24}{'ours /s':>14}{'baseline /s':>14}{'ratio':>8}")
+    print(f"{'stage':<24}{'ours /s':>14}{'baseline /s':>14}{'ratio':>8}  baseline setting")
     for stage, rates in measured.items():
         ours, base = rates["ours"]["per_s"], rates["baseline"]["per_s"]
-        print(f"{stage:<24}{ours:>14,.1f}{base:>14,.1f}{ours / base:>7.2f}x")
+        print(f"{stage:<24}{ours:>14,.1f}{base:>14,.1f}{ours / base:>7.2f}x  {rates['baseline'].get('setting', '')}")
+    report(result_of(measured, settings, args, cuda), args.out)
+
+
+def result_of(measured: dict, settings: dict, args, cuda: bool) -> dict:
+    """The rates file: the card, versions and date, each stage's rates, both transformers settings."""
     env = environment()
-    result = {"card": env.get("gpu", env.get("cpu", "cpu")), "date": env["date"], "preset": args.preset,
-              "device": args.device, "versions": env.get("versions", {}), "stages": measured,
-              "notes": [f"bench/paper_scale.py --preset {args.preset}: random weights of the architecture's config, "
-                        f"{'bf16' if cuda else 'float32'}"]}
-    report({"bench": "paper_scale"} | result, args.out)
+    return {"bench": "paper_scale", "card": env.get("gpu", env.get("cpu", "cpu")), "date": env["date"],
+            "preset": args.preset, "device": args.device, "versions": env.get("versions", {}), "stages": measured,
+            "transformers_settings": settings,
+            "notes": [f"bench/paper_scale.py --preset {args.preset}: random weights of the architecture's config, "
+                      f"{'bf16' if cuda else 'float32'}; the baseline of each generation stage is the faster of "
+                      "transformers' eager generate and its static cache with torch.compile"
+                      + (" (--no-static: eager only)" if args.no_static else "")]}
 
 
 def fine_tuning(adapter, args, dtype, timed) -> dict:
@@ -222,7 +296,7 @@ def fine_tuning(adapter, args, dtype, timed) -> dict:
     where = f"{count} judge traces, {tokens} tokens, 2 micro-batches, forward and backward (no optimizer step)"
     return {"ours": {"per_s": tokens / ours_s,
                      "source": f"measured: Adapter.sft_backward packed, fused loss, features cached; {where}"},
-            "baseline": {"per_s": tokens / theirs_s,
+            "baseline": {"per_s": tokens / theirs_s, "setting": "eager",
                          "source": f"measured: transformers' forward on padded rows with pixels, {loss_name}; {where}"}}
 
 

@@ -15,7 +15,8 @@ timings; their time alone is printed) and sample (temperature 0.6, top-k 50, top
 tokens are switched off in both, so that both do the same number of decoding steps. Our engine encodes each
 image once and prefills each prompt once for its n samples (no feature cache between calls: every call
 starts cold); transformers repeats image and prompt n times before its first forward pass.
-Prints a table, then one JSON line; --out also writes it to a file.
+Prints a table, then one JSON line; --out also writes it to a file, and rewrites it after each n and after the
+fast path (marked "partial" until the end), so that a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tiny.py: the models we build
 import tiny  # noqa: E402
-from _env import median_ms, report  # noqa: E402
+from _env import median_ms, report, save_partial  # noqa: E402
 
 from fastjudge.engine.options import DecodeOptions  # noqa: E402
 
@@ -136,6 +137,9 @@ def main() -> None:
                        ours_eager_step_ms=(t_eager - t_eager_first) / max(1, args.new_tokens - 1) * 1e3)
         results.append(row)
         print(row, flush=True)
+        save_partial(args.out, {"bench": "sampler", "preset": args.preset, "device": args.device,
+                                "prompts": args.prompts, "prompt_tokens": length, "new_tokens": args.new_tokens,
+                                "results": results})
     print(f"preset {args.preset} on {args.device}: {args.prompts} prompts of ~{length} tokens, one image each, "
           f"{args.new_tokens} new tokens per sample; image processor + tokenizer {preprocessing:.2f} s per call")
     print(f"{'n':>4}{'ours tok/s':>12}{'hf tok/s':>12}{'speedup':>9}{'step ms':>9}"
@@ -147,6 +151,9 @@ def main() -> None:
             line += f"{r['ours_eager_tok_s']:>13.1f}{r['speedup_eager']:>8.2f}x{r['ours_eager_step_ms']:>9.2f}"
         print(line)
     static = None if args.no_static else static_compile_baseline(model, theirs, results, args)
+    save_partial(args.out, {"bench": "sampler", "preset": args.preset, "device": args.device, "prompts": args.prompts,
+                            "prompt_tokens": length, "new_tokens": args.new_tokens, "results": results,
+                            "transformers_static_compile": static})
     largest = results[-1]
     backends = {}
     for name in filter(None, args.self_attention.split(",")):

@@ -133,6 +133,20 @@ def test_rates_seeded_from_a_committed_sampler_result():
         cost.seed_rates(ROOT / "bench" / "results" / "flce-h200-2026-12-04.json")
 
 
+def test_seeding_takes_the_faster_transformers_setting(tmp_path):
+    """A sampler result that timed transformers' static cache with torch.compile too: the baseline is the faster
+    of the two settings, named."""
+    result = json.loads((ROOT / "bench" / "results" / "sampler-h200-2026-12-04.json").read_text())
+    row = next(r for r in result["results"] if r["n"] == 16)
+    for factor, setting in ((2.0, "static cache + torch.compile"), (0.5, "eager")):
+        row["transformers_static_compile_tok_s"] = row["transformers_tok_s"] * factor
+        path = tmp_path / f"sampler-{factor}.json"
+        path.write_text(json.dumps(result))
+        baseline = cost.seed_rates(path)["stages"]["synth closed"]["baseline"]
+        assert baseline["setting"] == setting
+        assert baseline["per_s"] == row["transformers_tok_s"] * max(1.0, factor)
+
+
 def test_the_committed_rates_are_those_seeding_gives(tmp_path):
     """The rates file under bench/results was written by `bench/cost.py --seed-rates`, not by hand."""
     committed = json.loads((ROOT / "bench" / "results" / "rates-h200-2026-12-04.json").read_text())
@@ -150,7 +164,9 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
 
 
 def test_paper_scale_writes_a_rates_file_the_model_reads(tmp_path):
-    """bench/paper_scale.py on the tiny preset (the CPU): every stage measured for both stacks."""
+    """bench/paper_scale.py on the tiny preset (the CPU): every stage measured for both stacks, each generation
+    stage's baseline the faster of transformers' eager generate and its static cache with torch.compile (greedy
+    tokens equal to eager's)."""
     out = tmp_path / "rates.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "paper_scale.py"), "--preset", "tiny", "--prompts", "2",
                            "--prompt-words", "8", "--answer-tokens", "3", "--judge-prompt-words", "30",
@@ -161,3 +177,14 @@ def test_paper_scale_writes_a_rates_file_the_model_reads(tmp_path):
     result = cost.estimate(cost.Recipe(), rates)
     assert result["missing_stages"] == [] and result["total_measured_ratio"] > 0
     assert "Adapter.sft_backward packed" in rates.stages["fine-tuning"]["ours"]["source"]
+    data = json.loads(out.read_text())
+    assert "partial" not in data
+    for stage in ("synth closed", "synth open + rewrite", "filter judging"):
+        both = data["transformers_settings"][stage]
+        assert both["greedy_equal"] is True and both["static_compile"] > 0 and both["eager"] > 0, both
+        baseline = rates.stages[stage]["baseline"]
+        assert baseline["per_s"] == max(both["eager"], both["static_compile"])
+        assert baseline["setting"] == ("eager" if both["eager"] >= both["static_compile"]
+                                       else "static cache + torch.compile")
+    assert rates.stages["evaluation"]["baseline"]["per_s"] == rates.stages["filter judging"]["baseline"]["per_s"]
+    assert "baseline (" in cost.table(result)  # the table names the setting each baseline rate comes from

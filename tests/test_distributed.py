@@ -75,9 +75,12 @@ def one_process(tmp_path_factory):
     return out
 
 
-def test_two_processes_write_what_one_writes(tmp_path, one_process):
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_a_job_of_one_or_two_ranks_writes_what_one_process_writes(tmp_path, one_process, nproc):
+    """Sharded fine-tuning (FSDP2) in a torchrun job of 2 ranks, and of 1 (the process group started, the
+    model sharded over one rank, as a one-GPU job with CPU offload runs it)."""
     out = tmp_path / "run"
-    done = _torchrun(2, "-m", "fastjudge", "iterate", "--out", str(out), *ARGS)
+    done = _torchrun(nproc, "-m", "fastjudge", "iterate", "--out", str(out), *ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
     expected, got = _files(one_process), _files(out)
     assert got.keys() == expected.keys()
@@ -87,7 +90,7 @@ def test_two_processes_write_what_one_writes(tmp_path, one_process):
     _weights_close(one_process / "iter_1" / "checkpoint", out / "iter_1" / "checkpoint")
     stats = json.loads((out / "iter_1" / "stages.json").read_text())["stats"]["train"]
     alone = json.loads((one_process / "iter_1" / "stages.json").read_text())["stats"]["train"]
-    assert stats["sharded_ranks"] == 2 and stats["steps"] == alone["steps"] > 0
+    assert stats["sharded_ranks"] == nproc and stats["steps"] == alone["steps"] > 0
     assert stats["loss_first"] == pytest.approx(alone["loss_first"], rel=1e-6)
     # one JSON line from rank 0 only
     assert sum(line.startswith('{"first"') for line in done.stdout.splitlines()) == 1
@@ -331,3 +334,15 @@ def test_a_command_leaves_the_process_group_before_it_returns(tmp_path, monkeypa
         finally:  # a failure here must not leave the group to the tests after it
             if torch_dist.is_initialized():
                 torch_dist.destroy_process_group()
+
+
+def test_port_zero_is_refused_before_a_hang(monkeypatch):
+    """torchrun --master-port 0 hands its workers port 0, not the port its store took: joining would wait for
+    ever, so start() refuses with the way out."""
+    from fastjudge.core import dist
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="--standalone"):
+        dist.start(timeout_s=5)

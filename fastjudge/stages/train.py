@@ -98,7 +98,8 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
     """Fine-tune `adapter.model` in place on `traces`; returns {"steps", "examples", "loss_first", "loss_last",
     "losses" (one a step)}.
 
-    In a torchrun job (`job.size` > 1; every rank calls this with the same traces) the model is sharded with
+    In a torchrun job (`job.launched`, one rank or more; every rank calls this with the same traces) the model
+    is sharded with
     FSDP2 (`Adapter.shard_for_training`) and each rank takes its share of every batch; the losses are the whole
     batch's. The model stays sharded afterwards: `gathered_state_dict` collects its weights. With `state_dir`,
     the sharded model, the optimizer and the step reached are saved there every `options.state_every` steps
@@ -108,12 +109,12 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
         return {"steps": 0, "examples": 0, "loss_first": None, "loss_last": None, "losses": [], "seconds": 0.0}
     rng = random.Random(seed)
     # what the run's result depends on: a saved state made from other inputs is never resumed from
-    inputs_key = _inputs_key(adapter, traces, options, seed, job.size) if job.size > 1 and state_dir else None
+    inputs_key = _inputs_key(adapter, traces, options, seed, job.size) if job.launched and state_dir else None
     # LoRA's initial adapters are drawn from torch's generator: seeded here, every rank of a job and a resumed
     # run draw the same ones
     torch.manual_seed(seed)
     params = adapter.begin_training(options.train, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
-    if job.size > 1:
+    if job.launched:
         adapter.shard_for_training((job.rank, job.size), cpu_offload=options.cpu_offload,
                                    activation_checkpointing=options.activation_checkpointing)
         params = [p for p in adapter.model.parameters() if p.requires_grad]  # the sharded ones
@@ -268,7 +269,7 @@ def run_to(checkpoint: Path, judge: Adapter, traces: list[dict], options: TrainO
     load its checkpoint. `on_done(stats)` runs on rank 0 before the checkpoint is written (the stage's record).
     With `go_on` False nothing is loaded afterwards and None is returned (the caller is done with the judge); the
     ranks other than 0 then return at once when fine-tuning is not sharded."""
-    sharded = world.size > 1 and can_shard(judge, options) and bool(traces)
+    sharded = world.launched and can_shard(judge, options) and bool(traces)
     if sharded:
         stats = run(judge, traces, options, seed, world, state_dir=state_dir)
         weights = gathered_state_dict(judge)
@@ -294,6 +295,6 @@ def run_to(checkpoint: Path, judge: Adapter, traces: list[dict], options: TrainO
     dist.barrier()
     if not go_on:
         return None
-    if world.size > 1 and (not world.main or judge._sharded):
+    if world.launched and (not world.main or judge._sharded):
         judge = reload(checkpoint)
     return judge
