@@ -45,7 +45,7 @@ class ServeSettings:
     max_batch_pairs: int = 64  # pairs a batch holds at most (a larger request runs alone)
     max_queue: int = 256  # requests waiting at most; one more is answered 429
     max_body_mb: float = 32.0
-    max_pairs: int = 256  # pairs (or candidates) one request may hold
+    max_pairs: int = 256  # pairs one request may hold (n candidates to rank: n(n-1)/2 pairs)
     image_root: str | None = None  # where image paths may point; None: base64 only
     api_key: str | None = None  # a bearer token every request but /health must carry
 
@@ -302,10 +302,12 @@ def create_app(judge: Judge, settings: ServeSettings = ServeSettings(), k: int =
         async def handle(body: dict) -> dict:
             question = text(body, "question", "body")
             answers = body.get("answers")
-            if not (isinstance(answers, list) and 2 <= len(answers) <= settings.max_pairs
+            # every two candidates are one pair: n candidates are n(n-1)/2 pairs, at most --max-pairs
+            most = max(n for n in range(2, settings.max_pairs + 2) if n * (n - 1) // 2 <= settings.max_pairs)
+            if not (isinstance(answers, list) and 2 <= len(answers) <= most
                     and all(isinstance(x, str) and x.strip() for x in answers)):
-                raise Refused(400, f"answers: expected a list of 2 to {settings.max_pairs} non-empty strings",
-                              "bad_request")
+                raise Refused(400, f"answers: expected a list of 2 to {most} non-empty strings (n candidates are "
+                              f"n(n-1)/2 pairs, at most --max-pairs {settings.max_pairs})", "bad_request")
             picture = image(body, "body")
             pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
             longest = sorted(answers, key=len, reverse=True)

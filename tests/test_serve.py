@@ -160,6 +160,10 @@ def test_every_bad_request_gets_its_status_and_a_one_line_reason(server, world, 
     for name, body, raw, key, status, reason in cases:
         got, answer, headers = server.post("/v1/judge", body, key=key, raw=raw)
         assert got == status and reason in answer["error"] and "\n" not in answer["error"], (name, got, answer)
+    # /v1/rank counts pairs: 24 candidates are 276 pairs, over --max-pairs 256 (23 are 253: the most it takes)
+    rank = {"image": good["image"], "question": good["question"], "answers": [f"answer {i}" for i in range(24)]}
+    got, answer, _ = server.post("/v1/rank", rank)
+    assert got == 400 and "2 to 23 non-empty strings" in answer["error"], answer
     status, answer = server.declare("/v1/judge", 3 << 20)  # over --max-body-mb 2, refused before it is read
     assert status == 413 and "max-body-mb" in answer["error"]
     assert server.post("/v1/judge", {"pairs": [good]})[0] == 200  # the server goes on

@@ -271,7 +271,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting at most; more are answered 429 (default: 256)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body; more is 413 (default: 32)")
-    p.add_argument("--max-pairs", type=int, default=256, help="pairs or candidates a request may hold (default: 256)")
+    p.add_argument("--max-pairs", type=int, default=256,
+                   help="pairs a request may hold, n candidates to rank counting as n(n-1)/2 (default: 256)")
     p.add_argument("--image-root", default=None,
                    help="requests may name images by a path under this folder (default: base64 only)")
     p.add_argument("--api-key", default=None,
