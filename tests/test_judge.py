@@ -61,6 +61,9 @@ class _Scripted:
         self.p_first = p_first  # prompt -> probability of "A"
         self.calls = []
 
+    def prefix_ids(self, text):  # characters as tokens: a verdict reader can be made, and reads nothing here
+        return [ord(c) for c in text]
+
     def generate(self, images, prompts, params, **kwargs):
         self.calls.append((len(prompts), params.n))
         return [[f"reasoning {s} for {p}" for s in range(params.n)] for p in prompts]
@@ -198,3 +201,37 @@ def test_predictions_with_a_bad_probability_are_refused(tmp_path):
     path.write_text(json.dumps({"index": 0, "shown_first": 0, "verdict": "A", "p_first": 1.5}) + "\n")
     with pytest.raises(ValueError, match="line 1: field 'p_first'"):
         load_predictions(path)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_verdicts_read_from_the_decoding_equal_the_second_forward_pass(k, tmp_path):
+    """The verdict probabilities read from the logits the decoder drew each verdict from (`VerdictReader`) equal
+    those of a second forward pass over prompt and reasoning (`choice_probabilities`), greedy and sampled; the
+    shipped toy judge writes its verdicts, so the reader reads (nearly) all of them."""
+    from fastjudge.core.sampling_params import SamplingParams
+    from fastjudge.models import generation
+    from fastjudge.models.toy import base_model_dir
+    from fastjudge.toy import files as toy_files
+    adapter = ToyAdapter.load(base_model_dir())
+    bench = toy_files.write_toy_benchmark(tmp_path / "benchmark", per_category=2)
+    pairs_file, _ = toy_files.write_judge_examples(bench, tmp_path / "judge")
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    images = [Image.open(pairs_file.parent / p["image"]).convert("RGB") for p in pairs]
+    prompts = [prompt_texts.judge_prompt(p["question"], p["response_a"], p["response_b"], "toy") for p in pairs]
+    sampling = {} if k == 1 else dict(temperature=1.0, top_k=0, top_p=1.0)
+    params = SamplingParams(n=k, max_new_tokens=80, seed=3, stop=("]]",), **sampling)
+    reader = generation.VerdictReader(adapter, prompt_texts.VERDICT_CHOICES["toy"])
+    outputs = adapter.generate(images, prompts, params, reader=reader)
+    read = [p for row in reader.values for p in row]
+    assert sum(p is not None for p in read) >= 0.9 * len(read) > 0
+    flat = [(row, text) for row, texts in enumerate(outputs) for text in texts]
+    forward = adapter.choice_probabilities([images[r] for r, _ in flat], [prompts[r] for r, _ in flat],
+                                           [prompt_texts.verdict_prefix(t, "toy") for _, t in flat],
+                                           prompt_texts.VERDICT_CHOICES["toy"])
+    for got, expected in zip(read, forward):
+        if got is not None:
+            assert got == pytest.approx(expected, abs=1e-5)
+    # judgments: the same texts as a plain generate, and every probability whichever way it was read
+    texts, p_first = generation.judgments(adapter, images, prompts, params)
+    assert texts == outputs
+    assert [p for row in p_first for p in row] == pytest.approx([p[0] for p in forward], abs=1e-5)

@@ -7,6 +7,7 @@ in its own bookkeeping (measured: ~0.7 s against ~0.1 s for the model's forward 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,6 +16,17 @@ from fastjudge.core.sampling import sample_logits
 from fastjudge.engine.mllama import decode_mllama_shared
 from fastjudge.engine.options import DecodeOptions
 from fastjudge.engine.prefill import cache_argument, cache_of, prefill
+
+
+@dataclass
+class ChoiceCapture:
+    """The logits of a few tokens (`ids`, (C,) on the model's device) at every decoding step of every sample:
+    what a judgment's verdict probabilities are read from without a second forward pass over its prompt and
+    reasoning (`models.generation.VerdictReader`). The shared Mllama decoder fills `values`: per prompt, per
+    sample returned, a (tokens, C) float32 CPU tensor whose row j holds the logits the sample's token j was
+    drawn from. Left None by the generic decoder (the caller then reads the probabilities another way)."""
+    ids: torch.Tensor
+    values: list[list[torch.Tensor]] | None = None
 
 
 def _sampler(temperature: float, top_k: int, top_p: float, min_p: float, check: bool = True) -> Callable:
@@ -38,7 +50,7 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
                   generator: torch.Generator | None = None, sampler: Callable | None = None,
                   stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
                   early_stop=None, options: DecodeOptions = DecodeOptions(),
-                  shared: bool | None = None) -> list[list[list[int]]]:
+                  shared: bool | None = None, capture: ChoiceCapture | None = None) -> list[list[list[int]]]:
     """Generate up to max_new_tokens after each of B left-padded prompts, n samples each; returns, per prompt,
     its samples' token lists (EOS excluded).
 
@@ -52,7 +64,8 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
     None: an Mllama model with `options.shared_mllama`, the default) decodes in `engine.mllama` (the prompt's cache shared by
     its samples; slots that start the next sample when one ends; early stop on the device vote,
     `engine.vote.EarlyStop`; host looks every `options.sync_every` steps). Other families, and Mllama with
-    shared_mllama off, take the generic decoder (`_decode_generic`) with slots=None and early_stop=None."""
+    shared_mllama off, take the generic decoder (`_decode_generic`) with slots=None and early_stop=None.
+    `capture`: the shared decoder keeps the logits of `capture.ids` at every step (`ChoiceCapture`)."""
     sync_every = options.sync_every or default_sync_every(inputs["attention_mask"].device)
     if shared is None:
         from transformers import MllamaForConditionalGeneration
@@ -66,7 +79,7 @@ def decode_groups(model, inputs: dict[str, torch.Tensor], *, n: int, max_new_tok
         return decode_mllama_shared(model, inputs, n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                     sampler=sampler, generator=generator, stop=stop, slots=slots,
                                     early_stop=early_stop, sync_every=sync_every, check_logits=check_logits,
-                                    options=options)
+                                    options=options, capture=capture)
     if sampler is None:
         sampler = _sampler(temperature, top_k, top_p, min_p)
     if slots is not None or early_stop is not None:

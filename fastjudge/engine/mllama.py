@@ -42,7 +42,7 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
                          eos_ids: set[int], sampler: Callable, generator,
                          stop: Callable[[list[int]], bool] | None = None, slots: int | None = None,
                          early_stop: EarlyStop | None = None, sync_every: int = 1, check_logits: bool = False,
-                         options: DecodeOptions = DecodeOptions()) -> list[list[list[int]]]:
+                         options: DecodeOptions = DecodeOptions(), capture=None) -> list[list[list[int]]]:
     """`engine.decoding.decode_groups` for Mllama with the shared cache (module docstring): for each of the B prompts,
     its finished samples' tokens (EOS excluded), in the order they were started.
 
@@ -56,7 +56,8 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
     batch, stop strings are checked); in between, the loop keeps no device value on the host. check_logits:
     ValueError at the next look if a row of logits had NaN or +inf, or only -inf (`core.sampling.bad_rows`;
     for a sampler that does not check them itself). options: kernels, CUDA graphs (`cuda_graphs`: None = on a
-    GPU), SDPA backends (`DecodeOptions`).
+    GPU), SDPA backends (`DecodeOptions`). capture (`engine.decoding.ChoiceCapture`): the logits of its C token
+    ids at each sample's every step are kept, and set as its `values`, aligned with the samples returned.
     """
     slots = n if slots is None else slots
     if not 1 <= slots <= n:
@@ -93,6 +94,9 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
     written = torch.zeros(batch, n + 1, max_new_tokens, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, n + 1, dtype=torch.long, device=device)
     finished = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
+    captured = None  # (B, n + 1, max_new_tokens, C): the captured ids' logits, written where the tokens are
+    if capture is not None:
+        captured = torch.zeros(batch, n + 1, max_new_tokens, len(capture.ids), device=device)
     tracker = vote = None
     if early_stop is not None:
         tracker = SpanTracker(early_stop.tables, batch * slots)
@@ -118,6 +122,9 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         index = length.clamp(max=max_new_tokens - 1)  # where this token goes (in the output and own cache)
         rows = groups[:, None].expand_as(sample)
         written[rows, torch.where(write, sample, n), index] = token
+        if captured is not None:  # (B' * S, C) -> (B', S, C), beside the token drawn from them
+            picked = flat_logits[:, capture.ids].float().view(-1, slots, len(capture.ids))
+            captured[rows, torch.where(write, sample, n), index] = picked
         if tracker is not None:
             tracker.update(token.flatten(), write.flatten())
         length = length + write.long()
@@ -175,4 +182,8 @@ def decode_mllama_shared(model, inputs: dict[str, torch.Tensor], *, n: int, max_
         counted = torch.arange(n, device=device) < vote.drawn(torch.arange(batch, device=device))[:, None]
         finished[:, :n] &= counted
     written, lengths, finished = written.cpu(), lengths.cpu(), finished.cpu()
+    if captured is not None:
+        captured = captured.cpu()
+        capture.values = [[captured[b, s, :lengths[b, s]] for s in range(n) if finished[b, s]]
+                          for b in range(batch)]
     return [[written[b, s, :lengths[b, s]].tolist() for s in range(n) if finished[b, s]] for b in range(batch)]

@@ -122,7 +122,7 @@ class Adapter:
     def generate(self, images: list[Image.Image], prompts: list[str], params: SamplingParams | None = None, *,
                  batch_rows: int = 256, batch_tokens: int | None = None, progress=None, slots: int | None = None,
                  early_stop: float = 0.0, min_votes: int = 1, prefixes: list[str] | None = None,
-                 options: DecodeOptions | None = None, templated: bool | None = None,
+                 options: DecodeOptions | None = None, templated: bool | None = None, reader=None,
                  **sampling) -> list[list[str]]:
         """params.n completions for each (image, prompt), sampled as `params` says (`generation.generate`). The
         sampling values may instead be given one by one (`sampling`: n, max_new_tokens, temperature, top_k, top_p,
@@ -133,7 +133,7 @@ class Adapter:
             raise ValueError(f"{', '.join(sampling)}: given beside params; put them in the SamplingParams")
         return generation.generate(self, images, prompts, params, batch_rows=batch_rows, batch_tokens=batch_tokens,
                                    progress=progress, slots=slots, early_stop=early_stop, min_votes=min_votes,
-                                   prefixes=prefixes, options=options, templated=templated)
+                                   prefixes=prefixes, options=options, templated=templated, reader=reader)
 
     def choice_probabilities(self, images: list[Image.Image], prompts: list[str], prefixes: list[str],
                              choices: tuple[str, ...], batch_rows: int = 32) -> list[list[float]]:

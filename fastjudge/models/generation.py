@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastjudge.core.sampling_params import SamplingParams
 from fastjudge.data import prompts as prompt_texts
-from fastjudge.engine.decoding import decode_groups
+from fastjudge.engine.decoding import ChoiceCapture, decode_groups
 from fastjudge.engine.options import DecodeOptions
 from fastjudge.engine.vote import EarlyStop
 from fastjudge.models.features import chunks
@@ -27,7 +27,7 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
              batch_rows: int = 256, batch_tokens: int | None = None, progress: Progress | None = None,
              slots: int | None = None, early_stop: float = 0.0, min_votes: int = 1,
              prefixes: list[str] | None = None, options: DecodeOptions | None = None,
-             templated: bool | None = None) -> list[list[str]]:
+             templated: bool | None = None, reader: "VerdictReader | None" = None) -> list[list[str]]:
     """n completions for each (image, prompt); temperature 0 is greedy (then n must be 1).
 
     With `prefixes`, the answer of prompt i starts with prefixes[i] (given, not generated) and each
@@ -61,6 +61,11 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
     `batch_tokens`, at most that many token positions (rows x (longest prompt + max_new_tokens)), a batch
     holding at least one prompt. Each batch is seeded from (seed, batch index), so a run is reproducible
     for fixed batch_rows and batch_tokens.
+
+    With `reader` (a `VerdictReader`), the shared Mllama decoder keeps the logits of the reader's tokens at every
+    step, and the reader reads each completion's verdict probabilities from them: `reader.values`, per prompt
+    and completion, a list of probabilities or None where they could not be read so (a batch read back from
+    the store, the generic decoder, a completion that wrote no verdict where the reader expects it).
     """
     if len(images) != len(prompts):
         raise ValueError(f"images and prompts: expected the same length, got {len(images)} and {len(prompts)}")
@@ -111,18 +116,28 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
             family=type(adapter).__name__, n=n, max_new_tokens=params.max_new_tokens,
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
             seed=params.seed, stop=stops, batch_rows=batch_rows, batch_tokens=batch_tokens, slots=slots,
-            early_stop=early_stop, min_votes=min_votes, templated=templated))
-    mine: list[tuple[int, list[list[str]]]] = []  # (chunk, its completions) of this rank's chunks
+            early_stop=early_stop, min_votes=min_votes, templated=templated,
+            **({"verdicts": True} if reader is not None else {})))
+    reading = reader is not None and prefixes is None
+    # (chunk, its completions, or with a reader (completions, probabilities) per prompt) of this rank's chunks
+    mine: list[tuple[int, list]] = []
     for chunk, (start, end) in enumerate(chunks(len(prompts), per_batch)):
         if not computes(adapter, chunk):
             continue  # another rank's chunk
         done = stored.load(chunk, end - start) if stored is not None else None
         if done is not None:
+            if reading:  # the verdicts read when the batch was made, stored with it
+                verdicts = stored.verdicts(chunk)
+                if not (isinstance(verdicts, list) and len(verdicts) == len(done) and all(
+                        isinstance(v, list) and len(v) == len(t) for v, t in zip(verdicts, done))):
+                    verdicts = [[None] * len(texts) for texts in done]  # read again by a forward pass
+                done = list(zip(done, verdicts))
             mine.append((chunk, done))
             if progress:
                 progress(end - start)
             continue
         out: list[list[str]] = []
+        read: list[list] = []  # with a reader: per prompt, each completion's probabilities (or None)
         features = adapter.image_features(images[start:end])
         encode = adapter.templated_ids if templated else adapter.prompt_ids
         rows = [encode(p, f) for p, f in zip(prompts[start:end], features)]
@@ -135,12 +150,17 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
             # number of processes draws what one draws
             generator = torch.Generator(device=adapter.device).manual_seed(
                 params.seed * 1_000_003 + chunk + (part << 32))
+            capture = ChoiceCapture(torch.tensor(reader.ids, device=adapter.device)) if reading else None
             groups = decode_groups(adapter.model, inputs, max_new_tokens=params.max_new_tokens,
                                    eos_ids=adapter.eos_ids, n=n, temperature=params.temperature, top_k=params.top_k,
                                    top_p=params.top_p, min_p=params.min_p, generator=generator,
                                    stop=stopped if stops else None, slots=slots, early_stop=stopping,
-                                   options=options, shared=adapter.refills_with(options))
+                                   options=options, shared=adapter.refills_with(options), capture=capture)
             texts = [[_cut(adapter.decode(row), stops) for row in group] for group in groups]
+            if reading:
+                logits = capture.values or [[None] * len(group) for group in groups]
+                read.extend([reader.read(text, row, seen) for text, row, seen in zip(*triple)]
+                            for triple in zip(texts, groups, logits))
             if prefixes is not None:
                 texts = [[adapter.join_prefix(x, t) for t in group]
                          for x, group in zip(prefixes[start + first:start + last], texts)]
@@ -148,10 +168,14 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
             if progress:
                 progress(last - first)
         if stored is not None:
-            stored.save(chunk, out)
-        mine.append((chunk, out))
+            stored.save(chunk, out, read if reading else None)
+        mine.append((chunk, list(zip(out, read)) if reading else out))
     # every rank returns every completion: the stages after generation run whole on each rank
-    return all_chunks(adapter, mine)
+    results = all_chunks(adapter, mine)
+    if not reading:
+        return results
+    reader.values = [probabilities for _, probabilities in results]
+    return [texts for texts, _ in results]
 
 def computes(adapter, chunk: int) -> bool:
     """Whether this process computes batch `chunk` of a call: every batch alone, every size-th in a torchrun
@@ -204,26 +228,70 @@ def choice_probabilities(adapter, images: list[Image.Image], prompts: list[str],
 
 
 
+class VerdictReader:
+    """Reads a judgment's verdict probabilities from the logits its own decoding drew the verdict from, instead
+    of a second forward pass over the prompt and reasoning (`choice_probabilities`): where the completion's
+    tokens start with exactly the tokens `choice_probabilities` would feed (the text up to its verdict's "[[",
+    `data.prompts.verdict_prefix`), the logits at the next step are those it would read, and the probability of
+    each choice is their softmax over the choices' tokens. `ids`: the choices' tokens after a verdict's lead-in,
+    the ones the decoder keeps; a completion whose choices tokenize otherwise, or that wrote no verdict, is
+    left to `choice_probabilities` (None)."""
+
+    def __init__(self, adapter, choices: tuple[str, ...]):
+        self.adapter, self.choices, self.style = adapter, choices, adapter.judge_style
+        start, ids = self._split(prompt_texts.verdict_prefix("the reasoning", self.style))
+        if ids is None:
+            raise ValueError(f"choices {choices}: no distinct next tokens after a verdict's lead-in")
+        self.ids = ids
+        self.values: list[list[list[float] | None]] | None = None
+
+    def _split(self, prefix: str) -> tuple[list[int], list[int] | None]:
+        """(the tokens the choices share after `prefix`, each choice's next token), as `choice_probabilities`
+        splits them; None for the tokens where the choices give no distinct next tokens."""
+        ids = [self.adapter.prefix_ids(prefix + choice) for choice in self.choices]
+        shared = 0
+        while all(len(x) > shared for x in ids) and len({x[shared] for x in ids}) == 1:
+            shared += 1
+        if any(len(x) <= shared for x in ids) or len({x[shared] for x in ids}) < len(self.choices):
+            return ids[0][:shared], None
+        return ids[0][:shared], [x[shared] for x in ids]
+
+    def read(self, text: str, tokens: list[int], logits: torch.Tensor | None) -> list[float] | None:
+        """The choices' probabilities of one completion (its text, generated tokens and their captured logits,
+        (len(tokens), C)); None where they cannot be read from them."""
+        if logits is None or prompt_texts.VERDICT_START not in text:
+            return None
+        start, ids = self._split(prompt_texts.verdict_prefix(text, self.style))
+        if ids != self.ids or len(tokens) <= len(start) or tokens[:len(start)] != start:
+            return None
+        return torch.softmax(logits[len(start)], dim=-1).tolist()
+
+
 def judgments(adapter, images: list[Image.Image], prompts: list[str], params: SamplingParams, *,
               batch_rows: int = 32, batch_tokens: int | None = None, progress: Progress | None = None,
               probabilities: bool = True) -> tuple[list[list[str]], list[list[float]] | None]:
     """A judge's judgments, the reasoning and then the verdict: `params.n` texts per (image, judge prompt), and for
     each the probability of the answer shown first, read from the logits where the verdict's letter comes
     (`choice_probabilities` after `data.prompts.verdict_prefix`, over the judge style's two letters); None with
-    `probabilities` False (a prompt that does not ask for the verdict in that form)."""
+    `probabilities` False (a prompt that does not ask for the verdict in that form). Where the decoding itself
+    drew the verdict after exactly those tokens, the probabilities are read from its logits (`VerdictReader`),
+    and only the other judgments take the second forward pass."""
+    style = adapter.judge_style
+    reader = VerdictReader(adapter, prompt_texts.VERDICT_CHOICES[style]) if probabilities else None
     outputs = adapter.generate(images, prompts, params, batch_rows=batch_rows, batch_tokens=batch_tokens,
-                               progress=progress)
+                               progress=progress, reader=reader)
     if not probabilities:
         return outputs, None
-    style = adapter.judge_style
-    flat = [(row, text) for row, texts in enumerate(outputs) for text in texts]
-    read = adapter.choice_probabilities([images[row] for row, _ in flat], [prompts[row] for row, _ in flat],
-                                        [prompt_texts.verdict_prefix(text, style) for _, text in flat],
-                                        prompt_texts.VERDICT_CHOICES[style], batch_rows=batch_rows)
-    p_first: list[list[float]] = [[] for _ in outputs]
-    for (row, _), (p, _) in zip(flat, read):
-        p_first[row].append(p)
-    return outputs, p_first
+    values = reader.values or [[None] * len(texts) for texts in outputs]
+    left = [(row, i, text) for row, texts in enumerate(outputs) for i, text in enumerate(texts)
+            if values[row][i] is None]
+    if left:
+        read = adapter.choice_probabilities([images[row] for row, _, _ in left], [prompts[row] for row, _, _ in left],
+                                            [prompt_texts.verdict_prefix(text, style) for _, _, text in left],
+                                            prompt_texts.VERDICT_CHOICES[style], batch_rows=batch_rows)
+        for (row, i, _), p in zip(left, read):
+            values[row][i] = p
+    return outputs, [[p[0] for p in row] for row in values]
 
 
 def _token_budget(rows: list[list[int]], n: int, max_new_tokens: int, budget: int | None):

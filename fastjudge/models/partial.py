@@ -71,8 +71,17 @@ class StoredCall:
         self.store.loaded += 1
         return texts
 
-    def save(self, batch: int, texts: list[list[str]]) -> None:
-        write_json(self.folder / f"{batch}.json", {"completions": texts})
+    def verdicts(self, batch: int) -> list | None:
+        """The verdict probabilities stored with a finished batch ([prompt][sample], each a list or None: what a
+        `VerdictReader` read while the batch was decoded), None when the batch holds none."""
+        try:
+            return json.loads((self.folder / f"{batch}.json").read_text()).get("verdicts")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+
+    def save(self, batch: int, texts: list[list[str]], verdicts: list | None = None) -> None:
+        record = {"completions": texts} if verdicts is None else {"completions": texts, "verdicts": verdicts}
+        write_json(self.folder / f"{batch}.json", record)
         self.store.saved += 1
 
 
