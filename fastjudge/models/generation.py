@@ -100,7 +100,20 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
     # default on a GPU; a larger sync_every only costs steps)
     window = 4 * max(map(len, stops), default=0) + 16
 
+    # a stop string is completed by a token that writes its last character: only a window holding such a token
+    # (or one whose text alone is empty or a partial character, which may complete one) is decoded and searched
+    last_characters = {s[-1] for s in stops if s}
+    may_end: dict[int, bool] = {}
+
+    def ends_maybe(token: int) -> bool:
+        if token not in may_end:
+            piece = adapter.decode_raw([token])
+            may_end[token] = not piece or "\ufffd" in piece or any(c in piece for c in last_characters)
+        return may_end[token]
+
     def stopped(tokens: list[int]) -> bool:
+        if not any(ends_maybe(t) for t in tokens[-window:]):
+            return False
         tail = adapter.decode_raw(tokens[-window:])
         return any(s in tail for s in stops)
 
