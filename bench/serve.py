@@ -1,8 +1,10 @@
 """`fastjudge serve` under load: the toy judge on loopback, C concurrent clients each sending R requests of P pairs,
-with dynamic batching and with it off (`--max-batch-pairs 1`: each request alone), in one run.
+with dynamic batching and with it off (`--max-batch-pairs 1`: each request alone), in one run: --rounds rounds,
+each the two servers one after the other, and the speedup the median of the rounds' (a shared machine's speed
+drifts between runs by more than a round's two servers differ in their conditions).
 
-    python bench/serve.py                      # 32 clients x 20 requests x 4 pairs
-    python bench/serve.py --clients 8 --requests 5
+    python bench/serve.py                      # 32 clients x 20 requests x 4 pairs, 3 rounds
+    python bench/serve.py --clients 8 --requests 5 --rounds 1
 
 Starts each server on a free loopback port, waits for /health, sends a bounded number of requests, reads
 /metrics, and stops the server (SIGTERM). Prints a table, then one JSON line; --out also writes it to a file.
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="requests per client")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per request")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the two servers; the median speedup")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from fastjudge.data.images import encode_image
@@ -97,16 +100,25 @@ def main() -> None:
                                              "response_a": p["response_a"], "response_b": p["response_b"]}
                                             for p in chosen]}).encode())
     common = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(args.clients * args.requests)]
-    batched = load(common + ["--max-batch-pairs", "64"], bodies, args.clients)
-    alone = load(common + ["--max-batch-pairs", "1"], bodies, args.clients)
+    rounds = []
+    print(f"{'round':>5} {'server':>22} {'requests':>9} {'errors':>7} {'req/s':>8} {'engine calls':>13} {'p50 s':>7} "
+          f"{'p95 s':>7}", flush=True)
+    for number in range(1, args.rounds + 1):
+        batched = load(common + ["--max-batch-pairs", "64"], bodies, args.clients)
+        alone = load(common + ["--max-batch-pairs", "1"], bodies, args.clients)
+        rounds.append({"batched": batched, "one_request_a_call": alone,
+                       "speedup": round(batched["requests_per_s"] / alone["requests_per_s"], 2)})
+        for name, row in (("batched (64 pairs)", batched), ("--max-batch-pairs 1", alone)):
+            print(f"{number:>5} {name:>22} {row['requests']:>9} {row['errors']:>7} {row['requests_per_s']:>8} "
+                  f"{row['engine_calls']:>13} {row['latency_p50_s']:>7} {row['latency_p95_s']:>7}", flush=True)
+        print(f"round {number}: speedup {rounds[-1]['speedup']}x", flush=True)
+    speedups = sorted(r["speedup"] for r in rounds)
     result = {"bench": "serve", "clients": args.clients, "requests_per_client": args.requests, "pairs": args.pairs,
-              "batched": batched, "one_request_a_call": alone,
-              "speedup": round(batched["requests_per_s"] / alone["requests_per_s"], 2)}
-    print(f"{'server':>22} {'requests':>9} {'errors':>7} {'req/s':>8} {'engine calls':>13} {'p50 s':>7} {'p95 s':>7}")
-    for name, row in (("batched (64 pairs)", batched), ("--max-batch-pairs 1", alone)):
-        print(f"{name:>22} {row['requests']:>9} {row['errors']:>7} {row['requests_per_s']:>8} "
-              f"{row['engine_calls']:>13} {row['latency_p50_s']:>7} {row['latency_p95_s']:>7}")
-    print(f"speedup {result['speedup']}x")
+              "rounds": rounds, "speedups": [r["speedup"] for r in rounds],
+              "speedup": speedups[len(speedups) // 2],
+              "errors": sum(r[server]["errors"] for r in rounds for server in ("batched", "one_request_a_call"))}
+    print(f"speedup, the median of {len(rounds)} rounds: {result['speedup']}x (each: {result['speedups']}); "
+          f"errors {result['errors']}")
     report(result, args.out)
 
 
