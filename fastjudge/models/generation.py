@@ -130,8 +130,8 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
             seed=params.seed, stop=stops, batch_rows=batch_rows, batch_tokens=batch_tokens, slots=slots,
             early_stop=early_stop, min_votes=min_votes, templated=templated,
-            **({"verdicts": True} if reader is not None else {})))
-    reading = reader is not None and prefixes is None
+            **({"verdicts": True} if reader is not None and reader.ids is not None else {})))
+    reading = reader is not None and reader.ids is not None and prefixes is None
     # (chunk, its completions, or with a reader (completions, probabilities) per prompt) of this rank's chunks
     mine: list[tuple[int, list]] = []
     for chunk, (start, end) in enumerate(chunks(len(prompts), per_batch)):
@@ -204,6 +204,19 @@ def all_chunks(adapter, mine: list[tuple[int, list]]) -> list:
         mine = [pair for rank in gathered for pair in rank]
     return [result for _, part in sorted(mine, key=lambda pair: pair[0]) for result in part]
 
+def choice_split(adapter, prefix: str, choices: tuple[str, ...]) -> tuple[list[int], list[int] | None]:
+    """The tokens of `prefix` followed by any of `choices` up to where the choices part (the tokens they
+    share), and each choice's next token there; None for the latter where the choices give no distinct next
+    tokens (one's tokens are those of another)."""
+    ids = [adapter.prefix_ids(prefix + choice) for choice in choices]
+    shared = 0
+    while all(len(x) > shared for x in ids) and len({x[shared] for x in ids}) == 1:
+        shared += 1
+    if any(len(x) <= shared for x in ids) or len({x[shared] for x in ids}) < len(choices):
+        return ids[0][:shared], None
+    return ids[0][:shared], [x[shared] for x in ids]
+
+
 @torch.no_grad()
 def choice_probabilities(adapter, images: list[Image.Image], prompts: list[str], prefixes: list[str],
                          choices: tuple[str, ...], batch_rows: int = 32) -> list[list[float]]:
@@ -220,14 +233,11 @@ def choice_probabilities(adapter, images: list[Image.Image], prompts: list[str],
     features = adapter.image_features(images)
     rows, candidates = [], []
     for i, (prompt, prefix, feature) in enumerate(zip(prompts, prefixes, features)):
-        ids = [adapter.prefix_ids(prefix + choice) for choice in choices]
-        shared = 0
-        while all(len(x) > shared for x in ids) and len({x[shared] for x in ids}) == 1:
-            shared += 1
-        if any(len(x) <= shared for x in ids) or len({x[shared] for x in ids}) < len(choices):
+        start, next_ids = choice_split(adapter, prefix, choices)
+        if next_ids is None:
             raise ValueError(f"prefixes[{i}]: the choices {choices} give no distinct next tokens after it")
-        rows.append(adapter.prompt_ids(prompt, feature) + ids[0][:shared])
-        candidates.append([x[shared] for x in ids])
+        rows.append(adapter.prompt_ids(prompt, feature) + start)
+        candidates.append(next_ids)
     adapter.check_lengths(rows)
     mine: list[tuple[int, list[list[float]]]] = []  # (chunk, its probabilities) of this rank's chunks
     for chunk, (start, end) in enumerate(chunks(len(rows), max(1, batch_rows))):
@@ -252,29 +262,16 @@ class VerdictReader:
 
     def __init__(self, adapter, choices: tuple[str, ...]):
         self.adapter, self.choices, self.style = adapter, choices, adapter.judge_style
-        start, ids = self._split(prompt_texts.verdict_prefix("the reasoning", self.style))
-        if ids is None:
-            raise ValueError(f"choices {choices}: no distinct next tokens after a verdict's lead-in")
-        self.ids = ids
+        # None where the choices give no distinct tokens after a lead-in: nothing is read then
+        self.ids = choice_split(adapter, prompt_texts.verdict_prefix("the reasoning", self.style), choices)[1]
         self.values: list[list[list[float] | None]] | None = None
-
-    def _split(self, prefix: str) -> tuple[list[int], list[int] | None]:
-        """(the tokens the choices share after `prefix`, each choice's next token), as `choice_probabilities`
-        splits them; None for the tokens where the choices give no distinct next tokens."""
-        ids = [self.adapter.prefix_ids(prefix + choice) for choice in self.choices]
-        shared = 0
-        while all(len(x) > shared for x in ids) and len({x[shared] for x in ids}) == 1:
-            shared += 1
-        if any(len(x) <= shared for x in ids) or len({x[shared] for x in ids}) < len(self.choices):
-            return ids[0][:shared], None
-        return ids[0][:shared], [x[shared] for x in ids]
 
     def read(self, text: str, tokens: list[int], logits: torch.Tensor | None) -> list[float] | None:
         """The choices' probabilities of one completion (its text, generated tokens and their captured logits,
         (len(tokens), C)); None where they cannot be read from them."""
         if logits is None or prompt_texts.VERDICT_START not in text:
             return None
-        start, ids = self._split(prompt_texts.verdict_prefix(text, self.style))
+        start, ids = choice_split(self.adapter, prompt_texts.verdict_prefix(text, self.style), self.choices)
         if ids != self.ids or len(tokens) <= len(start) or tokens[:len(start)] != start:
             return None
         return torch.softmax(logits[len(start)], dim=-1).tolist()
