@@ -29,7 +29,9 @@
 #   cross-attn  the Mllama cross-attention kernels at the 11B shapes, every tile preset -> cross-attention.json;
 #   flce        the fused linear cross-entropy at 4,096 and 8,192 rows against Liger's (where liger-kernel is
 #               carried as a wheel in .whl/: docs/performance.md) -> flce.json;
-#   fsdp        one FSDP2 fine-tuning step at world size 1 against the same step unsharded -> fsdp-step.json.
+#   fsdp        one FSDP2 fine-tuning step at world size 1 against the same step unsharded -> fsdp-step.json;
+#   serve       the reward server's batching on the GPU, one round (bench/serve.py --device cuda), where fastapi
+#               and uvicorn are carried as wheels in .whl/ (docs/performance.md names them) -> serve.json.
 # PARTS=name,name (with CALL unset) runs the parts named, in the order above. Logs: OUT/bench.log (each bench's
 # table, its JSON line last). At most 8 files come back from a call: bench.log, pytest.log and the results.
 export PYTHONUNBUFFERED=1
@@ -37,7 +39,7 @@ export PYTHONUNBUFFERED=1
 export OUT
 case "${CALL:-}" in
   1) PARTS=build,e2e,sampler ;;
-  2) PARTS=build,paper-scale,gpu-tests,cross-attn,flce,fsdp ;;
+  2) PARTS=build,paper-scale,gpu-tests,cross-attn,flce,fsdp,serve ;;
   "") : "${PARTS:?set CALL=1 or CALL=2 (or PARTS)}" ;;
   *) echo "CALL: expected 1 or 2, got $CALL"; exit 2 ;;
 esac
@@ -109,4 +111,9 @@ part flce 45 python3 bench/flce.py --device cuda --rows 4096,8192 --repeats 5 --
 
 part fsdp 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 bench/fsdp_step.py --device cuda \
   --preset small --train text,all --out "$OUT/fsdp-step.json"
+if want serve && ! python3 -c "import fastapi, uvicorn" 2> /dev/null; then
+  echo "[serve] skipped: no fastapi or uvicorn here (carry their wheels in .whl/)"
+else
+  part serve 60 python3 bench/serve.py --device cuda --rounds 1 --requests 5 --out "$OUT/serve.json"
+fi
 echo "call done in $((SECONDS - START)) s"

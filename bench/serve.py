@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="pairs per request")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the two servers; the median speedup")
+    parser.add_argument("--device", default="cpu", help="where the servers' judge runs (cuda: bench/gpu.sh)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from fastjudge.data.images import encode_image
@@ -99,7 +100,8 @@ def main() -> None:
         bodies.append(json.dumps({"pairs": [{"id": p["id"], "image": encoded[p["image"]], "question": p["question"],
                                              "response_a": p["response_a"], "response_b": p["response_b"]}
                                             for p in chosen]}).encode())
-    common = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(args.clients * args.requests)]
+    common = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(args.clients * args.requests),
+              "--device", args.device]
     rounds = []
     print(f"{'round':>5} {'server':>22} {'requests':>9} {'errors':>7} {'req/s':>8} {'engine calls':>13} {'p50 s':>7} "
           f"{'p95 s':>7}", flush=True)
@@ -113,7 +115,7 @@ def main() -> None:
                   f"{row['engine_calls']:>13} {row['latency_p50_s']:>7} {row['latency_p95_s']:>7}", flush=True)
         print(f"round {number}: speedup {rounds[-1]['speedup']}x", flush=True)
     speedups = sorted(r["speedup"] for r in rounds)
-    result = {"bench": "serve", "clients": args.clients, "requests_per_client": args.requests, "pairs": args.pairs,
+    result = {"bench": "serve", "device": args.device, "clients": args.clients, "requests_per_client": args.requests, "pairs": args.pairs,
               "rounds": rounds, "speedups": [r["speedup"] for r in rounds],
               "speedup": speedups[len(speedups) // 2],
               "errors": sum(r[server]["errors"] for r in rounds for server in ("batched", "one_request_a_call"))}
