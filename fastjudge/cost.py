@@ -160,8 +160,10 @@ class Rates:
                         or not isinstance(rate.get("setting", ""), str):
                     raise ValueError(f"{path}: stages.{stage}.{stack}: expected {{per_s > 0 and finite, source, "
                                      f"setting (optional, a name)}}, got {rate}")
-        return cls(card=data["card"], date=data["date"], stages=data["stages"], notes=data.get("notes", []),
-                   path=str(path))
+        notes = list(data.get("notes", []))
+        if data.get("partial"):  # bench/paper_scale.py rewrites its file after each stage until it ends
+            notes.append("partial: the measuring run was cut short; only the stages it reached are in this file")
+        return cls(card=data["card"], date=data["date"], stages=data["stages"], notes=notes, path=str(path))
 
     def per_s(self, stage: str, stack: str) -> float | None:
         rate = self.stages.get(stage, {}).get(stack)
@@ -255,6 +257,7 @@ def table(result: dict) -> str:
         return "not measured" if value is None else f"{value:,.1f}"
 
     lines = [f"rates: {result['rates']} ({result['card']}, {result['rates_date']})",
+             *(f"  note: {note}" for note in result["rates_notes"]),
              f"{'stage':<22}{'work':>22}{'ours GPU-h':>14}{'baseline GPU-h':>16}{'ratio':>8}"]
     for r in result["stages"]:
         work_text = f"{r['work_ours']:.3g} {r['unit'].split()[-1]}"

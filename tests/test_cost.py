@@ -188,3 +188,13 @@ def test_paper_scale_writes_a_rates_file_the_model_reads(tmp_path):
                                        else "static cache + torch.compile")
     assert rates.stages["evaluation"]["baseline"]["per_s"] == rates.stages["filter judging"]["baseline"]["per_s"]
     assert "baseline (" in cost.table(result)  # the table names the setting each baseline rate comes from
+
+
+def test_a_partial_rates_file_says_so(tmp_path):
+    """A rates file that bench/paper_scale.py left partial (a run cut short) is read, and the table says so."""
+    path = _rates_file(tmp_path, {"synth closed": {"ours": {"per_s": 10.0, "source": "measured"},
+                                                   "baseline": {"per_s": 5.0, "source": "measured",
+                                                                "setting": "eager"}}})
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"partial": True}))
+    text = cost.table(cost.estimate(SMALL, cost.Rates.load(path)))
+    assert "partial: the measuring run was cut short" in text
