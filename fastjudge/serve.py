@@ -172,6 +172,8 @@ def create_app(judge: Judge, settings: ServeSettings = ServeSettings(), k: int =
     context = judge.adapter.context_length
     style = judge.adapter.judge_style
     root = Path(settings.image_root).resolve() if settings.image_root else None
+    # every two candidates to rank are one pair: n candidates are n(n-1)/2 pairs, at most --max-pairs
+    most_candidates = max(n for n in range(2, settings.max_pairs + 2) if n * (n - 1) // 2 <= settings.max_pairs)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -302,12 +304,11 @@ def create_app(judge: Judge, settings: ServeSettings = ServeSettings(), k: int =
         async def handle(body: dict) -> dict:
             question = text(body, "question", "body")
             answers = body.get("answers")
-            # every two candidates are one pair: n candidates are n(n-1)/2 pairs, at most --max-pairs
-            most = max(n for n in range(2, settings.max_pairs + 2) if n * (n - 1) // 2 <= settings.max_pairs)
-            if not (isinstance(answers, list) and 2 <= len(answers) <= most
+            if not (isinstance(answers, list) and 2 <= len(answers) <= most_candidates
                     and all(isinstance(x, str) and x.strip() for x in answers)):
-                raise Refused(400, f"answers: expected a list of 2 to {most} non-empty strings (n candidates are "
-                              f"n(n-1)/2 pairs, at most --max-pairs {settings.max_pairs})", "bad_request")
+                raise Refused(400, f"answers: expected a list of 2 to {most_candidates} non-empty strings (n "
+                              f"candidates are n(n-1)/2 pairs, at most --max-pairs {settings.max_pairs})",
+                              "bad_request")
             picture = image(body, "body")
             pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
             longest = sorted(answers, key=len, reverse=True)

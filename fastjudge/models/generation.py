@@ -132,18 +132,17 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
             early_stop=early_stop, min_votes=min_votes, templated=templated,
             **({"verdicts": True} if reader is not None and reader.ids is not None else {})))
     reading = reader is not None and reader.ids is not None and prefixes is None
+    choice_ids = torch.tensor(reader.ids, device=adapter.device) if reading else None  # (C,): what decoding keeps
     # (chunk, its completions, or with a reader (completions, probabilities) per prompt) of this rank's chunks
     mine: list[tuple[int, list]] = []
     for chunk, (start, end) in enumerate(chunks(len(prompts), per_batch)):
         if not computes(adapter, chunk):
             continue  # another rank's chunk
-        done = stored.load(chunk, end - start) if stored is not None else None
-        if done is not None:
-            if reading:  # the verdicts read when the batch was made, stored with it
-                verdicts = stored.verdicts(chunk)
-                if not (isinstance(verdicts, list) and len(verdicts) == len(done) and all(
-                        isinstance(v, list) and len(v) == len(t) for v, t in zip(verdicts, done))):
-                    verdicts = [[None] * len(texts) for texts in done]  # read again by a forward pass
+        record = stored.load_record(chunk, end - start) if stored is not None else None
+        if record is not None:
+            done = record["completions"]
+            if reading:  # the verdicts read when the batch was made, stored with it; else a forward pass reads them
+                verdicts = record["verdicts"] or [[None] * len(texts) for texts in done]
                 done = list(zip(done, verdicts))
             mine.append((chunk, done))
             if progress:
@@ -163,7 +162,7 @@ def generate(adapter, images: list[Image.Image], prompts: list[str], params: Sam
             # number of processes draws what one draws
             generator = torch.Generator(device=adapter.device).manual_seed(
                 params.seed * 1_000_003 + chunk + (part << 32))
-            capture = ChoiceCapture(torch.tensor(reader.ids, device=adapter.device)) if reading else None
+            capture = ChoiceCapture(choice_ids) if reading else None
             groups = decode_groups(adapter.model, inputs, max_new_tokens=params.max_new_tokens,
                                    eos_ids=adapter.eos_ids, n=n, temperature=params.temperature, top_k=params.top_k,
                                    top_p=params.top_p, min_p=params.min_p, generator=generator,

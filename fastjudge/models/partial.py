@@ -57,27 +57,31 @@ class StoredCall:
     def load(self, batch: int, prompts: int) -> list[list[str]] | None:
         """The completions of `batch` ([prompt][sample]) if it was finished, None otherwise; a file that does not
         hold `prompts` completion lists (not one this call wrote, or cut short) is a ValueError naming it."""
+        record = self.load_record(batch, prompts)
+        return None if record is None else record["completions"]
+
+    def load_record(self, batch: int, prompts: int) -> dict | None:
+        """`load`'s batch as its whole record: {"completions", "verdicts"}, the verdict probabilities a
+        `VerdictReader` read while the batch was decoded ([prompt][sample], each a list or None), or None where
+        the batch holds none that match its completions."""
         path = self.folder / f"{batch}.json"
         if not path.exists():
             return None
         try:
-            texts = json.loads(path.read_text())["completions"]
+            record = json.loads(path.read_text())
+            texts = record["completions"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a finished batch ({type(e).__name__}: {e}); delete it to generate "
                              f"the batch again") from e
         if not isinstance(texts, list) or len(texts) != prompts:
             found = len(texts) if isinstance(texts, list) else type(texts).__name__
             raise ValueError(f"{path}: expected completions of {prompts} prompts, found {found}")
+        verdicts = record.get("verdicts")
+        if not (isinstance(verdicts, list) and len(verdicts) == len(texts)
+                and all(isinstance(v, list) and len(v) == len(t) for v, t in zip(verdicts, texts))):
+            verdicts = None
         self.store.loaded += 1
-        return texts
-
-    def verdicts(self, batch: int) -> list | None:
-        """The verdict probabilities stored with a finished batch ([prompt][sample], each a list or None: what a
-        `VerdictReader` read while the batch was decoded), None when the batch holds none."""
-        try:
-            return json.loads((self.folder / f"{batch}.json").read_text()).get("verdicts")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return None
+        return {"completions": texts, "verdicts": verdicts}
 
     def save(self, batch: int, texts: list[list[str]], verdicts: list | None = None) -> None:
         record = {"completions": texts} if verdicts is None else {"completions": texts, "verdicts": verdicts}
