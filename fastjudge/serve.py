@@ -102,24 +102,48 @@ class Batcher:
                           "overloaded", {"Retry-After": "1"}) from None
         self.metrics.queue.set(self.depth())
 
+    async def next_batch(self) -> tuple[list[_Work], int]:
+        """The next engine call's requests and their pairs: the first waiting request, then those set aside
+        earlier and those already queued (taken at once: a window that ran out while the event loop answered the
+        last batch's callers must not leave them behind), then those that arrive within `max_wait_ms`."""
+        loop = asyncio.get_running_loop()
+        first = self.waiting.pop(0) if self.waiting else await self.queue.get()
+        batch, size, limit = [first], first.size, self.settings.max_batch_pairs
+        set_aside, full = [], False
+        for work in self.waiting:
+            if work.both_orders == first.both_orders and not full and size + work.size <= limit:
+                batch.append(work)
+                size += work.size
+            else:
+                full = full or work.both_orders == first.both_orders  # the first that does not fit ends it
+                set_aside.append(work)
+        self.waiting = set_aside
+        deadline = loop.time() + self.settings.max_wait_ms / 1000
+        while size < limit and not full:
+            try:
+                work = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    work = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if work.both_orders != first.both_orders or size + work.size > limit:
+                self.waiting.append(work)  # the next batch's
+                if work.both_orders == first.both_orders:
+                    break
+                continue
+            batch.append(work)
+            size += work.size
+        return batch, size
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = self.waiting.pop(0) if self.waiting else await self.queue.get()
-            batch, size = [first], first.size
-            deadline = loop.time() + self.settings.max_wait_ms / 1000
-            while size < self.settings.max_batch_pairs:
-                try:
-                    work = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    break
-                if work.both_orders != first.both_orders or size + work.size > self.settings.max_batch_pairs:
-                    self.waiting.append(work)  # the next batch's
-                    if work.both_orders == first.both_orders:
-                        break
-                    continue
-                batch.append(work)
-                size += work.size
+            batch, size = await self.next_batch()
+            first = batch[0]
             self.metrics.queue.set(self.depth())
             self.metrics.batch_pairs.observe(size)
             joined = [sum((getattr(w, name) for w in batch), []) for name in

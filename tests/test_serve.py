@@ -4,6 +4,7 @@ reason, a full queue answered 429, and a SIGTERM during a request lets it finish
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import signal
@@ -21,6 +22,7 @@ from PIL import Image
 from fastjudge import cli, data
 from fastjudge.data.images import encode_image
 from fastjudge.judge import Judge
+from fastjudge.serve import Batcher, Metrics, ServeSettings, _Work
 from fastjudge.toy import files as toy_files
 
 KEY = "test-key-123"
@@ -211,3 +213,26 @@ def test_remote_judge_matches_the_local_one(server, world):
     assert [j.p_a for j in remote.compare_many(*args)] == pytest.approx([j.p_a for j in local], abs=1e-5)
     with pytest.raises(ValueError, match="401"):
         Judge.remote(server.url).compare(images[0], "q ?", "a .", "b .")
+
+
+def test_a_batch_takes_every_request_already_queued_even_with_no_window_left():
+    """Requests queued while the engine was busy join the next call at once, in their order, up to
+    --max-batch-pairs; one that does not fit, or asks for the other orders setting, waits for the next call."""
+
+    async def batches() -> list[list[tuple[str, bool]]]:
+        batcher = Batcher(None, ServeSettings(max_wait_ms=0, max_batch_pairs=6), Metrics())
+        loop = asyncio.get_running_loop()
+        for name, size, both in (("a", 1, True), ("b", 2, True), ("c", 1, False), ("d", 1, True), ("e", 3, True),
+                                 ("f", 1, True), ("g", 2, False)):
+            batcher.submit(_Work([None] * size, [name] * size, [""] * size, [""] * size, both, loop.create_future()))
+        taken = []
+        while batcher.depth():
+            batch, size = await batcher.next_batch()
+            assert size == sum(w.size for w in batch) <= 6
+            taken.append([(w.questions[0], w.both_orders) for w in batch])
+        batcher.engine.shutdown()
+        return taken
+
+    assert asyncio.run(batches()) == [[("a", True), ("b", True), ("d", True)],  # e (3 pairs) would make 7
+                                      [("c", False), ("g", False)],
+                                      [("e", True), ("f", True)]]
