@@ -124,8 +124,10 @@ class LoopConfig:
                                           "1e-4 with --train lora)")
     batch_size: int = option(32, "fine-tuning batch size")
     micro_batches: int = option(2, "forward passes per fine-tuning step (examples sorted by length pad less)")
-    train_loss: str = option("trace", "what fine-tuning trains of each kept trace: 'trace' (reasoning and verdict) or "
-                                      "'verdict' (the reasoning read, not trained)")
+    train_loss: str | None = option(None, "what fine-tuning trains of each kept trace: 'trace' (reasoning and "
+                                              "verdict), 'verdict' (the reasoning read, not trained) or 'checks' (the "
+                                              "toy judge's checks and verdict, its own answer read, not trained); "
+                                              "default: checks for the toy, trace for a real model")
     pack: bool = option(True, "fine-tuning packs several examples to a row, each attending only to itself and its own "
                               "image (Mllama and the toy; exact: the loss and gradients of the unpacked batch)")
     train: str = option("text", "what fine-tuning updates: 'text' (vision tower frozen), 'all', or 'lora' (peft LoRA "
@@ -169,7 +171,8 @@ class LoopConfig:
         toy = self.model is None or (Path(self.model) / "fastjudge_toy.json").is_file()
         for name, toy_value, real_value in (("answer_tokens", 64, 512), ("judge_tokens", 80, 1024),
                                             ("lr", 2e-4, 1e-4 if self.train == "lora" else 1e-5),
-                                            ("batch_rows", 256, 32), ("filter_samples", 8, 1), ("patience", 2, 1)):
+                                            ("batch_rows", 256, 32), ("filter_samples", 8, 1), ("patience", 2, 1),
+                                            ("train_loss", "checks", "trace")):
             if getattr(self, name) is None:
                 setattr(self, name, toy_value if toy else real_value)
         # a number that is not finite (inf, nan: a flag or a config.json can carry either) is refused by name
@@ -211,7 +214,7 @@ class LoopConfig:
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         choices = {"corrupter": ("model", "rules"), "filter_reasoning": ("greedy", "sampled"),
-                   "train_loss": ("trace", "verdict"), "log_to": (None, "tensorboard"),
+                   "train_loss": ("trace", "verdict", "checks"), "log_to": (None, "tensorboard"),
                    "synth_model": ("base", "judge"), "train": ("text", "all", "lora"),
                    "bench": ("toy", "vlrewardbench", "mmrb"), "prompt": ("ours", "benchmark"),
                    "unparsed": ("wrong", "random"), "ablation": ABLATIONS,
@@ -289,10 +292,12 @@ class LoopConfig:
     @classmethod
     def load(cls, path: Path | str) -> "LoopConfig":
         data = json.loads(Path(path).read_text())
-        # a run written before these settings existed: one judgment per order, and the toy's old default loss
+        # a run written before these settings existed: one judgment per order, the whole trace trained (before
+        # train_loss), and the toy's old default loss (train_loss None then meant the verdict alone)
         data.setdefault("filter_samples", 1)
         data.setdefault("patience", 1)
-        if "train_loss" in data and data["train_loss"] is None:
+        data.setdefault("train_loss", "trace")
+        if data["train_loss"] is None:
             toy = data.get("model") is None or (Path(data["model"]) / "fastjudge_toy.json").is_file()
             data["train_loss"] = "verdict" if toy else "trace"
         known = {f.name for f in fields(cls)}

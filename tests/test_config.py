@@ -17,10 +17,11 @@ def test_defaults_construct():
 
 
 def test_the_toy_and_a_real_model_have_their_own_training_defaults(tmp_path):
-    """Both train the whole trace, the paper's recipe: the toy at lr 2e-4 with 8 judgments per pair and order in
-    the filter, a real model at 1e-5 with one; a value given is kept."""
+    """Both train the reasoning and the verdict, the paper's recipe: the toy its checks and verdict (its own
+    answer read, not trained) at lr 2e-4 with 8 judgments per pair and order in the filter, a real model the whole
+    trace at 1e-5 with one; a value given is kept."""
     toy = LoopConfig()
-    assert (toy.train_loss, toy.lr, toy.train_options().loss_on) == ("trace", 2e-4, "trace")
+    assert (toy.train_loss, toy.lr, toy.train_options().loss_on) == ("checks", 2e-4, "checks")
     assert (toy.filter_reasoning, toy.filter_samples, toy.filter_options().judgment.n) == ("sampled", 8, 8)
     (tmp_path / "config.json").write_text("{}")  # a checkpoint that is not the toy's
     real = LoopConfig(model=str(tmp_path))
@@ -105,8 +106,9 @@ def test_save_load_round_trip(tmp_path):
 def test_load_ignores_unknown_keys_and_validates(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"seed": 3, "from_an_older_version": 1}))
-    # settings it does not name are those of a run written before they existed (one judgment per order, no patience)
-    assert LoopConfig.load(path) == LoopConfig(seed=3, filter_samples=1, patience=1)
+    # settings it does not name are those of a run written before they existed (one judgment per order, no
+    # patience, the whole trace trained)
+    assert LoopConfig.load(path) == LoopConfig(seed=3, filter_samples=1, patience=1, train_loss="trace")
     path.write_text(json.dumps({"top_p": 2}))
     with pytest.raises(ValueError, match="^top_p:"):
         LoopConfig.load(path)

@@ -144,8 +144,11 @@ def test_a_run_config_written_before_the_recipe_settings_resumes_as_it_ran(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = LoopConfig.load(tmp_path / "config.json")
     assert (cfg.train_loss, cfg.filter_reasoning, cfg.filter_samples) == ("verdict", "greedy", 1)
+    older = {"out": str(tmp_path / "run"), "seed": 3, "filter_reasoning": "greedy"}  # before train_loss
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert LoopConfig.load(tmp_path / "config.json").train_loss == "trace"
     fresh = LoopConfig(out=str(tmp_path / "new"))
-    assert (fresh.train_loss, fresh.filter_reasoning, fresh.filter_samples) == ("trace", "sampled", 8)
+    assert (fresh.train_loss, fresh.filter_reasoning, fresh.filter_samples) == ("checks", "sampled", 8)
 
 
 def _entries(*overall):

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
@@ -24,8 +25,9 @@ def _traces(tmp_path, count: int, seed: int):
         q = rng.choice(world.questions(scene, rng)[1:])
         good = world.closed_response(q.answer)
         bad = world.closed_response(world.corrupt_answer(q, rng))
-        traces.append({"image": str(path), "prompt": prompts.judge_prompt(q.instruction, good, bad),
-                       "target": prompts.judge_target(good, "A"), "pair": i, "verdict": "A"})
+        target = prompts.judge_target(prompts.toy_reasoning(good, True, False), "A")  # own answer, checks, verdict
+        traces.append({"image": str(path), "prompt": prompts.judge_prompt(q.instruction, good, bad), "target": target,
+                       "pair": i, "verdict": "A"})
     return traces
 
 
@@ -82,25 +84,34 @@ def test_verdict_split_gives_the_reasoning_and_trains_the_rest():
     assert train.verdict_split("no verdict here") == ("", "no verdict here")  # trained whole, never dropped
 
 
-def test_verdict_loss_covers_the_verdict_tokens_only(tiny_toy_dir, tmp_path):
-    """loss_on="verdict": the first step's loss (before any update: all traces in one batch) is the loss of the
-    verdict tokens given the reasoning, not that of the whole trace."""
+def test_checks_split_gives_the_own_answer_and_trains_the_checks_and_verdict():
+    target = prompts.judge_target(prompts.toy_reasoning("the answer is 3 .", True, False), "A")
+    assert train.checks_split(target) == ("my answer : the answer is 3 .", " A : yes B : no verdict : [[ A ]]")
+    # an own answer that itself holds " A : " is split at the checks, the last part before the verdict
+    tricky = prompts.judge_target(prompts.toy_reasoning("the A : yes box .", False, True), "B")
+    assert train.checks_split(tricky)[1] == " A : no B : yes verdict : [[ B ]]"
+    natural = prompts.judge_target("The first answer is right.", "B", style="natural")
+    assert train.checks_split(natural) == ("", natural)  # no own-answer part: trained whole
+    assert train.checks_split("my answer : 3 . verdict : [[ A ]]") == ("", "my answer : 3 . verdict : [[ A ]]")
+
+
+@pytest.mark.parametrize("loss_on", ["verdict", "checks"])
+def test_a_partial_loss_covers_its_tokens_only(tiny_toy_dir, tmp_path, loss_on):
+    """loss_on="verdict" ("checks"): the first step's loss (before any update: all traces in one batch) is the
+    loss of the verdict tokens given the reasoning (of the checks and verdict given the own answer), not that of
+    the whole trace."""
     adapter = ToyAdapter.load(tiny_toy_dir)
     traces = _traces(tmp_path, 5, seed=2)
     images = list(load_images([t["image"] for t in traces]))
     prompt_texts = [t["prompt"] for t in traces]
-    split = [train.verdict_split(t["target"]) for t in traces]
+    split = [{"verdict": train.verdict_split, "checks": train.checks_split}[loss_on](t["target"]) for t in traces]
+    assert all(given for given, _ in split)  # every toy trace has the part that is given
     with torch.no_grad():
-        verdict_only = adapter.sft_loss(images, prompt_texts, [s[1] for s in split],
-                                        given=[s[0] for s in split]).item()
+        partial = adapter.sft_loss(images, prompt_texts, [s[1] for s in split], given=[s[0] for s in split]).item()
         whole = adapter.sft_loss(images, prompt_texts, [t["target"] for t in traces]).item()
-    stats = train.run(adapter, traces, train.TrainOptions(epochs=1, batch_size=8, lr=1e-3, loss_on="verdict",
+    stats = train.run(adapter, traces, train.TrainOptions(epochs=1, batch_size=8, lr=1e-3, loss_on=loss_on,
                                                          pack=False), seed=0)
-    assert abs(stats["loss_first"] - verdict_only) < 1e-4 * max(1.0, verdict_only)
-    assert abs(verdict_only - whole) > 1e-3
-    try:
+    assert abs(stats["loss_first"] - partial) < 1e-4 * max(1.0, partial)
+    assert abs(partial - whole) > 1e-3
+    with pytest.raises(ValueError, match="loss_on"):
         train.TrainOptions(loss_on="reasoning")
-    except ValueError as error:
-        assert "loss_on" in str(error)
-    else:
-        raise AssertionError("an unknown loss_on was accepted")

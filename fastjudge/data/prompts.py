@@ -89,6 +89,15 @@ def parse_toy_reasoning(reasoning: str) -> tuple[str, bool, bool] | None:
     return found["own"], found["a"] == "yes", found["b"] == "yes"
 
 
+def split_at_checks(text: str) -> tuple[str, str] | None:
+    """(the toy judge's output up to the end of its own answer, the rest: its checks and verdict); None when the
+    output is not in that form (the natural style has no own-answer part to split at)."""
+    if not text.startswith("my answer :"):
+        return None
+    found = re.search(r" A : (yes|no) B : (yes|no) verdict : \[\[", text)
+    return (text[:found.start()], text[found.start():]) if found else None
+
+
 def checks_verdict(reasoning: str) -> str | None:
     """The verdict the toy judge's checks point to: "A" when only A agrees with its own answer, "B" when only B
     does, None otherwise (both, neither, or no checks)."""

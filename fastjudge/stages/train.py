@@ -45,7 +45,8 @@ class TrainOptions:
     state_every: int = 100  # sharded only: steps between two saves of the mid-run state (0: none)
     # what the loss covers: "trace", the reasoning and the verdict; "verdict", the verdict alone, the reasoning
     # read as a given start of the answer (the judge's own greedy reasoning, which training on it can only wear
-    # down: see `verdict_split`)
+    # down: see `verdict_split`); "checks", the toy judge's checks and verdict, its own answer given (a sampled
+    # own answer is wrong on some kept traces: `checks_split`)
     loss_on: str = "trace"
 
     def __post_init__(self):
@@ -53,13 +54,19 @@ class TrainOptions:
             raise ValueError(f"loss_on: expected one of {LOSS_ON}, got {self.loss_on!r}")
 
 
-LOSS_ON = ("trace", "verdict")
+LOSS_ON = ("trace", "verdict", "checks")
 
 
 def verdict_split(target: str) -> tuple[str, str]:
     """(given, trained) of a judge trace when only its verdict is trained: the reasoning up to and including
     the verdict's opening "[[", then the rest. A trace without a verdict is trained whole (given "")."""
     return prompts.split_at_verdict(target) or ("", target)
+
+
+def checks_split(target: str) -> tuple[str, str]:
+    """(given, trained) of a judge trace when its own answer is not trained: the toy judge's own answer, then
+    its checks and verdict. A trace in another form (the natural style's free reasoning) is trained whole."""
+    return prompts.split_at_checks(target) or ("", target)
 
 
 class MasterWeights:
@@ -126,8 +133,9 @@ def run(adapter: Adapter, traces: list[dict], options: TrainOptions, seed: int,
         total = batches_per_epoch * options.epochs
         warmup = max(1, total // 10)
         adapter.model.train()
-        # each trace as (given answer start, trained target): the reasoning given with loss_on="verdict"
-        split = verdict_split if options.loss_on == "verdict" else (lambda target: ("", target))
+        # each trace as (given answer start, trained target): the reasoning given with loss_on="verdict", the own
+        # answer with "checks"
+        split = {"verdict": verdict_split, "checks": checks_split}.get(options.loss_on, lambda target: ("", target))
         losses, step, t0 = [], 0, time.time()
         state = _TrainState(state_dir, options.state_every, inputs_key) if inputs_key is not None else None
         resumed = state.load(adapter.model, opt, job) if state is not None else None
