@@ -3,7 +3,7 @@ with dynamic batching and with it off (`--max-batch-pairs 1`: each request alone
 each the two servers one after the other, and the speedup the median of the rounds' (a shared machine's speed
 drifts between runs by more than a round's two servers differ in their conditions).
 
-    python bench/serve.py                      # 32 clients x 20 requests x 4 pairs, 3 rounds
+    python bench/serve.py                      # 32 clients x 20 requests x 4 pairs, 5 rounds
     python bench/serve.py --clients 8 --requests 5 --rounds 1
 
 Starts each server on a free loopback port, waits for /health, sends a bounded number of requests, reads
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="requests per client")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per request")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the two servers; the median speedup")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the two servers; the median speedup")
     parser.add_argument("--device", default="cpu", help="where the servers' judge runs (cuda: bench/gpu.sh)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
