@@ -111,11 +111,12 @@ class Batcher:
         batch, size, limit = [first], first.size, self.settings.max_batch_pairs
         set_aside, full = [], False
         for work in self.waiting:
-            if work.both_orders == first.both_orders and not full and size + work.size <= limit:
+            same_kind = work.both_orders == first.both_orders
+            if same_kind and not full and size + work.size <= limit:
                 batch.append(work)
                 size += work.size
             else:
-                full = full or work.both_orders == first.both_orders  # the first that does not fit ends it
+                full = full or same_kind  # the first of its kind that does not fit ends the batch
                 set_aside.append(work)
         self.waiting = set_aside
         deadline = loop.time() + self.settings.max_wait_ms / 1000

@@ -89,12 +89,13 @@ def parse_toy_reasoning(reasoning: str) -> tuple[str, bool, bool] | None:
     return found["own"], found["a"] == "yes", found["b"] == "yes"
 
 
+_TOY_CHECKS_START = re.compile(r" A : (yes|no) B : (yes|no) verdict : \[\[")  # where the own answer ends
+
+
 def split_at_checks(text: str) -> tuple[str, str] | None:
     """(the toy judge's output up to the end of its own answer, the rest: its checks and verdict); None when the
     output is not in that form (the natural style has no own-answer part to split at)."""
-    if not text.startswith("my answer :"):
-        return None
-    found = re.search(r" A : (yes|no) B : (yes|no) verdict : \[\[", text)
+    found = _TOY_CHECKS_START.search(text) if text.startswith("my answer :") else None
     return (text[:found.start()], text[found.start():]) if found else None
 
 
